@@ -1,0 +1,49 @@
+"""The one exception hierarchy of convattn.
+
+Library code raises these with "expected X, got Y" messages that say what to do; only the
+CLI prints them (one line) and maps each class to its documented exit code.
+"""
+
+from __future__ import annotations
+
+
+class ConvattnError(Exception):
+    """Base class. `exit_code` is what `convattn-export` exits with for this error."""
+
+    exit_code = 2
+
+
+class InputError(ConvattnError):
+    """The user's input is unusable: a missing or unreadable file, a bad option value."""
+
+    exit_code = 2
+
+
+class ModelError(ConvattnError):
+    """The model loads but cannot be exported as asked: no attention block, bad weights."""
+
+    exit_code = 3
+
+
+class ExportError(ConvattnError):
+    """torch.onnx.export failed, or produced a graph that onnx.checker rejects."""
+
+    exit_code = 3
+
+
+class OutputError(ConvattnError):
+    """An output path exists (and --force was not given) or cannot be written."""
+
+    exit_code = 2
+
+
+class ParityError(ConvattnError):
+    """The fused graph does not match PyTorch within tolerance."""
+
+    exit_code = 1
+
+
+class TensorRTUnavailable(ConvattnError):
+    """An engine was asked for, but the `tensorrt` package cannot be imported here."""
+
+    exit_code = 5

@@ -1,0 +1,118 @@
+"""torch -> ONNX, checked.
+
+The graph is exported in fp32 whatever the target precision: TensorRT takes precision as a
+builder flag, and an fp32 graph runs everywhere, ONNX Runtime's CPU kernels included.
+Batch, height and width are dynamic by default. The export shapes are recorded in the
+model's metadata, so later stages (fusion's shape probe, validation) know them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+
+from convattn.errors import ExportError, ModelError
+
+from .fuse import SHAPES_METADATA_KEY
+
+EXPORTERS = ("dynamo", "torchscript")
+MIN_OPSET = 18
+
+
+@dataclass
+class ExportResult:
+    model: onnx.ModelProto
+    input_names: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _eval_dropout_warning(module: torch.nn.Module, args) -> str | None:
+    """Two eval-mode forwards on the same input must agree; dropout applied in eval does not."""
+    with torch.no_grad():
+        a, b = module(*args), module(*args)
+    diff = (a.float() - b.float()).abs().max().item()
+    if diff == 0.0:
+        return None
+    return (
+        f"the model is not deterministic in eval mode: two forwards on the same input differ by up to {diff:.3g}. "
+        "F.scaled_dot_product_attention(dropout_p=...) applies dropout even after module.eval(); pass "
+        "dropout_p=(self.p if self.training else 0.0). The ONNX graph has no dropout, so it computes what your "
+        "module would compute without it"
+    )
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    input_shapes: list[tuple[int, ...]],
+    *,
+    exporter: str = "dynamo",
+    opset: int = MIN_OPSET,
+    dynamic: bool = True,
+) -> ExportResult:
+    """Export `module` (eval mode, fp32) to a checked ONNX model.
+
+    Args:
+        module: the model; its forward takes one NCHW tensor per entry of `input_shapes`.
+        input_shapes: one (B, C, H, W) shape per forward argument.
+        exporter: "dynamo" (torch.export based, the default) or "torchscript".
+        opset: ONNX opset, >= 18. Opset 23 lets the dynamo exporter emit the `Attention` op.
+        dynamic: batch, height and width dynamic (default) or all static.
+    """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter: expected one of {EXPORTERS}, got {exporter!r}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset: expected >= {MIN_OPSET}, got {opset}")
+    module = module.float().eval()
+    gen = torch.Generator().manual_seed(0)
+    args = tuple(torch.randn(s, generator=gen) for s in input_shapes)
+    try:
+        with torch.no_grad():
+            module(*args)
+    except Exception as e:
+        raise ModelError(f"the model does not run on inputs of shape {_fmt(input_shapes)}: {e}") from e
+    notes = [w for w in [_eval_dropout_warning(module, args)] if w]
+    names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    try:
+        model = _export(module, args, names, exporter, opset, dynamic)
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export ({exporter}) failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    onnx.helper.set_model_props(model, {SHAPES_METADATA_KEY: ";".join("x".join(map(str, s)) for s in input_shapes)})
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported graph fails onnx.checker: {e}") from e
+    return ExportResult(model, [i.name for i in model.graph.input], notes)
+
+
+def _export(module, args, names, exporter, opset, dynamic) -> onnx.ModelProto:
+    quiet = contextlib.redirect_stdout(io.StringIO())
+    with quiet, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        if exporter == "dynamo":
+            dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+            shapes = tuple(dict(dims) for _ in args) if dynamic else None
+            program = torch.onnx.export(
+                module, args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                input_names=names, output_names=["output"], verbose=False,
+            )
+            return program.model_proto
+        buf = io.BytesIO()
+        axes = {n: {0: "batch", 2: f"height_{i}", 3: f"width_{i}"} for i, n in enumerate(names)} if dynamic else None
+        if axes:
+            axes["output"] = {0: "batch", 2: "height_out", 3: "width_out"}
+        torch.onnx.export(
+            module, args, buf, dynamo=False, opset_version=opset, input_names=names,
+            output_names=["output"], dynamic_axes=axes,
+        )
+        return onnx.load_from_string(buf.getvalue())
+
+
+def _fmt(shapes) -> str:
+    return ", ".join("x".join(map(str, s)) for s in shapes)

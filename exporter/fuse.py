@@ -1,0 +1,608 @@
+"""Find every spatial attention subgraph and replace it with one `FlashAttention` node.
+
+Graph in, graph out, ONNX only (onnx-graphsurgeon; no torch). One finder per pattern family
+turns a subgraph into a `_Candidate` (Q, K, V operands, each oriented as (batch..., S, D),
+the scale, and the attention output); one solver decides whether the candidate can be fused
+and how; the driver rewires the solved candidates and runs `cleanup().toposort()` once.
+
+How we prove a rewrite computes the same function. Every Reshape/Transpose between a
+conv output and the attention matmuls is followed symbolically: each tensor is a *view* of
+its root tensor, i.e. each of its axes is a list of "atoms" (a digit of one root axis:
+axis, size, stride), and Reshape/Transpose act on the atom lists exactly as they act on
+row-major memory. An operand is fused only when its view equals, atom for atom, the view
+the kernel takes of the root under one of the node's layouts (`convattn.plugins.op`).
+Concrete shapes come from one ONNX Runtime run of the graph at the probe shapes (dynamic
+dimensions of size 1 are probed at 2, so a size-1 axis seen by the probe is static). A
+subgraph that does not match is left alone and reported with the reason: never rewrite a
+subgraph into a function it does not compute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from convattn.errors import ModelError
+from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs
+
+SHAPES_METADATA_KEY = "convattn.input_shapes"
+
+# ---------------------------------------------------------------- views: atoms of a root tensor
+
+
+@dataclass(frozen=True)
+class Atom:
+    """One mixed-radix digit of a root axis: index_on_axis // stride % size."""
+
+    axis: int
+    size: int
+    stride: int
+
+
+def _norm(atoms) -> tuple:
+    """Merge neighbouring digits of the same axis, so equal views compare equal."""
+    out: list[Atom] = []
+    for a in atoms:
+        if out and out[-1].axis == a.axis and out[-1].stride == a.stride * a.size:
+            out[-1] = Atom(a.axis, out[-1].size * a.size, a.stride)
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def identity_view(shape) -> tuple:
+    # Size-1 axes carry no index: they have no atoms.
+    return tuple((Atom(i, int(n), 1),) if n != 1 else () for i, n in enumerate(shape))
+
+
+def reshape_view(view, shape):
+    """The view after a row-major Reshape to `shape`, or None if no atom split expresses it."""
+    atoms = [a for axis in view for a in axis]
+    out = []
+    for n in map(int, shape):
+        group, prod = [], 1
+        while prod < n:
+            if not atoms:
+                return None
+            a = atoms.pop(0)
+            if prod * a.size <= n:
+                group.append(a)
+                prod *= a.size
+                continue
+            need = n // prod
+            if n % prod or a.size % need:
+                return None
+            group.append(Atom(a.axis, need, a.stride * (a.size // need)))
+            atoms.insert(0, Atom(a.axis, a.size // need, a.stride))
+            prod *= need
+        if prod != n:
+            return None
+        out.append(tuple(group))
+    return None if atoms else tuple(out)
+
+
+def transpose_view(view, perm):
+    return tuple(view[p] for p in perm)
+
+
+def _same(view, expected) -> bool:
+    return len(view) == len(expected) and all(_norm(a) == _norm(b) for a, b in zip(view, expected))
+
+
+def _same_attention_operand(view, expected) -> bool:
+    """(batch..., S, D) `view` vs a 4-D (B, H, S, D) `expected`: batch axes compared flattened."""
+    batch = [a for axis in view[:-2] for a in axis]
+    return (
+        _norm(batch) == _norm(expected[0] + expected[1])
+        and _norm(view[-2]) == _norm(expected[2])
+        and _norm(view[-1]) == _norm(expected[3])
+    )
+
+
+def kernel_view(shape, layout: str, heads: int):
+    """The (B, H, S, D) view the kernel takes of a root tensor given in `layout`."""
+    v = identity_view(shape)
+    if layout == "NCHW":
+        b, c, h, w = shape
+        v = reshape_view(v, (b, heads, c // heads, h * w))
+        return transpose_view(v, (0, 1, 3, 2))
+    if layout == "BHDS":
+        return transpose_view(v, (0, 1, 3, 2))
+    return v
+
+
+# ---------------------------------------------------------------- reports
+
+
+@dataclass
+class BlockReport:
+    """One attention subgraph found in the graph: fused, or not and why."""
+
+    name: str
+    pattern: str
+    fused: bool
+    reason: str = ""
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "pattern": self.pattern, "fused": self.fused, "reason": self.reason, **self.details}
+
+
+@dataclass
+class FusionResult:
+    """The fused model and one report per attention subgraph found."""
+
+    model: onnx.ModelProto
+    blocks: list[BlockReport]
+
+    @property
+    def fused(self) -> list[BlockReport]:
+        return [b for b in self.blocks if b.fused]
+
+    @property
+    def unfused(self) -> list[BlockReport]:
+        return [b for b in self.blocks if not b.fused]
+
+
+class _NotFusable(Exception):
+    """A subgraph that looks like attention but cannot be fused; the message is the reason."""
+
+
+# ---------------------------------------------------------------- probing shapes and scalars
+
+
+def parse_shapes_metadata(model: onnx.ModelProto):
+    for prop in model.metadata_props:
+        if prop.key == SHAPES_METADATA_KEY:
+            return [tuple(int(n) for n in s.split("x")) for s in prop.value.split(";")]
+    return None
+
+
+def _probe_shapes(model: onnx.ModelProto, input_shapes):
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if input_shapes is None:
+        input_shapes = parse_shapes_metadata(model)
+    shapes = {}
+    for n, inp in enumerate(inputs):
+        dims = inp.type.tensor_type.shape.dim
+        given = input_shapes[n] if input_shapes and n < len(input_shapes) else None
+        if given is not None and len(given) != len(dims):
+            raise ModelError(f"input {inp.name!r}: expected a shape of rank {len(dims)}, got {given}")
+        shape = []
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif given is None:
+                raise ModelError(
+                    f"input {inp.name!r} has a dynamic dimension {i} and no probe shape: pass input_shapes"
+                )
+            else:
+                shape.append(max(int(given[i]), 2))  # a dynamic dim is never probed at 1
+        shapes[inp.name] = (shape, onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+    return shapes
+
+
+def _probe(model: onnx.ModelProto, input_shapes) -> dict[str, np.ndarray]:
+    """Every intermediate tensor of one ONNX Runtime run at the probe shapes."""
+    from convattn.plugins.ort_op import session
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for node in probe.graph.node:
+        for name in node.output:
+            if name and name not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                known.add(name)
+    rng = np.random.default_rng(0)
+    feeds = {
+        name: rng.standard_normal(shape).astype(dtype) for name, (shape, dtype) in _probe_shapes(model, input_shapes).items()
+    }
+    try:
+        sess = session(probe)
+        values = sess.run(None, feeds)
+    except Exception as e:  # ORT's own exception types vary by version
+        raise ModelError(f"the exported graph does not run in ONNX Runtime at the probe shapes: {e}") from e
+    out = dict(zip([o.name for o in sess.get_outputs()], values))
+    out.update(feeds)
+    return out
+
+
+class _Graph:
+    """The gs graph plus the probe's concrete values."""
+
+    def __init__(self, graph: gs.Graph, values: dict[str, np.ndarray]):
+        self.graph, self.values = graph, values
+
+    def shape(self, t) -> tuple:
+        if isinstance(t, gs.Constant):
+            return tuple(t.values.shape)
+        return tuple(self.values[t.name].shape)
+
+    def scalar(self, t) -> float | None:
+        """The value of a one-element tensor that does not depend on the input data."""
+        if isinstance(t, gs.Constant):
+            return float(t.values.reshape(-1)[0]) if t.values.size == 1 else None
+        if t.name not in self.values or self.values[t.name].size != 1 or not _data_independent(t):
+            return None
+        return float(self.values[t.name].reshape(-1)[0])
+
+    def is_static(self, t) -> bool:
+        return isinstance(t, gs.Constant) or (bool(t.inputs) and t.inputs[0].op == "Constant")
+
+
+def _data_independent(t, seen=None) -> bool:
+    """True if `t` is computed from constants and tensor *shapes* only (never from values)."""
+    seen = set() if seen is None else seen
+    if isinstance(t, gs.Constant) or id(t) in seen:
+        return True
+    seen.add(id(t))
+    if not t.inputs:
+        return False  # a graph input
+    node = t.inputs[0]
+    if node.op in ("Shape", "Constant", "Size"):
+        return True
+    return all(_data_independent(i, seen) for i in node.inputs if i is not None and i.name)
+
+
+# ---------------------------------------------------------------- walking back from an operand
+
+
+def _scalar_operand(node, g: _Graph):
+    """For Mul/Div by a one-element tensor: (other input, factor, static?), else None."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    for pos in (1, 0) if node.op == "Mul" else (1,):
+        value = g.scalar(node.inputs[pos])
+        if value is not None and value != 0:
+            factor = value if node.op == "Mul" else 1.0 / value
+            return node.inputs[1 - pos], factor, g.is_static(node.inputs[pos])
+    return None
+
+
+def _back_chain(t, g: _Graph):
+    """Candidate roots for operand `t`: [(root, nodes from root to t, factor, static_scale)].
+
+    Walks back through Reshape, Transpose, Identity, inference-mode Dropout and Mul/Div by
+    a scalar; the deepest root first.
+    """
+    chain, factor, static = [(t, [], 1.0, True)], 1.0, True
+    nodes: list = []
+    while t.inputs:
+        node = t.inputs[0]
+        scalar = _scalar_operand(node, g)
+        if node.op in ("Reshape", "Transpose", "Identity", "Dropout") and node.outputs[0] is t:
+            if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
+                break  # training_mode given: not an identity
+            src = node.inputs[0]
+        elif scalar is not None:
+            src, f, s = scalar
+            factor, static = factor * f, static and s
+        else:
+            break
+        nodes = [node] + nodes
+        t = src
+        chain.append((t, list(nodes), factor, static))
+    return chain[::-1]
+
+
+def _apply(view, nodes, g: _Graph):
+    for node in nodes:
+        if node.op == "Reshape":
+            view = reshape_view(view, g.shape(node.outputs[0]))
+        elif node.op == "Transpose":
+            perm = node.attrs.get("perm", list(range(len(view)))[::-1])
+            view = transpose_view(view, perm)
+        if view is None:
+            return None
+    return view
+
+
+# ---------------------------------------------------------------- candidates and the solver
+
+
+@dataclass
+class _Operand:
+    tensor: gs.Tensor
+    perm: tuple  # how the operand's axes map to (batch..., S, D)
+
+
+@dataclass
+class _Candidate:
+    name: str
+    pattern: str
+    q: _Operand
+    k: _Operand
+    v: _Operand
+    out: gs.Tensor
+    out_perm: tuple  # out axis i = canonical (batch..., S_q, D_v) axis out_perm[i]
+    scale: float | None  # None: the SDPA default 1/sqrt(D)
+    scale_static: bool = True
+
+
+def _solve_operand(op: _Operand, g: _Graph):
+    """(root, layout, heads, factor, static) for the deepest root whose view the kernel reads."""
+    for root, nodes, factor, static in _back_chain(op.tensor, g):
+        shape = g.shape(root)
+        view = _apply(identity_view(shape), nodes, g)
+        if view is None or len(shape) != 4:
+            continue
+        view = transpose_view(view, op.perm)
+        head_atoms = [a for axis in view[:-2] for a in axis if a.axis == 1]
+        nchw_heads = math.prod(a.size for a in head_atoms) or 1
+        for layout, heads in (("NCHW", nchw_heads), ("BHSD", shape[1]), ("BHDS", shape[1])):
+            if layout == "NCHW" and shape[1] % heads:
+                continue
+            expected = kernel_view(shape, layout, heads)
+            if _same_attention_operand(view, expected):
+                return root, layout, heads, factor, static
+            swapped = transpose_view(expected, (0, 1, 3, 2))
+            if layout == "NCHW" and _same_attention_operand(view, swapped):
+                # The deeper root knows better: its axes are channels and pixels. A shallower
+                # root would "fuse" this as an attention whose sequence is head_dim.
+                d, s = shape[1] // heads, shape[2] * shape[3]
+                raise _NotFusable(
+                    f"attention over channels, not pixels: the scores are {d}x{d} per head (head_dim x head_dim) "
+                    f"and the softmax runs over the {d} channels of a head, with the {s} pixels as features. "
+                    "This is what F.scaled_dot_product_attention computes on a (B, heads, head_dim, H*W) view; "
+                    "transpose Q, K, V to (B, heads, H*W, head_dim) to attend over pixels. Nothing to gain from "
+                    "fusing a head_dim x head_dim attention"
+                )
+    raise _NotFusable(f"operand {op.tensor.name!r} is not a (B, heads, S, D) view of a 4-D tensor the kernel can read")
+
+
+def _forward_nchw_output(cand: _Candidate, q_root_shape, heads, d_v, g: _Graph):
+    """Follow single-consumer Reshape/Transpose after the attention output; return the last
+    tensor that is exactly the (B, heads*D_v, H, W) map, or None."""
+    b, _, h, w = q_root_shape
+    y_shape = (b, heads * d_v, h, w)
+    canon = kernel_view(y_shape, "NCHW", heads)
+    out_shape = g.shape(cand.out)
+    inv = np.argsort(cand.out_perm)
+    batch_shape = [out_shape[i] for i in inv[:-2]]
+    view = reshape_view(canon, (*batch_shape, canon_len(canon[2]), canon_len(canon[3])))
+    if view is None:
+        return None
+    view = transpose_view(view, cand.out_perm)
+    target, t, found = identity_view(y_shape), cand.out, None
+    while True:
+        if _same(view, target):
+            found = t
+        consumers = t.outputs
+        if len(consumers) != 1 or consumers[0].op not in ("Reshape", "Transpose") or t in g.graph.outputs:
+            return found
+        node = consumers[0]
+        view = _apply(view, [node], g)
+        if view is None:
+            return found
+        t = node.outputs[0]
+
+
+def canon_len(atoms) -> int:
+    return math.prod(a.size for a in atoms)
+
+
+def _solve(cand: _Candidate, g: _Graph):
+    """(FlashAttentionAttrs, q_root, k_root, v_root, out tensor, details) or _NotFusable."""
+    q_shape, k_shape, v_shape = (
+        tuple(np.array(g.shape(o.tensor))[list(o.perm)]) for o in (cand.q, cand.k, cand.v)
+    )
+    if not (q_shape[:-2] == k_shape[:-2] == v_shape[:-2]):
+        raise _NotFusable(f"Q, K, V batch shapes differ (broadcast): {q_shape}, {k_shape}, {v_shape}")
+    if k_shape[-2] != v_shape[-2]:
+        raise _NotFusable(f"K and V have different sequence lengths: {k_shape[-2]} vs {v_shape[-2]}")
+    (qr, ql, qh, qf, qs), (kr, kl, kh, kf, ks), (vr, vl, vh, vf, vs) = (
+        _solve_operand(o, g) for o in (cand.q, cand.k, cand.v)
+    )
+    if not qh == kh == vh:
+        raise _NotFusable(f"Q, K, V split into different numbers of heads: {qh}, {kh}, {vh}")
+    head_dim, d_v = q_shape[-1], v_shape[-1]
+    if vf != 1.0:
+        raise _NotFusable(f"V is scaled by {vf:g} before the attention; the kernel does not scale V")
+    scale = (1.0 / math.sqrt(head_dim) if cand.scale is None else cand.scale) * qf * kf
+    if not (cand.scale_static and qs and ks):
+        # A scale computed from shapes (SDPA's default) is only accepted when it is the default.
+        if not math.isclose(scale, 1.0 / math.sqrt(head_dim), rel_tol=1e-5):
+            raise _NotFusable(f"the scale {scale:g} is computed from runtime shapes and is not 1/sqrt(head_dim)")
+    out, out_layout = None, None
+    if ql == "NCHW":
+        out = _forward_nchw_output(cand, g.shape(qr), qh, d_v, g)
+        out_layout = "NCHW" if out is not None else None
+    if out is None:
+        rank4 = len(cand.out_perm) == 4
+        out_layout = {(0, 1, 2, 3): "BHSD", (0, 1, 3, 2): "BHDS"}.get(tuple(cand.out_perm)) if rank4 else None
+        q_view = transpose_view(_apply(identity_view(g.shape(qr)), _back_chain_nodes(cand.q.tensor, qr, g), g), cand.q.perm)
+        per_axis = kernel_view(g.shape(qr), ql, qh)
+        if out_layout is None or not (_same(q_view[:2], per_axis[:2])):
+            raise _NotFusable("the attention output is not a (B, heads, S, D) tensor or NCHW map the kernel can write")
+        out = cand.out
+    attrs = FlashAttentionAttrs(qh, float(scale), ql, kl, vl, out_layout)
+    details = {
+        "q": qr.name, "k": kr.name, "v": vr.name, "output": out.name,
+        "num_heads": int(qh), "head_dim": int(head_dim), "head_dim_v": int(d_v),
+        "scale": float(scale), "layouts": [ql, kl, vl, out_layout],
+        "probe_seq_q": int(q_shape[-2]), "probe_seq_kv": int(k_shape[-2]), "probe_batch": int(np.prod(q_shape[:-2]) // qh),
+    }
+    return attrs, qr, kr, vr, out, details
+
+
+def _back_chain_nodes(t, root, g):
+    for r, nodes, _, _ in _back_chain(t, g):
+        if r is root:
+            return nodes
+    return []
+
+
+# ---------------------------------------------------------------- pattern finders
+
+
+def _swap_last(rank: int) -> tuple:
+    return tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+def _scores_producer(softmax, g: _Graph):
+    """Walk back from the Softmax input through Mul/Div by scalars: (node, factor, static)."""
+    t, factor, static = softmax.inputs[0], 1.0, True
+    while t.inputs:
+        node = t.inputs[0]
+        scalar = _scalar_operand(node, g)
+        if scalar is None:
+            return node, factor, static
+        t, f, s = scalar
+        factor, static = factor * f, static and s
+    return None, factor, static
+
+
+def _single_consumer_skip_dropout(t):
+    """The node consuming the probabilities, stepping over inference-mode Dropout."""
+    while len(t.outputs) == 1 and t.outputs[0].op in ("Dropout", "Identity"):
+        node = t.outputs[0]
+        if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
+            return None, t
+        t = node.outputs[0]
+    return (t.outputs[0] if len(t.outputs) == 1 else None), t
+
+
+def _einsum_terms(node):
+    eq = node.attrs.get("equation", "")
+    eq = eq.decode() if isinstance(eq, bytes) else eq
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2 or any(len(set(t)) != len(t) for t in terms + [out]):
+        return None
+    return terms, out
+
+
+def _softmax_candidate(softmax, g: _Graph):
+    """Einsum or MatMul attention anchored at `softmax`; None if it is not attention at all."""
+    producer, factor, static = _scores_producer(softmax, g)
+    if producer is None or producer.op not in ("MatMul", "Einsum", "Add", "Where", "Sub"):
+        return None
+    rank = len(g.shape(softmax.inputs[0]))
+    if producer.op in ("Add", "Where", "Sub"):
+        if any(i.inputs and i.inputs[0].op in ("MatMul", "Einsum") for i in producer.inputs):
+            raise _NotFusable(f"a mask or bias is added to the scores ({producer.op} {producer.name!r})")
+        return None
+    axis = softmax.attrs.get("axis", -1)
+    if axis not in (-1, rank - 1):
+        raise _NotFusable(f"the softmax runs over axis {axis}, not over the keys (the last axis of the scores)")
+    pv, probs = _single_consumer_skip_dropout(softmax.outputs[0])
+    if pv is None or pv.op != producer.op:
+        raise _NotFusable("the attention probabilities are not consumed by exactly one matching MatMul/Einsum")
+    name = softmax.name or softmax.outputs[0].name
+    if producer.op == "MatMul":
+        if pv.inputs[0] is not probs:
+            raise _NotFusable("the probabilities are the right-hand side of the second MatMul")
+        q, k = producer.inputs
+        return _Candidate(
+            name, "matmul-softmax-matmul", _Operand(q, tuple(range(rank))), _Operand(k, _swap_last(rank)),
+            _Operand(pv.inputs[1], tuple(range(rank))), pv.outputs[0], tuple(range(rank)), factor, static,
+        )
+    return _einsum_candidate(name, producer, pv, probs, factor, static)
+
+
+def _einsum_candidate(name, producer, pv, probs, factor, static):
+    terms = _einsum_terms(producer)
+    if terms is None:
+        raise _NotFusable("an Einsum equation with ellipsis or repeated labels")
+    (t0, t1), so = terms
+    batch, i, j = list(so[:-2]), so[-2], so[-1]
+    contracted = (set(t0) & set(t1)) - set(so)
+    if len(contracted) != 1:
+        raise _NotFusable(f"the score Einsum {t0},{t1}->{so} does not contract exactly one axis")
+    (c,) = contracted
+    q_pos = 0 if i in t0 else 1
+    tq, tk = (t0, t1) if q_pos == 0 else (t1, t0)
+    if set(tq) != set(batch + [i, c]) or set(tk) != set(batch + [j, c]):
+        raise _NotFusable(f"the score Einsum {t0},{t1}->{so} is not a batched Q K^T")
+    pv_terms = _einsum_terms(pv)
+    if pv_terms is None:
+        raise _NotFusable("an Einsum equation with ellipsis or repeated labels")
+    (p0, p1), o = pv_terms
+    p_pos = 0 if pv.inputs[0] is probs else 1
+    tp, tv = (p0, p1) if p_pos == 0 else (p1, p0)
+    pbatch, pi, pj = list(tp[:-2]), tp[-2], tp[-1]  # the probabilities keep the scores' order
+    new = set(tv) - set(tp)
+    if len(new) != 1 or set(tv) != set(pbatch + [pj]) | new or set(o) != set(pbatch + [pi]) | new:
+        raise _NotFusable(f"the output Einsum {p0},{p1}->{o} is not a batched P V")
+    (cv,) = new
+    canon_out = pbatch + [pi, cv]
+    return _Candidate(
+        name, "einsum-softmax-einsum",
+        _Operand(producer.inputs[q_pos], tuple(tq.index(x) for x in batch + [i, c])),
+        _Operand(producer.inputs[1 - q_pos], tuple(tk.index(x) for x in batch + [j, c])),
+        _Operand(pv.inputs[1 - p_pos], tuple(tv.index(x) for x in pbatch + [pj, cv])),
+        pv.outputs[0], tuple(canon_out.index(x) for x in o), factor, static,
+    )
+
+
+def _attention_op_candidate(node, g: _Graph):
+    """The ONNX `Attention` op (opset 23), 4-D inputs, no mask, not causal, no softcap."""
+    if len(node.inputs) > 3 and any(t.name for t in node.inputs[3:]):
+        raise _NotFusable("the Attention op has a mask or past key/value inputs")
+    if any(t.outputs for t in node.outputs[1:]):
+        raise _NotFusable("the Attention op's present key/value or scores outputs are used")
+    if node.attrs.get("is_causal", 0) or node.attrs.get("softcap", 0.0):
+        raise _NotFusable("a causal or soft-capped Attention")
+    if len(g.shape(node.inputs[0])) != 4 or g.shape(node.inputs[0])[1] != g.shape(node.inputs[1])[1]:
+        raise _NotFusable("a 3-D or grouped-query Attention")
+    ident = (0, 1, 2, 3)
+    q, k, v = (_Operand(t, ident) for t in node.inputs[:3])
+    scale = node.attrs.get("scale")
+    return _Candidate(node.name or node.outputs[0].name, "onnx-attention", q, k, v, node.outputs[0], ident, scale)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def fuse_attention(model: onnx.ModelProto, input_shapes=None) -> FusionResult:
+    """Replace each spatial attention subgraph of `model` with one FlashAttention node.
+
+    Args:
+        model: an exported (unfused) ONNX model.
+        input_shapes: concrete shapes of the graph inputs used to probe the graph. Defaults to
+            the shapes the exporter recorded in the model's metadata, or the static input dims.
+
+    Returns:
+        FusionResult: the fused model (checked by onnx.checker) and a report per subgraph.
+    """
+    graph = gs.import_onnx(model)
+    g = _Graph(graph, _probe(model, input_shapes))
+    blocks, rewrites = [], []
+    for node in list(graph.nodes):
+        try:
+            if node.op == "Softmax":
+                cand = _softmax_candidate(node, g)
+            elif node.op == "Attention":
+                cand = _attention_op_candidate(node, g)
+            else:
+                continue
+            if cand is None:
+                continue
+            attrs, qr, kr, vr, out, details = _solve(cand, g)
+        except _NotFusable as e:
+            blocks.append(BlockReport(node.name or node.outputs[0].name, _pattern_of(node), False, str(e)))
+            continue
+        blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
+        rewrites.append((cand.name, attrs, (qr, kr, vr), out))
+    for name, attrs, inputs, out in rewrites:
+        out.inputs.clear()  # detach the old producer; cleanup() drops what no longer feeds an output
+        graph.nodes.append(
+            gs.Node(OP_TYPE, f"{name}/FlashAttention", attrs.onnx_attributes(), list(inputs), [out], domain=DOMAIN)
+        )
+    graph.cleanup().toposort()
+    fused = gs.export_onnx(graph)
+    fused.metadata_props.extend(model.metadata_props)
+    onnx.checker.check_model(fused)
+    return FusionResult(fused, blocks)
+
+
+def _pattern_of(node) -> str:
+    return "onnx-attention" if node.op == "Attention" else "softmax"

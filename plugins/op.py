@@ -1,0 +1,97 @@
+"""The `convattn::FlashAttention` node: its name, attributes, layouts and shape rule.
+
+One definition serves every consumer of the fused graph: the fusion pass that emits the
+node, the ONNX Runtime custom op and the CPU reference that execute it, and (later) the
+TensorRT plugin that builds it. ONNX only; no torch here.
+
+Where the node is found, and why one form serves both runtimes:
+- TensorRT's ONNX parser dispatches on `op_type` alone (onnx-tensorrt `ModelImporter.cpp`:
+  builtin importer by op_type, else `FallbackPluginImporter`), never on the node's domain.
+  The fallback looks the plugin up by name = op_type, `plugin_version` and `plugin_namespace`
+  attributes. So the node is `FlashAttention` in domain `convattn` with
+  `plugin_namespace="convattn"`, `plugin_version="1"`, and `aot=1` (AOT implementation).
+- ONNX Runtime's Python custom ops (onnxruntime-extensions) live only in domain
+  `ai.onnx.contrib`. `convattn.plugins.ort_op.to_ort_domain` is the one small rewrite that
+  moves the node there for ONNX Runtime; the file written to disk keeps domain `convattn`.
+
+Semantics: O = softmax(scale * Q K^T) V per (batch, head), where each input is given in one
+of three layouts, read in place:
+- "NCHW": a (B, heads*D, H, W) feature map, channel c = head*D + d, position s = y*W + x
+  (a 1x1-conv output as ConvMHAttn produces it);
+- "BHSD": (B, heads, S, D);  "BHDS": (B, heads, D, S).
+The output layout is one of the same three; "NCHW" takes its H, W from the query map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+OP_TYPE = "FlashAttention"
+DOMAIN = "convattn"
+ORT_DOMAIN = "ai.onnx.contrib"
+PLUGIN_NAMESPACE = "convattn"
+PLUGIN_VERSION = "1"
+LAYOUTS = ("NCHW", "BHSD", "BHDS")
+
+
+@dataclass(frozen=True)
+class FlashAttentionAttrs:
+    """The attributes that define what one fused node computes."""
+
+    num_heads: int
+    scale: float
+    q_layout: str = "NCHW"
+    k_layout: str = "NCHW"
+    v_layout: str = "NCHW"
+    out_layout: str = "NCHW"
+
+    def __post_init__(self):
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads: expected >= 1, got {self.num_heads}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale: expected a finite positive float, got {self.scale}")
+        for name in ("q_layout", "k_layout", "v_layout", "out_layout"):
+            if getattr(self, name) not in LAYOUTS:
+                raise ValueError(f"{name}: expected one of {LAYOUTS}, got {getattr(self, name)!r}")
+        if self.out_layout == "NCHW" and self.q_layout != "NCHW":
+            raise ValueError("out_layout 'NCHW' takes H and W from the query map: expected q_layout 'NCHW'")
+
+    def onnx_attributes(self) -> dict:
+        """Node attributes: ours plus those TensorRT's parser uses to find the plugin."""
+        return {
+            **asdict(self),
+            "plugin_namespace": PLUGIN_NAMESPACE,
+            "plugin_version": PLUGIN_VERSION,
+            "aot": 1,
+        }
+
+    @classmethod
+    def from_attributes(cls, attrs: dict) -> "FlashAttentionAttrs":
+        """Inverse of `onnx_attributes`; ignores the TensorRT lookup attributes."""
+        return cls(**{k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs})
+
+
+def logical_shape(shape, layout: str, num_heads: int) -> tuple[int, int, int, int]:
+    """(B, heads, S, D) of an input of `shape` given in `layout`."""
+    if len(shape) != 4:
+        raise ValueError(f"expected a 4-D input for layout {layout}, got shape {tuple(shape)}")
+    b, a1, a2, a3 = shape
+    if layout == "NCHW":
+        if a1 % num_heads:
+            raise ValueError(f"channels must be divisible by num_heads={num_heads}, got {a1}")
+        return b, num_heads, a2 * a3, a1 // num_heads
+    if layout == "BHSD":
+        return b, a1, a2, a3
+    return b, a1, a3, a2
+
+
+def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple[int, ...]:
+    """Shape of the node's output for concrete input shapes."""
+    b, h, s_q, _ = logical_shape(q_shape, attrs.q_layout, attrs.num_heads)
+    d_v = logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]
+    if attrs.out_layout == "NCHW":
+        return (b, h * d_v, q_shape[2], q_shape[3])
+    if attrs.out_layout == "BHSD":
+        return (b, h, s_q, d_v)
+    return (b, h, d_v, s_q)

@@ -1,0 +1,58 @@
+"""`FlashAttention` as an ONNX Runtime custom op (CPU), via onnxruntime-extensions.
+
+The op runs `convattn.plugins.reference.flash_attention_reference`, so a fused graph runs
+in ONNX Runtime end to end with the same tiled algorithm the GPU kernel uses.
+onnxruntime-extensions registers Python ops only in domain `ai.onnx.contrib`;
+`to_ort_domain` moves our nodes there (see `convattn.plugins.op`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import onnx
+
+from .op import DOMAIN, OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs
+
+
+def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose FlashAttention nodes are in ONNX Runtime's custom-op domain."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+            node.domain = ORT_DOMAIN
+    domains = {o.domain for o in out.opset_import}
+    if ORT_DOMAIN not in domains:
+        out.opset_import.append(onnx.helper.make_opsetid(ORT_DOMAIN, 1))
+    return out
+
+
+@functools.cache
+def register() -> str:
+    """Register the op once per process; returns the custom-ops library path for SessionOptions."""
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+    from .reference import flash_attention_reference
+
+    attr_types = {
+        "num_heads": PyCustomOpDef.dt_int64,
+        "scale": PyCustomOpDef.dt_float,
+        **{f"{n}_layout": PyCustomOpDef.dt_string for n in ("q", "k", "v", "out")},
+    }
+
+    @onnx_op(op_type=OP_TYPE, inputs=[PyCustomOpDef.dt_float] * 3, outputs=[PyCustomOpDef.dt_float], attrs=attr_types)
+    def _flash_attention(q, k, v, **attrs):
+        return flash_attention_reference(q, k, v, FlashAttentionAttrs.from_attributes(attrs))
+
+    return get_library_path()
+
+
+def session(model: onnx.ModelProto):
+    """An ONNX Runtime CPU session that can run `model`, fused or not."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.register_custom_ops_library(register())
+    return ort.InferenceSession(to_ort_domain(model).SerializeToString(), options, providers=["CPUExecutionProvider"])

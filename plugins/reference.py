@@ -1,0 +1,70 @@
+"""Tiled online-softmax attention on the CPU: the algorithm of the GPU kernel, in NumPy.
+
+Keys are visited block by block (FlashAttention-2's loop order). Each block's scores are
+(S_q x block_k); a running max `m`, running denominator `l` and un-normalised accumulator
+`acc` are rescaled as the max grows, so no S_q x S_kv matrix ever exists and the result is
+finite even where exp(scores) overflows. Accumulation is fp32, as in the kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .op import FlashAttentionAttrs, logical_shape
+
+BLOCK_K = 128
+
+
+def to_bhsd(x: np.ndarray, layout: str, num_heads: int) -> np.ndarray:
+    """A (B, heads, S, D) view of `x` given in `layout` (no copy)."""
+    b, h, s, d = logical_shape(x.shape, layout, num_heads)
+    if layout == "NCHW":
+        return x.reshape(b, h, d, s).transpose(0, 1, 3, 2)
+    if layout == "BHDS":
+        return x.transpose(0, 1, 3, 2)
+    return x
+
+
+def from_bhsd(o: np.ndarray, layout: str, q_shape) -> np.ndarray:
+    """`o` (B, heads, S_q, D_v) rearranged into `layout`; "NCHW" takes H, W from `q_shape`."""
+    if layout == "BHSD":
+        return o
+    o = o.transpose(0, 1, 3, 2)
+    if layout == "BHDS":
+        return o
+    b, h, d, _ = o.shape
+    return o.reshape(b, h * d, q_shape[2], q_shape[3])
+
+
+def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, block_k: int = BLOCK_K) -> np.ndarray:
+    """softmax(scale * q k^T) v for (B, H, S, D) arrays, one key block at a time."""
+    if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected k, v with equal S and q, k with equal D; got q{q.shape} k{k.shape} v{v.shape}")
+    q32 = q.astype(np.float32) * np.float32(scale)
+    b, h, s_q, _ = q.shape
+    m = np.full((b, h, s_q, 1), -np.inf, np.float32)
+    l = np.zeros((b, h, s_q, 1), np.float32)
+    acc = np.zeros((b, h, s_q, v.shape[3]), np.float32)
+    for start in range(0, k.shape[2], block_k):
+        kb = k[:, :, start : start + block_k].astype(np.float32)
+        vb = v[:, :, start : start + block_k].astype(np.float32)
+        s = q32 @ kb.transpose(0, 1, 3, 2)  # (B, H, S_q, block_k)
+        m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+        p = np.exp(s - m_new)
+        alpha = np.exp(m - m_new)
+        l = l * alpha + p.sum(axis=-1, keepdims=True)
+        acc = acc * alpha + p @ vb
+        m = m_new
+    return acc / l
+
+
+def flash_attention_reference(q, k, v, attrs: FlashAttentionAttrs, block_k: int = BLOCK_K) -> np.ndarray:
+    """Execute one `FlashAttention` node: layouts in, tiled attention, layout out (fp32)."""
+    o = tiled_attention(
+        to_bhsd(q, attrs.q_layout, attrs.num_heads),
+        to_bhsd(k, attrs.k_layout, attrs.num_heads),
+        to_bhsd(v, attrs.v_layout, attrs.num_heads),
+        attrs.scale,
+        block_k,
+    )
+    return np.ascontiguousarray(from_bhsd(o, attrs.out_layout, q.shape))
