@@ -1,0 +1,180 @@
+"""Load the user's model file into an eval-mode nn.Module.
+
+Accepted: a ConvMHAttn state_dict (channels from the weight shapes, heads from the caller),
+a TorchScript archive, a `torch.export` .pt2, and, only when the caller says it trusts the
+file, a whole pickled nn.Module (pickles execute code on load, so `torch.load` runs with
+`weights_only=True` unless told otherwise). Anything else is refused with one line that
+says what the file is and what was expected. Weights must be finite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from convattn.errors import InputError, ModelError
+from convattn.models import ConvMHAttn
+
+DEMO_SPEC = (64, 64, 8)  # in_channels, out_channels, heads: head_dim 8, as in the README's figures
+DEMO_SHAPE = (1, 64, 32, 32)
+_BLOCK_KEYS = tuple(f"{c}_conv.{p}" for c in ("q", "k", "v", "out") for p in ("weight", "bias"))
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    kind: str  # demo | state_dict | torchscript | torch.export | pickle
+    source: str
+    sha256: str | None = None
+    default_input_shapes: list[tuple[int, ...]] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def demo_model() -> ConvMHAttn:
+    """ConvMHAttn(64, 64, 8) with fixed random weights (seed 0)."""
+    torch.manual_seed(0)
+    return ConvMHAttn(*DEMO_SPEC).eval()
+
+
+def load_model(
+    path: str | Path | None = None,
+    *,
+    heads: int | None = None,
+    trust_pickle: bool = False,
+    imports: tuple[str, ...] = (),
+    attention: str = "einsum",
+) -> LoadedModel:
+    """Load `path` (None: the embedded demo model) as an eval-mode module.
+
+    Args:
+        heads: number of heads, required for a state_dict (it is not in the weights).
+        trust_pickle: allow unpickling a whole module (runs code from the file).
+        imports: modules to import first, so a pickle's classes resolve.
+        attention: attention mode of a ConvMHAttn built from a state_dict or the demo.
+    """
+    if path is None:
+        model = demo_model()
+        model.attention = attention
+        return LoadedModel(model, "demo", "demo", None, [DEMO_SHAPE])
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: expected a model file, got a directory")
+    for name in imports:
+        _import(name)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = _load(path, heads, trust_pickle, attention)
+    loaded.sha256 = digest
+    _check_finite(loaded.module)
+    loaded.module.eval()
+    return loaded
+
+
+def _import(name: str) -> None:
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the user's own modules, next to where they run the tool
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        raise InputError(f"--import {name}: {type(e).__name__}: {e}") from e
+
+
+def _archive_kind(path: Path) -> str | None:
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InputError(f"{path}: not a readable archive ({e}); is the file truncated?") from e
+    tails = {n.split("/", 1)[-1] for n in names}
+    if "archive_format" in tails or "models/model.json" in tails:
+        return "torch.export"
+    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+        return "torchscript"
+    return "torch.save"
+
+
+def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
+    kind = _archive_kind(path)
+    what = "expected a torch.save checkpoint (state_dict or module), a TorchScript archive or a torch.export .pt2"
+    try:
+        if kind == "torchscript":
+            return LoadedModel(torch.jit.load(str(path), map_location="cpu"), "torchscript", str(path))
+        if kind == "torch.export":
+            program = torch.export.load(str(path))
+            shapes = [tuple(t.shape) for t in program.example_inputs[0]] if program.example_inputs else None
+            return LoadedModel(program.module(), "torch.export", str(path), default_input_shapes=shapes)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path}: a {kind} archive that does not load: {_first_line(e)}") from e
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+            raise InputError(f"{path}: not a PyTorch model file ({what}): {_first_line(e)}") from e
+        if not trust_pickle:
+            raise InputError(
+                f"{path}: contains pickled Python objects (a whole module), and unpickling runs code from the file. "
+                "If you trust it, rerun with --trust-pickle (and --import MODULE so its classes resolve)"
+            ) from e
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise InputError(f"{path}: the pickle does not load: {_first_line(e2)}; does --import name its module?") from e2
+        if not isinstance(obj, nn.Module):
+            raise InputError(f"{path}: expected a pickled nn.Module, got {type(obj).__name__}")
+        return LoadedModel(obj, "pickle", str(path))
+    if isinstance(obj, nn.Module):  # possible for modules made only of allow-listed types
+        return LoadedModel(obj, "pickle", str(path))
+    if isinstance(obj, dict):
+        return _from_state_dict(path, obj, heads, attention)
+    raise InputError(f"{path}: {what}, got a {type(obj).__name__}")
+
+
+def _from_state_dict(path: Path, state: dict, heads, attention) -> LoadedModel:
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    prefixes = {k[: -len(b)] for k in state for b in _BLOCK_KEYS if k.endswith(b)}
+    if len(prefixes) != 1 or not all(next(iter(prefixes)) + k in state for k in _BLOCK_KEYS):
+        raise InputError(
+            f"{path}: a state_dict, but not of one ConvMHAttn block: expected keys {', '.join(_BLOCK_KEYS)}; "
+            "for other architectures save the whole module (torch.save(model)) or a TorchScript/torch.export file"
+        )
+    prefix = prefixes.pop()
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in _BLOCK_KEYS}
+    weight = state["q_conv.weight"]
+    if weight.dim() != 4 or weight.shape[2:] != (1, 1):
+        raise InputError(f"{path}: q_conv.weight: expected a 1x1 conv weight (C_out, C_in, 1, 1), got {tuple(weight.shape)}")
+    c_out, c_in = int(weight.shape[0]), int(weight.shape[1])
+    if heads is None:
+        raise InputError(f"{path}: a state_dict does not record the number of heads: pass --heads N (N divides {c_out})")
+    if heads < 1 or c_out % heads:
+        raise InputError(f"--heads: expected a divisor of the {c_out} channels, got {heads}")
+    module = ConvMHAttn(c_in, c_out, heads, attention)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(f"{path}: the weights do not fit ConvMHAttn({c_in}, {c_out}, {heads}): {_first_line(e)}") from e
+    return LoadedModel(module, "state_dict", str(path), default_input_shapes=[(1, c_in, 32, 32)])
+
+
+def _check_finite(module: nn.Module) -> None:
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ModelError(f"weight {name!r} has {bad} NaN/inf values: the model cannot produce finite outputs")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
