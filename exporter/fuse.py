@@ -444,9 +444,9 @@ def _swap_last(rank: int) -> tuple:
     return tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
-def _scores_producer(softmax, g: _Graph):
-    """Walk back from the Softmax input through Mul/Div by scalars: (node, factor, static)."""
-    t, factor, static = softmax.inputs[0], 1.0, True
+def _scores_producer(t, g: _Graph):
+    """Walk back from `t` through Mul/Div by scalars: (producer node, factor, static)."""
+    factor, static = 1.0, True
     while t.inputs:
         node = t.inputs[0]
         scalar = _scalar_operand(node, g)
@@ -482,12 +482,13 @@ def _einsum_terms(node):
 
 def _softmax_candidate(softmax, g: _Graph):
     """Einsum or MatMul attention anchored at `softmax`; None if it is not attention at all."""
-    producer, factor, static = _scores_producer(softmax, g)
+    producer, factor, static = _scores_producer(softmax.inputs[0], g)
     if producer is None or producer.op not in ("MatMul", "Einsum", "Add", "Where", "Sub"):
         return None
     rank = len(g.shape(softmax.inputs[0]))
     if producer.op in ("Add", "Where", "Sub"):
-        if any(i.inputs and i.inputs[0].op in ("MatMul", "Einsum") for i in producer.inputs):
+        scores = [_scores_producer(i, g)[0] for i in producer.inputs if isinstance(i, gs.Variable)]
+        if any(n is not None and n.op in ("MatMul", "Einsum") for n in scores):
             raise _NotFusable(f"a mask or bias is added to the scores ({producer.op} {producer.name!r})")
         return None
     axis = softmax.attrs.get("axis", -1)

@@ -1,0 +1,53 @@
+import functools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # user_models, importable by pickles too
+
+from convattn.exporter.export import export_onnx  # noqa: E402
+from convattn.exporter.fuse import fuse_attention  # noqa: E402
+from convattn.plugins.ort_op import session  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def export_fuse(module, shapes, exporter="dynamo", opset=18):
+    exported = export_onnx(module.eval(), shapes, exporter=exporter, opset=opset)
+    return exported, fuse_attention(exported.model)
+
+
+def run_ort(model, shapes, names, seed=1):
+    """Run in ONNX Runtime on fresh random inputs at `shapes` (batch 2, unlike the export)."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal((2, *s[1:])).astype(np.float32) for s in shapes]
+    return xs, session(model).run(None, dict(zip(names, xs)))[0]
+
+
+@functools.cache
+def cached(key):
+    """Exports are the slow part of the suite: share them between tests by key."""
+    from user_models import TwoBlocks
+
+    from convattn.models import ConvMHAttn, SeedEinsum, SeedSDPA
+
+    kind, exporter, opset = key
+    factories = {
+        "einsum": lambda: (ConvMHAttn(16, 16, 2, "einsum"), [(1, 16, 7, 9)]),
+        "sdpa": lambda: (ConvMHAttn(16, 16, 2, "sdpa"), [(1, 16, 7, 9)]),
+        "seed_einsum": lambda: (SeedEinsum(16, 16, 2), [(1, 16, 5, 3)] * 3),
+        "seed_sdpa": lambda: (SeedSDPA(16, 16, 2), [(1, 16, 5, 3)] * 3),
+        "cross": lambda: (ConvMHAttn(24, 48, 2, "einsum"), [(1, 24, 7, 9), (1, 24, 5, 3)]),
+        "cross_sdpa": lambda: (ConvMHAttn(24, 48, 2, "sdpa"), [(1, 24, 7, 9), (1, 24, 5, 3)]),
+        "two_blocks": lambda: (TwoBlocks(), [(1, 3, 6, 5)]),
+    }
+    torch.manual_seed(0)
+    module, shapes = factories[kind]()
+    exported, fusion = export_fuse(module, shapes, exporter, opset)
+    return module.eval(), shapes, exported, fusion

@@ -1,0 +1,143 @@
+"""Fusion on real exports: every pattern, both exporters, checked numerically in ONNX Runtime."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import cached, export_fuse, run_ort
+
+from convattn.exporter.fuse import fuse_attention, identity_view, reshape_view
+from convattn.models import ConvMHAttn
+from convattn.plugins.op import DOMAIN, OP_TYPE
+
+
+def ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def assert_same_function(module, shapes, exported, fusion, atol=2e-5):
+    """Fused == unfused in ORT, and == PyTorch, at batch 2 and fresh inputs (dynamic shapes)."""
+    names = [i.name for i in exported.model.graph.input]
+    xs, fused = run_ort(fusion.model, shapes, names)
+    _, unfused = run_ort(exported.model, shapes, names)
+    with torch.no_grad():
+        expected = module(*map(torch.from_numpy, xs)).numpy()
+    np.testing.assert_allclose(fused, unfused, atol=atol, rtol=0)
+    np.testing.assert_allclose(fused, expected, atol=atol, rtol=0)
+
+
+CASES = [
+    ("einsum", "dynamo", 18, "einsum-softmax-einsum"),
+    ("einsum", "torchscript", 18, "einsum-softmax-einsum"),
+    ("seed_einsum", "dynamo", 18, "einsum-softmax-einsum"),
+    ("seed_einsum", "torchscript", 18, "einsum-softmax-einsum"),
+    ("sdpa", "dynamo", 18, "matmul-softmax-matmul"),
+    ("sdpa", "torchscript", 18, "matmul-softmax-matmul"),
+    ("sdpa", "dynamo", 23, "onnx-attention"),
+    ("cross", "dynamo", 18, "einsum-softmax-einsum"),
+    ("cross", "torchscript", 18, "einsum-softmax-einsum"),
+    ("cross_sdpa", "torchscript", 18, "matmul-softmax-matmul"),
+    ("cross_sdpa", "dynamo", 23, "onnx-attention"),
+]
+
+
+@pytest.mark.parametrize("kind,exporter,opset,pattern", CASES)
+def test_pattern_fuses_into_one_node(kind, exporter, opset, pattern):
+    module, shapes, exported, fusion = cached((kind, exporter, opset))
+    if opset == 23:
+        assert "Attention" in ops(exported.model)  # the dynamo exporter's SDPA without dropout
+    [block] = fusion.blocks
+    assert block.fused and block.pattern == pattern
+    assert ops(fusion.model) == ["Conv", "Conv", "Conv", OP_TYPE, "Conv"]  # every Reshape/Transpose absorbed
+    assert block.details["layouts"] == ["NCHW"] * 4
+    assert_same_function(module, shapes, exported, fusion)
+
+
+def test_fused_node_is_what_tensorrt_and_onnxruntime_look_up():
+    _, _, _, fusion = cached(("einsum", "dynamo", 18))
+    [node] = [n for n in fusion.model.graph.node if n.op_type == OP_TYPE]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert node.domain == DOMAIN
+    assert attrs["plugin_namespace"] == b"convattn" and attrs["plugin_version"] == b"1" and attrs["aot"] == 1
+    assert attrs["num_heads"] == 2 and attrs["scale"] == pytest.approx(8**-0.5)
+    assert DOMAIN in {o.domain for o in fusion.model.opset_import}
+
+
+def test_several_blocks_in_one_graph_all_fuse():
+    module, shapes, exported, fusion = cached(("two_blocks", "dynamo", 18))
+    assert [b.fused for b in fusion.blocks] == [True, True]
+    assert ops(fusion.model).count(OP_TYPE) == 2 and "Softmax" not in ops(fusion.model)
+    assert_same_function(module, shapes, exported, fusion)
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 64])
+def test_head_dims_and_odd_cross_attention_sizes(head_dim):
+    module = ConvMHAttn(8, 2 * head_dim, 2).eval()
+    shapes = [(1, 8, 7, 9), (1, 8, 5, 3)]
+    exported, fusion = export_fuse(module, shapes)
+    [block] = fusion.blocks
+    assert block.fused and block.details["head_dim"] == head_dim
+    assert (block.details["probe_seq_q"], block.details["probe_seq_kv"]) == (63, 15)
+    assert_same_function(module, shapes, exported, fusion)
+
+
+def test_static_export_fuses_too():
+    from convattn.exporter.export import export_onnx
+
+    module = ConvMHAttn(16, 16, 2).eval()
+    exported = export_onnx(module, [(2, 16, 4, 6)], dynamic=False)
+    fusion = fuse_attention(exported.model)
+    assert [b.fused for b in fusion.blocks] == [True]
+    x = np.random.default_rng(0).standard_normal((2, 16, 4, 6)).astype(np.float32)
+    from convattn.plugins.ort_op import session
+
+    (out,) = session(fusion.model).run(None, {"input": x})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, module(torch.from_numpy(x)).numpy(), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_seed_sdpa_channel_attention_is_reported_not_fused(exporter):
+    _, _, exported, fusion = cached(("seed_sdpa", exporter, 18))
+    [block] = fusion.blocks
+    assert not block.fused
+    assert "attention over channels" in block.reason and "8x8" in block.reason
+    assert "Softmax" in ops(fusion.model) and OP_TYPE not in ops(fusion.model)
+
+
+@pytest.mark.parametrize(
+    "name,reason", [("MaskedAttention", "mask or bias"), ("WrongAxisSoftmax", "softmax runs over axis")]
+)
+def test_attention_the_kernel_does_not_compute_is_left_alone(name, reason):
+    import user_models
+
+    module = getattr(user_models, name)().eval()
+    exported, fusion = export_fuse(module, [(1, 8, 4, 5)])
+    [block] = fusion.blocks
+    assert not block.fused and reason in block.reason
+    assert OP_TYPE not in ops(fusion.model)
+
+
+def test_interleaved_heads_are_not_mistaken_for_nchw():
+    import user_models
+
+    module = user_models.InterleavedHeads().eval()
+    shapes = [(1, 8, 4, 5)]
+    exported, fusion = export_fuse(module, shapes)
+    [block] = fusion.blocks
+    assert block.fused and "NCHW" not in block.details["layouts"][:3]
+    assert_same_function(module, shapes, exported, fusion)
+
+
+def test_graph_without_attention_has_no_blocks():
+    import user_models
+
+    exported, fusion = export_fuse(user_models.NoAttention(), [(1, 4, 3, 3)])
+    assert fusion.blocks == [] and ops(fusion.model) == ops(exported.model)
+
+
+def test_reshape_view_follows_row_major_memory():
+    # (B, C, H, W) -> (B, heads, D, H*W): channels split head-major, pixels merged row-major.
+    v = reshape_view(identity_view((2, 16, 5, 3)), (2, 2, 8, 15))
+    assert [[(a.axis, a.size, a.stride) for a in ax] for ax in v] == [[(0, 2, 1)], [(1, 2, 8)], [(1, 8, 1)], [(2, 5, 1), (3, 3, 1)]]
+    assert reshape_view(identity_view((4, 6)), (3, 8)) is None  # 4*6 -> 3*8 splits no atom cleanly

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+
+from convattn.plugins.op import FlashAttentionAttrs, output_shape
+from convattn.plugins.ort_op import session
+from convattn.plugins.reference import flash_attention_reference, tiled_attention
+
+
+def naive(q, k, v, scale):
+    s = (q.astype(np.float64) @ k.astype(np.float64).transpose(0, 1, 3, 2)) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)
+
+
+@pytest.mark.parametrize("s_q,s_kv,d", [(1, 1, 8), (37, 300, 24), (130, 129, 64)])
+def test_tiled_matches_float64(s_q, s_kv, d):
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 3, s, d)).astype(np.float32) for s in (s_q, s_kv, s_kv))
+    out = tiled_attention(q, k, v, d**-0.5, block_k=64)
+    np.testing.assert_allclose(out, naive(q, k, v, d**-0.5), atol=2e-6, rtol=0)
+
+
+def test_large_logits_stay_finite():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 50, 8)).astype(np.float32) * 40 for _ in range(3))
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = (q @ k.transpose(0, 1, 3, 2)).astype(np.float16)
+        assert not np.isfinite(np.exp(s).sum())  # the naive fp16 softmax overflows here
+    out = tiled_attention(q, k, v, 1.0, block_k=16)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, naive(q, k, v, 1.0), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "BHSD", "BHDS"])
+def test_layouts_are_views_of_the_same_attention(layout):
+    rng = np.random.default_rng(1)
+    b, h, d, hh, ww = 2, 3, 8, 5, 7
+    maps = [rng.standard_normal((b, h * d, hh, ww)).astype(np.float32) for _ in range(3)]
+    bhsd = [m.reshape(b, h, d, hh * ww).transpose(0, 1, 3, 2) for m in maps]
+    ref = naive(*bhsd, 0.3)
+    as_layout = {"NCHW": lambda m, t: m, "BHSD": lambda m, t: np.ascontiguousarray(t),
+                 "BHDS": lambda m, t: np.ascontiguousarray(t.transpose(0, 1, 3, 2))}[layout]
+    inputs = [as_layout(m, t) for m, t in zip(maps, bhsd)]
+    out_layout = "NCHW" if layout == "NCHW" else layout
+    attrs = FlashAttentionAttrs(h, 0.3, layout, layout, layout, out_layout)
+    out = flash_attention_reference(*inputs, attrs)
+    assert out.shape == output_shape(inputs[0].shape, inputs[2].shape, attrs)
+    expected = {"NCHW": ref.transpose(0, 1, 3, 2).reshape(b, h * d, hh, ww), "BHSD": ref,
+                "BHDS": ref.transpose(0, 1, 3, 2)}[layout]
+    np.testing.assert_allclose(out, expected, atol=2e-6, rtol=0)
+
+
+def test_attrs_reject_nonsense():
+    with pytest.raises(ValueError, match="q_layout"):
+        FlashAttentionAttrs(2, 0.5, q_layout="NHWC")
+    with pytest.raises(ValueError, match="scale"):
+        FlashAttentionAttrs(2, float("nan"))
+    with pytest.raises(ValueError, match="takes H and W"):
+        FlashAttentionAttrs(2, 0.5, q_layout="BHSD", out_layout="NCHW")
+
+
+def test_onnxruntime_custom_op_runs_the_node():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from convattn.plugins.op import DOMAIN, OP_TYPE
+
+    attrs = FlashAttentionAttrs(2, 0.25)
+    node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], domain=DOMAIN, **attrs.onnx_attributes())
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 8, "h", "w"]) for n in "qkv"]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["b", 8, "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    onnx.checker.check_model(model)
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((1, 8, 3, 5)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 8, 2, 2)).astype(np.float32) for _ in range(2))
+    (out,) = session(model).run(None, {"q": q, "k": k, "v": v})
+    np.testing.assert_array_equal(out, flash_attention_reference(q, k, v, attrs))
+    assert model.graph.node[0].domain == DOMAIN  # the rewrite for ORT works on a copy

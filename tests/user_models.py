@@ -1,0 +1,76 @@
+"""Models a user might bring: several blocks, no attention, masked or mis-axed softmax."""
+
+import torch
+from torch import nn
+
+from convattn.models import ConvMHAttn
+
+
+class TwoBlocks(nn.Module):
+    """A small network that *contains* two attention blocks (not a bare ConvMHAttn)."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.attn1 = ConvMHAttn(c, c, heads)
+        self.attn2 = ConvMHAttn(c, c, heads, attention="sdpa")
+        self.head = nn.Conv2d(c, 3, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.attn1(x)
+        x = x + self.attn2(x)
+        return self.head(x)
+
+
+class NoAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x).softmax(dim=1)
+
+
+class _Einsum(nn.Module):
+    def __init__(self, c=8, heads=2):
+        super().__init__()
+        self.h, self.d = heads, c // heads
+        self.q, self.k, self.v = (nn.Conv2d(c, c, 1) for _ in range(3))
+
+    def views(self, x):
+        b, _, hh, ww = x.shape
+        return [f(x).view(b, self.h, self.d, hh * ww) for f in (self.q, self.k, self.v)]
+
+
+class MaskedAttention(_Einsum):
+    """Spatial attention with an additive bias on the scores: not what the kernel computes."""
+
+    def forward(self, x):
+        q, k, v = self.views(x)
+        s = torch.einsum("bhci,bhcj->bhij", q, k) / self.d**0.5
+        s = s + torch.triu(torch.full(s.shape[-2:], -1e4), diagonal=1)
+        return torch.einsum("bhij,bhcj->bhci", s.softmax(-1), v).reshape(x.shape)
+
+
+class WrongAxisSoftmax(_Einsum):
+    """Softmax over the queries instead of the keys."""
+
+    def forward(self, x):
+        q, k, v = self.views(x)
+        s = torch.einsum("bhci,bhcj->bhij", q, k) / self.d**0.5
+        return torch.einsum("bhij,bhcj->bhci", s.softmax(-2), v).reshape(x.shape)
+
+
+class InterleavedHeads(_Einsum):
+    """Heads taken as channel = d * heads + head (not head * D + d): the NCHW layout would be
+    wrong, so the fusion must read the permuted tensor instead."""
+
+    def views(self, x):
+        b, _, hh, ww = x.shape
+        return [f(x).view(b, self.d, self.h, hh * ww).transpose(1, 2) for f in (self.q, self.k, self.v)]
+
+    def forward(self, x):
+        q, k, v = self.views(x)
+        p = (torch.einsum("bhci,bhcj->bhij", q, k) * self.d**-0.5).softmax(-1)
+        return torch.einsum("bhij,bhcj->bhci", p, v).reshape(x.shape)
