@@ -20,6 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import convattn
@@ -105,7 +106,7 @@ def export(
         code = _run(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset,
                     not static, report, trust_pickle, tuple(imports or ()), demo, force, seed)
     except ConvattnError as e:
-        out.print(f"[bold red]error:[/] {e}")
+        out.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         out.print("[bold red]interrupted[/]: no partial output was written")
@@ -192,8 +193,8 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
         blocks.add_column(col, overflow="fold")
     for b in fusion.blocks:
         d = b.details
-        blocks.add_row(b.name, b.pattern, "[green]yes[/]" if b.fused else "[red]no[/]",
-                       f"{d['num_heads']} x {d['head_dim']}" if b.fused else "", "/".join(d.get("layouts", [])), b.reason)
+        blocks.add_row(escape(b.name), b.pattern, "[green]yes[/]" if b.fused else "[red]no[/]",
+                       f"{d['num_heads']} x {d['head_dim']}" if b.fused else "", "/".join(d.get("layouts", [])), escape(b.reason))
     out.print(blocks)
     parity = Table(title=f"parity vs float64 PyTorch (seed {result.seed})", title_justify="left")
     for col in ("path", "dtype", "max abs err", "max rel err", "tolerance", ""):
@@ -212,7 +213,7 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
                         human_bytes(m.flash_bytes), human_bytes(big))
         out.print(mem)
     for w in warnings + [f"block {b.name}: {b.reason}" for b in fusion.unfused] + result.notes:
-        out.print(f"[yellow]warning:[/] {w}")
+        out.print(f"[yellow]warning:[/] {escape(w)}")
     out.print(f"fused graph: {fused_path}" + (f"; exported graph: {onnx_path}" if onnx_path else ""))
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from convattn.errors import ExportError, ModelError
+from convattn.errors import ExportError, InputError
 
 from .fuse import SHAPES_METADATA_KEY
+from .load import eval_mode
 
 EXPORTERS = ("dynamo", "torchscript")
 MIN_OPSET = 18
@@ -69,20 +70,35 @@ def export_onnx(
         raise ExportError(f"exporter: expected one of {EXPORTERS}, got {exporter!r}")
     if opset < MIN_OPSET:
         raise ExportError(f"opset: expected >= {MIN_OPSET}, got {opset}")
-    module = module.float().eval()
+    module = eval_mode(module.float())
+    arity = _required_inputs(module)
+    if len(input_shapes) == 1 and arity > 1:
+        input_shapes = list(input_shapes) * arity  # one shape serves every input, as the CLI documents
     gen = torch.Generator().manual_seed(0)
     args = tuple(torch.randn(s, generator=gen) for s in input_shapes)
     try:
         with torch.no_grad():
             module(*args)
     except Exception as e:
-        raise ModelError(f"the model does not run on inputs of shape {_fmt(input_shapes)}: {e}") from e
+        raise InputError(f"the model does not run on inputs of shape {_fmt(input_shapes)}: {e}") from e
     notes = [w for w in [_eval_dropout_warning(module, args)] if w]
+    if isinstance(module, torch.jit.ScriptModule) and exporter == "dynamo":
+        exporter = "torchscript"  # torch.export cannot trace a ScriptModule
+        notes.append("a TorchScript model: exported with the TorchScript exporter")
     names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     try:
-        model = _export(module, args, names, exporter, opset, dynamic)
+        try:
+            model = _export(module, args, names, exporter, opset, dynamic)
+        except Exception as e:
+            if not dynamic:
+                raise
+            # A model traced or exported with fixed sizes (a static .pt2, say) refuses dynamic
+            # dims: export what it supports and say so.
+            model = _export(module, args, names, exporter, opset, False)
+            notes.append(f"exported with static shapes {_fmt(input_shapes)}: the model refuses dynamic batch/height/width "
+                         f"({_first_line(e)})")
     except Exception as e:
-        raise ExportError(f"torch.onnx.export ({exporter}) failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise ExportError(f"torch.onnx.export ({exporter}) failed: {_first_line(e)}") from e
     onnx.helper.set_model_props(model, {SHAPES_METADATA_KEY: ";".join("x".join(map(str, s)) for s in input_shapes)})
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -113,6 +129,25 @@ def _export(module, args, names, exporter, opset, dynamic) -> onnx.ModelProto:
             output_names=["output"], dynamic_axes=axes,
         )
         return onnx.load_from_string(buf.getvalue())
+
+
+def _required_inputs(module) -> int:
+    """Number of required positional arguments of `module.forward` (1 when unknown)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return max(1, sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params))
+
+
+def _first_line(e: Exception) -> str:
+    """The informative line of an exporter error (the dynamo exporter's is under a summary)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    summary = [ln for ln in lines if ln.startswith("<class")]
+    return (summary or lines or [type(e).__name__])[0]
 
 
 def _fmt(shapes) -> str:

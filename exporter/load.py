@@ -74,7 +74,6 @@ def load_model(
     loaded = _load(path, heads, trust_pickle, attention)
     loaded.sha256 = digest
     _check_finite(loaded.module)
-    loaded.module.eval()
     return loaded
 
 
@@ -107,7 +106,7 @@ def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
     what = "expected a torch.save checkpoint (state_dict or module), a TorchScript archive or a torch.export .pt2"
     try:
         if kind == "torchscript":
-            return LoadedModel(torch.jit.load(str(path), map_location="cpu"), "torchscript", str(path))
+            return LoadedModel(torch.jit.load(str(path), map_location="cpu").eval(), "torchscript", str(path))
         if kind == "torch.export":
             program = torch.export.load(str(path))
             shapes = [tuple(t.shape) for t in program.example_inputs[0]] if program.example_inputs else None
@@ -119,7 +118,7 @@ def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
+        if "Unsupported global" not in str(e):
             raise InputError(f"{path}: not a PyTorch model file ({what}): {_first_line(e)}") from e
         if not trust_pickle:
             raise InputError(
@@ -132,7 +131,7 @@ def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
             raise InputError(f"{path}: the pickle does not load: {_first_line(e2)}; does --import name its module?") from e2
         if not isinstance(obj, nn.Module):
             raise InputError(f"{path}: expected a pickled nn.Module, got {type(obj).__name__}")
-        return LoadedModel(obj, "pickle", str(path))
+        return LoadedModel(eval_mode(obj), "pickle", str(path))
     if isinstance(obj, nn.Module):  # possible for modules made only of allow-listed types
         return LoadedModel(obj, "pickle", str(path))
     if isinstance(obj, dict):
@@ -165,6 +164,14 @@ def _from_state_dict(path: Path, state: dict, heads, attention) -> LoadedModel:
     except RuntimeError as e:
         raise InputError(f"{path}: the weights do not fit ConvMHAttn({c_in}, {c_out}, {heads}): {_first_line(e)}") from e
     return LoadedModel(module, "state_dict", str(path), default_input_shapes=[(1, c_in, 32, 32)])
+
+
+def eval_mode(module: nn.Module) -> nn.Module:
+    """module.eval(), where allowed: a torch.export module is fixed in the mode it was exported in."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
 
 
 def _check_finite(module: nn.Module) -> None:

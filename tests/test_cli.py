@@ -1,0 +1,129 @@
+"""The CLI a user runs: success, the SeedSDPA diagnosis, and every kind of bad input."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from convattn.exporter.cli import app
+from convattn.models import ConvMHAttn, SeedSDPA
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_demo_exports_fuses_validates_and_reports(tmp_path):
+    report = tmp_path / "report.json"
+    fused, unfused = tmp_path / "demo.fused.onnx", tmp_path / "demo.onnx"
+    r = cli("--demo", "--fused-onnx", fused, "--onnx", unfused, "--report", report)
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output
+    doc = json.loads(report.read_text())
+    assert doc["validation"]["passed"] and [b["fused"] for b in doc["blocks"]] == [True]
+    paths = {c["path"] for c in doc["validation"]["comparisons"]}
+    assert paths == {"onnxruntime unfused", "onnxruntime fused", "pytorch einsum", "pytorch sdpa"}
+    assert doc["validation"]["memory"][0]["einsum_bytes"] == 2 * 8 * 1024 * 1024 * 4
+    assert fused.stat().st_size > 0 and unfused.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.fused.onnx", "demo.onnx", "report.json"]
+
+
+def test_existing_output_is_refused_without_force(tmp_path):
+    fused = tmp_path / "x.onnx"
+    fused.write_text("keep me")
+    r = cli("--demo", "--fused-onnx", fused)
+    assert r.exit_code == 2 and "--force" in r.output
+    assert fused.read_text() == "keep me"
+    assert cli("--demo", "--fused-onnx", fused, "--force").exit_code == 0
+    assert fused.read_bytes() != b"keep me"
+
+
+def test_engine_without_tensorrt_keeps_the_fused_graph_and_writes_no_plan(tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here: this test covers machines without it")
+    except ImportError:
+        pass
+    plan = tmp_path / "out.plan"
+    r = cli("--demo", "--engine", plan, "--report", tmp_path / "r.json")
+    assert r.exit_code == 5, r.output
+    text = " ".join(r.output.split())
+    assert "engine not built" in text and "convattn[tensorrt]" in text
+    assert not plan.exists()
+    assert (tmp_path / "out.fused.onnx").exists()
+    assert "engine_error" in json.loads((tmp_path / "r.json").read_text())
+
+
+def test_seed_sdpa_is_diagnosed(tmp_path):
+    path = tmp_path / "seed.pt"
+    torch.save(SeedSDPA(16, 16, 2), path)
+    r = cli(path, "--trust-pickle", "--input-shape", "1x16x6x6", "--fused-onnx", tmp_path / "f.onnx")
+    assert r.exit_code == 1  # PyTorch (dropout in eval) and the graph disagree: parity fails
+    text = " ".join(r.output.split())
+    assert "attention over channels" in text
+    assert "dropout" in text and "eval" in text
+    assert "FAIL" in text
+
+
+def test_state_dict_with_heads_and_cross_attention_shapes(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(ConvMHAttn(8, 16, 2).state_dict(), path)
+    r = cli(path, "--heads", 2, "--input-shape", "1x8x7x9", "--input-shape", "1x8x5x3", "--fused-onnx", tmp_path / "f.onnx")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        ([], 2, "no model given"),
+        (["missing.pt"], 2, "no such file"),
+        (["--demo", "--input-shape", "1x64x32"], 2, "4 positive dims"),
+        (["--demo", "--input-shape", "1xAx3x3"], 2, "BxCxHxW"),
+        (["--demo", "--input-shape", "1x3x32x32"], 2, "channels"),
+        (["--demo", "--dtype", "fp8"], 2, "--dtype"),
+        (["--demo", "--fused-onnx", "/nonexistent/dir/x.onnx"], 2, "cannot write"),
+    ],
+    ids=["no-model", "missing", "rank", "not-a-number", "wrong-channels", "dtype", "unwritable"],
+)
+def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    r = cli(*args)
+    assert r.exit_code == code, r.output
+    assert message in " ".join(r.output.split())
+    assert "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []  # nothing partial left behind
+
+
+def test_pickle_without_trust_and_no_attention(tmp_path, monkeypatch):
+    import user_models
+
+    path = tmp_path / "m.pt"
+    torch.save(user_models.NoAttention(), path)
+    monkeypatch.chdir(tmp_path)
+    r = cli(path, "--input-shape", "1x4x3x3")
+    assert r.exit_code == 2 and "--trust-pickle" in r.output
+    r = cli(path, "--trust-pickle", "--input-shape", "1x4x3x3")
+    assert r.exit_code == 3 and "no attention block" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_heads_not_dividing_channels(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(ConvMHAttn(8, 16, 2).state_dict(), path)
+    r = cli(path, "--heads", 3)
+    assert r.exit_code == 2 and "divisor of the 16 channels" in r.output
+
+
+def test_nan_weights(tmp_path):
+    m = ConvMHAttn(8, 16, 2)
+    with torch.no_grad():
+        m.out_conv.bias[0] = float("inf")
+    path = tmp_path / "sd.pt"
+    torch.save(m.state_dict(), path)
+    r = cli(path, "--heads", 2)
+    assert r.exit_code == 3 and "NaN/inf" in r.output
