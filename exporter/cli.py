@@ -136,14 +136,17 @@ def _run(model, engine, onnx_path, fused_onnx, shapes, dtype, heads, exporter, o
 
     with stage("load"):
         loaded = load_model(model, heads=heads, trust_pickle=trust_pickle, imports=imports)
+    out.print(f"  [dim]{loaded.kind}: {escape(type(loaded.module).__name__)} from {escape(loaded.source)}[/]")
     input_shapes = input_shapes or loaded.default_input_shapes
     if not input_shapes:
         raise InputError(f"{model}: the file does not record input shapes: pass --input-shape BxCxHxW")
-    with stage(f"export ({exporter}, opset {opset})"):
+    with stage("export"):
         exported = export_onnx(loaded.module, input_shapes, exporter=exporter, opset=opset, dynamic=dynamic)
+    out.print(f"  [dim]{exported.exporter} exporter, opset {opset}, {len(exported.model.graph.node)} nodes[/]")
     input_shapes = exported.input_shapes
     with stage("fuse"):
         fusion = fuse_attention(exported.model, input_shapes)
+    out.print(f"  [dim]{len(fusion.fused)} of {len(fusion.blocks)} attention blocks fused[/]")
     if not fusion.blocks:
         raise ModelError("no attention block found in the graph (no Softmax after a MatMul/Einsum, no Attention op)")
     with stage(f"validate ({dtype})"):

@@ -29,6 +29,7 @@ MIN_OPSET = 18
 @dataclass
 class ExportResult:
     model: onnx.ModelProto
+    exporter: str
     input_names: list[str]
     input_shapes: list[tuple[int, ...]]
     warnings: list[str] = field(default_factory=list)
@@ -104,7 +105,7 @@ def export_onnx(
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise ExportError(f"the exported graph fails onnx.checker: {e}") from e
-    return ExportResult(model, [i.name for i in model.graph.input], input_shapes, notes)
+    return ExportResult(model, exporter, [i.name for i in model.graph.input], input_shapes, notes)
 
 
 def _export(module, args, names, exporter, opset, dynamic) -> onnx.ModelProto:

@@ -364,7 +364,7 @@ def _forward_nchw_output(cand: _Candidate, q_root_shape, heads, d_v, g: _Graph):
     out_shape = g.shape(cand.out)
     inv = np.argsort(cand.out_perm)
     batch_shape = [out_shape[i] for i in inv[:-2]]
-    view = reshape_view(canon, (*batch_shape, canon_len(canon[2]), canon_len(canon[3])))
+    view = reshape_view(canon, (*batch_shape, _size(canon[2]), _size(canon[3])))
     if view is None:
         return None
     view = transpose_view(view, cand.out_perm)
@@ -382,7 +382,7 @@ def _forward_nchw_output(cand: _Candidate, q_root_shape, heads, d_v, g: _Graph):
         t = node.outputs[0]
 
 
-def canon_len(atoms) -> int:
+def _size(atoms) -> int:
     return math.prod(a.size for a in atoms)
 
 
@@ -415,9 +415,10 @@ def _solve(cand: _Candidate, g: _Graph):
     if out is None:
         rank4 = len(cand.out_perm) == 4
         out_layout = {(0, 1, 2, 3): "BHSD", (0, 1, 3, 2): "BHDS"}.get(tuple(cand.out_perm)) if rank4 else None
-        q_view = transpose_view(_apply(identity_view(g.shape(qr)), _back_chain_nodes(cand.q.tensor, qr, g), g), cand.q.perm)
+        # The output's batch axes are Q's: accept (B, heads, ...) only if Q's are exactly that.
+        q_view = _apply(identity_view(g.shape(qr)), _back_chain_nodes(cand.q.tensor, qr, g), g)
         per_axis = kernel_view(g.shape(qr), ql, qh)
-        if out_layout is None or not (_same(q_view[:2], per_axis[:2])):
+        if out_layout is None or q_view is None or not _same(transpose_view(q_view, cand.q.perm)[:2], per_axis[:2]):
             raise _NotFusable("the attention output is not a (B, heads, S, D) tensor or NCHW map the kernel can write")
         out = cand.out
     attrs = FlashAttentionAttrs(qh, float(scale), ql, kl, vl, out_layout)
