@@ -127,3 +127,20 @@ def test_nan_weights(tmp_path):
     torch.save(m.state_dict(), path)
     r = cli(path, "--heads", 2)
     assert r.exit_code == 3 and "NaN/inf" in r.output
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    import os
+
+    from convattn.exporter import cli as cli_module
+
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"old")
+
+    def boom(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cli_module.write_atomic(target, b"new" * 1000)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]

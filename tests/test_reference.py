@@ -77,3 +77,18 @@ def test_onnxruntime_custom_op_runs_the_node():
     (out,) = session(model).run(None, {"q": q, "k": k, "v": v})
     np.testing.assert_array_equal(out, flash_attention_reference(q, k, v, attrs))
     assert model.graph.node[0].domain == DOMAIN  # the rewrite for ORT works on a copy
+
+
+def test_flash_attention_writes_into_a_strided_view_of_the_output_map():
+    import torch
+
+    from convattn.plugins import flash_attention
+
+    b, h, d, hh, ww = 2, 2, 8, 3, 5
+    q, k, v = (torch.randn(b, h * d, hh, ww) for _ in range(3))
+    views = [t.view(b, h, d, hh * ww).transpose(-1, -2) for t in (q, k, v)]  # conv-output views
+    out_map = torch.empty(b, h * d, hh, ww)
+    result = flash_attention(*views, out=out_map.view(b, h, d, hh * ww).transpose(-1, -2))
+    expected = torch.softmax(views[0] @ views[1].transpose(-1, -2) / d**0.5, -1) @ views[2]
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_map, expected.transpose(-1, -2).reshape(b, h * d, hh, ww), atol=1e-5, rtol=0)
