@@ -35,10 +35,10 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _eval_dropout_warning(module: torch.nn.Module, args) -> str | None:
+def _eval_dropout_warning(module: torch.nn.Module, args, first: torch.Tensor) -> str | None:
     """Two eval-mode forwards on the same input must agree; dropout applied in eval does not."""
     with torch.no_grad():
-        a, b = module(*args), module(*args)
+        a, b = first, module(*args)
     diff = (a.float() - b.float()).abs().max().item()
     if diff == 0.0:
         return None
@@ -79,10 +79,10 @@ def export_onnx(
     args = tuple(torch.randn(s, generator=gen) for s in input_shapes)
     try:
         with torch.no_grad():
-            module(*args)
+            first = module(*args)
     except Exception as e:
         raise InputError(f"the model does not run on inputs of shape {_fmt(input_shapes)}: {e}") from e
-    notes = [w for w in [_eval_dropout_warning(module, args)] if w]
+    notes = [w for w in [_eval_dropout_warning(module, args, first)] if w]
     if isinstance(module, torch.jit.ScriptModule) and exporter == "dynamo":
         exporter = "torchscript"  # torch.export cannot trace a ScriptModule
         notes.append("a TorchScript model: exported with the TorchScript exporter")

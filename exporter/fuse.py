@@ -325,7 +325,7 @@ class _Candidate:
 
 
 def _solve_operand(op: _Operand, g: _Graph):
-    """(root, layout, heads, factor, static) for the deepest root whose view the kernel reads."""
+    """(root, layout, heads, factor, static, view) for the deepest root whose view the kernel reads."""
     for root, nodes, factor, static in _back_chain(op.tensor, g):
         shape = g.shape(root)
         view = _apply(identity_view(shape), nodes, g)
@@ -339,7 +339,7 @@ def _solve_operand(op: _Operand, g: _Graph):
                 continue
             expected = kernel_view(shape, layout, heads)
             if _same_attention_operand(view, expected):
-                return root, layout, heads, factor, static
+                return root, layout, heads, factor, static, view
             swapped = transpose_view(expected, (0, 1, 3, 2))
             if layout == "NCHW" and _same_attention_operand(view, swapped):
                 # The deeper root knows better: its axes are channels and pixels. A shallower
@@ -395,7 +395,7 @@ def _solve(cand: _Candidate, g: _Graph):
         raise _NotFusable(f"Q, K, V batch shapes differ (broadcast): {q_shape}, {k_shape}, {v_shape}")
     if k_shape[-2] != v_shape[-2]:
         raise _NotFusable(f"K and V have different sequence lengths: {k_shape[-2]} vs {v_shape[-2]}")
-    (qr, ql, qh, qf, qs), (kr, kl, kh, kf, ks), (vr, vl, vh, vf, vs) = (
+    (qr, ql, qh, qf, qs, q_view), (kr, kl, kh, kf, ks, _), (vr, vl, vh, vf, vs, _) = (
         _solve_operand(o, g) for o in (cand.q, cand.k, cand.v)
     )
     if not qh == kh == vh:
@@ -416,9 +416,8 @@ def _solve(cand: _Candidate, g: _Graph):
         rank4 = len(cand.out_perm) == 4
         out_layout = {(0, 1, 2, 3): "BHSD", (0, 1, 3, 2): "BHDS"}.get(tuple(cand.out_perm)) if rank4 else None
         # The output's batch axes are Q's: accept (B, heads, ...) only if Q's are exactly that.
-        q_view = _apply(identity_view(g.shape(qr)), _back_chain_nodes(cand.q.tensor, qr, g), g)
         per_axis = kernel_view(g.shape(qr), ql, qh)
-        if out_layout is None or q_view is None or not _same(transpose_view(q_view, cand.q.perm)[:2], per_axis[:2]):
+        if out_layout is None or not _same(q_view[:2], per_axis[:2]):
             raise _NotFusable("the attention output is not a (B, heads, S, D) tensor or NCHW map the kernel can write")
         out = cand.out
     attrs = FlashAttentionAttrs(qh, float(scale), ql, kl, vl, out_layout)
@@ -429,13 +428,6 @@ def _solve(cand: _Candidate, g: _Graph):
         "probe_seq_q": int(q_shape[-2]), "probe_seq_kv": int(k_shape[-2]), "probe_batch": int(np.prod(q_shape[:-2]) // qh),
     }
     return attrs, qr, kr, vr, out, details
-
-
-def _back_chain_nodes(t, root, g):
-    for r, nodes, _, _ in _back_chain(t, g):
-        if r is root:
-            return nodes
-    return []
 
 
 # ---------------------------------------------------------------- pattern finders
