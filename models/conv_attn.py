@@ -41,6 +41,7 @@ class ConvMHAttn(nn.Module):
         attention: "einsum" (explicit scores, O(S^2) memory), "sdpa"
             (`F.scaled_dot_product_attention` on spatial views, no dropout) or "flash"
             (convattn's tiled kernel: the Triton kernel on CUDA, the tiled reference on CPU).
+            "flash" is an inference path: no autograd.
 
     `forward(query, key=None, value=None)`: query (B, C_in, H, W); key/value default to the
     query (self-attention) or are maps of another size (B, C_in, H2, W2) for cross-attention.
@@ -80,8 +81,14 @@ class ConvMHAttn(nn.Module):
         else:
             from convattn.plugins import flash_attention
 
-            out = flash_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), scale=scale)
-            out = out.transpose(-1, -2)
+            # conv -> kernel -> conv with no copies: the kernel reads the conv outputs through
+            # (B, heads, S, D) views and writes the output map through one.
+            out = torch.empty(B, h * d, H, W, dtype=q.dtype, device=q.device)
+            flash_attention(
+                q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2), scale=scale,
+                out=out.view(B, h, d, H * W).transpose(-1, -2),
+            )
+            return self.out_conv(out)
         return self.out_conv(out.reshape(B, h * d, H, W))
 
 

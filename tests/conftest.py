@@ -1,6 +1,16 @@
 import functools
+import os
 import sys
 from pathlib import Path
+
+# Without a GPU, run Triton kernels in Triton's CPU interpreter (must be set before triton loads).
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 import numpy as np
 import pytest

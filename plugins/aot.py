@@ -1,0 +1,284 @@
+"""Ahead-of-time artifact of the kernel, and a driver-API launcher that runs it as TensorRT would.
+
+`compile_artifact` calls `triton.compile` directly (Triton's `tools/compile.py` passes a float
+argument as a double since 3.4, and we need no C wrapper) for one (layout, head dims, dtype,
+config, scale, GPU arch) and returns what a foreign launcher needs. It runs without a GPU.
+
+The argument list is TensorRT's AOT convention: input pointers (Q, K, V), then int32 scalars
+(the strides that are not 1, heads, S_q, S_kv), then the output pointer. Triton >= 3.3 appends
+two hidden pointer parameters (global and profile scratch) to every kernel. Our kernel needs
+neither (both sizes are 0, checked), so `compile_artifact` deletes them from the PTX entry's
+parameter list: the PTX then declares exactly the arguments TensorRT passes, whatever it does
+or does not append, since cuLaunchKernel reads only as many parameters as the entry declares.
+`launch_artifact` passes exactly that list, so its parity test proves what an engine carrying
+this PTX computes. The cubin keeps Triton's signature (hidden parameters included).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale
+
+DTYPE_NAMES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+_STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
+# PTX ISA version -> (CUDA release, minimum Linux driver) that loads it.
+PTX_ISA_DRIVER = {
+    "8.0": ("12.0", "525.60"), "8.1": ("12.1", "530.30"), "8.2": ("12.2", "535.54"), "8.3": ("12.3", "545.23"),
+    "8.4": ("12.4", "550.54"), "8.5": ("12.5", "555.42"), "8.6": ("12.6", "560.28"), "8.7": ("12.8", "570.26"),
+    "8.8": ("12.9", "575.51"), "9.0": ("13.0", "580.65"),
+}
+
+
+def layout_strides(shape, layout: str, heads: int):
+    """(b, h, s, d) element strides of a contiguous tensor of `shape` in `layout`.
+
+    Works on ints and on anything that multiplies like them (TensorRT's symbolic shape
+    expressions), so the plugin computes its extra arguments with this same formula."""
+    b, a1, a2, a3 = shape
+    if layout == "NCHW":  # (B, heads*D, H, W): channel = head*D + d, pixel = y*W + x
+        s = a2 * a3
+        d = a1 // heads
+        return (a1 * s, d * s, 1, s)
+    if layout == "BHSD":
+        return (a1 * a2 * a3, a2 * a3, a3, 1)
+    if layout == "BHDS":
+        return (a1 * a2 * a3, a2 * a3, 1, a2)
+    raise ValueError(f"layout: expected NCHW, BHSD or BHDS, got {layout!r}")
+
+
+def unit_strides(layout: str) -> tuple[str, str]:
+    """Which of (s, d) has stride 1 in `layout`: compiled in as a constant."""
+    return ("s",) if layout in ("NCHW", "BHDS") else ("d",)
+
+
+@dataclass
+class AotArtifact:
+    kernel_name: str
+    ptx: str  # hidden scratch parameters removed: the entry TensorRT launches
+    cubin: bytes  # Triton's own binary, with the hidden parameters
+    shared_mem: int
+    num_warps: int
+    threads_per_block: int
+    config: KernelConfig
+    arch: str
+    layouts: tuple[str, str, str, str]
+    head_dim: int
+    head_dim_v: int
+    num_heads: int
+    dtype: str
+    scale: float
+    scalar_arg_names: list[str]
+    ptx_isa: str
+    min_driver: str
+    triton_version: str
+    hidden_params_removed: int
+    arg_order: list[str] = field(default_factory=list)
+
+    def grid(self, batch: int, heads: int, seq_q: int) -> tuple[int, int, int]:
+        return (-(-seq_q // self.config.block_m), batch * heads, 1)
+
+    def scalar_args(self, q_shape, k_shape, v_shape):
+        """The int32 extra arguments, in order, for concrete or symbolic input shapes."""
+        ql, kl, vl, ol = self.layouts
+        o_shape = _out_shape(q_shape, v_shape, self)
+        strides = {}
+        for t, shape, layout in (("q", q_shape, ql), ("k", k_shape, kl), ("v", v_shape, vl), ("o", o_shape, ol)):
+            strides.update(zip((f"stride_{t}{a}" for a in "bhsd"), layout_strides(shape, layout, self.num_heads)))
+        seq_q = _seq(q_shape, ql)
+        seq_kv = _seq(k_shape, kl)
+        values = {**strides, "num_heads": self.num_heads, "seq_q": seq_q, "seq_kv": seq_kv}
+        return [values[n] for n in self.scalar_arg_names]
+
+
+def _seq(shape, layout):
+    return shape[2] * shape[3] if layout == "NCHW" else (shape[2] if layout == "BHSD" else shape[3])
+
+
+def _out_shape(q_shape, v_shape, art: AotArtifact):
+    dv, h = art.head_dim_v, art.num_heads
+    s_q = _seq(q_shape, art.layouts[0])
+    if art.layouts[3] == "NCHW":
+        return (q_shape[0], h * dv, q_shape[2], q_shape[3])
+    return (q_shape[0], h, s_q, dv) if art.layouts[3] == "BHSD" else (q_shape[0], h, dv, s_q)
+
+
+def compile_artifact(
+    *,
+    head_dim: int,
+    num_heads: int,
+    dtype: str,
+    config: KernelConfig,
+    scale: float,
+    arch: int = 90,
+    layouts=("NCHW", "NCHW", "NCHW", "NCHW"),
+    head_dim_v: int | None = None,
+) -> AotArtifact:
+    """Compile the kernel ahead of time for one variant. `arch` is the compute capability
+    (80, 89, 90, ...); 90 compiles for sm_90a, Hopper only. No GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: expected one of {list(DTYPE_NAMES)}, got {dtype!r}")
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    ptr = f"*{DTYPE_NAMES[dtype]}"
+    constants = {
+        "QK_SCALE": qk_scale(scale), "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
+        "BLOCK_D": block_dim(head_dim), "BLOCK_DV": block_dim(head_dim_v),
+        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32",
+    }
+    for t, layout in zip("qkvo", layouts):
+        for axis in unit_strides(layout):
+            constants[f"stride_{t}{axis}"] = 1
+    signature = {}
+    for name in _attn_fwd.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("Q", "K", "V", "Out"):
+            signature[name] = ptr
+        else:
+            signature[name] = "i32"
+    # TensorRT hands over 256-byte aligned buffers: pointers divisible by 16 (bytes).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names) if n in ("Q", "K", "V", "Out")}
+    src = ASTSource(fn=_jit_function(), signature=signature, constexprs=constants, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    compiled = triton.compile(src, target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    md = compiled.metadata
+    if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
+        raise RuntimeError("the kernel needs Triton scratch memory; TensorRT's AOT path cannot provide it")
+    ptx, removed = strip_hidden_params(compiled.asm["ptx"], md.name, n_user=len([s for s in signature.values() if s != "constexpr"]))
+    isa = re.search(r"^\.version\s+(\d+\.\d+)", ptx, re.M).group(1)
+    scalar_names = [n for n, s in signature.items() if s == "i32"]
+    return AotArtifact(
+        kernel_name=md.name, ptx=ptx, cubin=compiled.asm["cubin"], shared_mem=md.shared, num_warps=md.num_warps,
+        threads_per_block=32 * md.num_warps, config=config, arch=f"sm_{arch}", layouts=tuple(layouts),
+        head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype, scale=scale,
+        scalar_arg_names=scalar_names, ptx_isa=isa, min_driver=PTX_ISA_DRIVER.get(isa, ("?", "unknown"))[1],
+        triton_version=triton.__version__, hidden_params_removed=removed,
+        arg_order=["Q", "K", "V", *scalar_names, "Out"],
+    )
+
+
+def _jit_function():
+    """The compilable kernel, also when TRITON_INTERPRET=1 made `_attn_fwd` an interpreted one."""
+    from triton.runtime.jit import JITFunction
+
+    return _attn_fwd if isinstance(_attn_fwd, JITFunction) else JITFunction(_attn_fwd.fn)
+
+
+def strip_hidden_params(ptx: str, name: str, n_user: int) -> tuple[str, int]:
+    """Delete the entry parameters after the first `n_user` ones, if the body never reads them."""
+    m = re.search(rf"\.entry\s+{re.escape(name)}\s*\((.*?)\)", ptx, re.S)
+    if m is None:
+        raise RuntimeError(f"no .entry {name} in the PTX")
+    params = [p.strip() for p in m.group(1).split(",") if p.strip()]
+    extra = params[n_user:]
+    for p in extra:
+        pname = p.split()[-1]
+        if re.search(rf"\[{re.escape(pname)}\b", ptx[m.end():]):
+            raise RuntimeError(f"the kernel reads its hidden parameter {pname}; it cannot be removed")
+    if not extra:
+        return ptx, 0
+    kept = ",\n\t".join(params[:n_user])
+    return ptx[: m.start(1)] + "\n\t" + kept + "\n" + ptx[m.end(1):], len(extra)
+
+
+def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None) -> None:
+    """Run the artifact's PTX through the CUDA driver API with TensorRT's argument list.
+
+    q, k, v, out: CUDA torch tensors, contiguous in the artifact's layouts."""
+    import ctypes
+
+    import torch
+
+    drv = _driver()
+    mod = _load_module(art.ptx)
+    func = _check(drv.cuModuleGetFunction(mod, art.kernel_name.encode()))
+    if art.shared_mem > 48 * 1024:
+        _check(drv.cuFuncSetAttribute(
+            func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, art.shared_mem))
+    for t, layout in zip((q, k, v, out), art.layouts):
+        if not t.is_contiguous():
+            raise ValueError(f"launch_artifact: expected contiguous tensors in layout {layout}")
+    scalars = art.scalar_args(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    batch = q.shape[0]
+    seq_q = _seq(tuple(q.shape), art.layouts[0])
+    grid = art.grid(batch, art.num_heads, seq_q)
+    values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *scalars, out.data_ptr()]
+    types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(scalars) + [ctypes.c_void_p]
+    stream = torch.cuda.current_stream().cuda_stream if stream is None else stream
+    _check(drv.cuLaunchKernel(func, *grid, art.threads_per_block, 1, 1, art.shared_mem, stream,
+                              (tuple(values), tuple(types)), 0))
+
+
+_MODULES: dict = {}
+
+
+def _load_module(ptx: str):
+    if ptx not in _MODULES:
+        drv = _driver()
+        _MODULES[ptx] = _check(drv.cuModuleLoadData(ptx.encode() + b"\0"))
+    return _MODULES[ptx]
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError:  # cuda-python < 12.6
+        from cuda import cuda as driver
+    return driver
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    drv = _driver()
+    if err != drv.CUresult.CUDA_SUCCESS:
+        _, msg = drv.cuGetErrorString(err)
+        raise RuntimeError(f"CUDA driver error {err}: {msg.decode() if msg else ''}")
+    return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
+
+
+def artifact_metadata(art: AotArtifact) -> dict:
+    """Everything but the binaries, JSON-ready (written beside the .ptx and .cubin)."""
+    from dataclasses import asdict
+
+    meta = asdict(art)
+    del meta["ptx"], meta["cubin"]
+    meta["layouts"] = list(art.layouts)
+    return meta
+
+
+def main(argv=None) -> None:
+    """python -m convattn.plugins.aot --head-dim 8 --heads 8 --dtype fp16 --arch 90 --out DIR"""
+    import argparse
+    import json
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description="Compile the FlashAttention kernel ahead of time (no GPU needed).")
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--head-dim-v", type=int)
+    p.add_argument("--heads", type=int, required=True)
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp16")
+    p.add_argument("--scale", type=float, help="softmax scale [default: 1/sqrt(head_dim)]")
+    p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 89, 90")
+    p.add_argument("--layouts", default="NCHW,NCHW,NCHW,NCHW", help="q,k,v,out layouts")
+    p.add_argument("--config", default="64,64,4,2", help="block_m,block_n,num_warps,num_stages")
+    p.add_argument("--out", type=Path, required=True, help="directory for <name>.ptx, .cubin, .json")
+    a = p.parse_args(argv)
+    config = KernelConfig(*map(int, a.config.split(",")))
+    scale = a.scale if a.scale is not None else a.head_dim**-0.5
+    art = compile_artifact(head_dim=a.head_dim, head_dim_v=a.head_dim_v, num_heads=a.heads, dtype=a.dtype,
+                           config=config, scale=scale, arch=a.arch, layouts=tuple(a.layouts.split(",")))
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = a.out / f"flash_attention_d{a.head_dim}_{a.dtype}_sm{a.arch}"
+    stem.with_suffix(".ptx").write_text(art.ptx)
+    stem.with_suffix(".cubin").write_bytes(art.cubin)
+    stem.with_suffix(".json").write_text(json.dumps(artifact_metadata(art), indent=2, default=str) + "\n")
+    print(stem.with_suffix(".json"))
+
+
+if __name__ == "__main__":
+    main()

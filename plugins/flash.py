@@ -1,0 +1,94 @@
+"""`flash_attention`: checks, allocation, grid, launch. The JIT path of the kernel."""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .kernel import KernelConfig, _attn_fwd, block_dim, default_config, qk_scale
+
+CONFIGS_FILE = Path(__file__).with_name("configs.json")
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def seq_bucket(seq: int) -> int:
+    """Configs are tuned per power-of-four sequence bucket: 1024, 4096, 16384, ..."""
+    return 4 ** max(5, min(9, math.ceil(math.log(max(seq, 1), 4))))
+
+
+@cache
+def _recorded() -> dict:
+    return json.loads(CONFIGS_FILE.read_text()) if CONFIGS_FILE.exists() else {}
+
+
+def config_key(arch: str, dtype: str, head_dim: int, seq_kv: int) -> str:
+    return f"{arch}/{dtype}/d{head_dim}/s{seq_bucket(seq_kv)}"
+
+
+def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv: int) -> KernelConfig:
+    """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default."""
+    arch = "cpu"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"sm_{major}{minor}"
+    rec = _recorded().get(config_key(arch, _DTYPES[dtype], head_dim, seq_kv))
+    return KernelConfig(**rec) if rec else default_config(head_dim, dtype.itemsize)
+
+
+def launch(q, k, v, out, scale: float, config: KernelConfig) -> None:
+    b, h, s_q, d = q.shape
+    s_kv, d_v = k.shape[2], v.shape[3]
+    grid = (triton_cdiv(s_q, config.block_m), b * h)
+    _attn_fwd[grid](
+        q, k, v, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, s_q, s_kv, out,
+        QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(d_v),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None):
+    """softmax(scale * q k^T) v with q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
+
+    Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
+    of the output map. fp16, bf16, fp32; fp32 accumulation; O(S) memory. CUDA tensors run the
+    Triton kernel; CPU tensors too when TRITON_INTERPRET=1 (tests), else the tiled NumPy reference.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"shapes do not form an attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(f"expected q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not 1 <= q.shape[3] <= 512 or not 1 <= v.shape[3] <= 512:
+        raise ValueError(f"head dims 1..512 supported, got {q.shape[3]} and {v.shape[3]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    shape_o = (*q.shape[:3], v.shape[3])
+    if out is None:
+        out = torch.empty(shape_o, dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != shape_o or out.dtype != q.dtype:
+        raise ValueError(f"out: expected shape {shape_o} and dtype {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if q.numel() == 0 or k.shape[2] == 0:
+        raise ValueError("empty attention: S_q and S_kv must be >= 1")
+    if q.device.type == "cuda" or _interpreting():
+        launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]))
+        return out
+    from .reference import tiled_attention
+
+    o = tiled_attention(*(t.detach().float().numpy() for t in (q, k, v)), scale)
+    out.copy_(torch.from_numpy(o))
+    return out
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"

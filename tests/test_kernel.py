@@ -1,0 +1,131 @@
+"""The Triton kernel on the CPU (TRITON_INTERPRET=1, set by conftest) and its AOT artifact."""
+
+import math
+import os
+import re
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the kernel tests need triton (pip install -e '.[test]')")
+
+from convattn.plugins.aot import PTX_ISA_DRIVER, layout_strides  # noqa: E402
+from convattn.plugins.flash import flash_attention  # noqa: E402
+from convattn.plugins.kernel import KernelConfig, candidate_configs  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernel in Triton's CPU interpreter"
+)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+# Triton 3.6's interpreter multiplies bf16 tl.dot operands as raw uint16 bits (numpy has no
+# bf16): a 16x16 bf16 dot is off by ~1e10 there. bf16 is covered by the GPU tests instead.
+
+
+def conv_views(b, h, d, s, dtype):
+    """(B, heads, S, D) views of a (B, heads*D, S) conv-output map: strides (., ., 1, S)."""
+    return torch.randn(b, h * d, s, dtype=torch.float32).to(dtype).view(b, h, d, s).transpose(-1, -2)
+
+
+def reference(q, k, v, scale):
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1)
+    return p @ v.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("s_q,s_kv,d", [(37, 53, 8), (20, 9, 24), (65, 130, 64), (1, 1, 8)])
+def test_kernel_matches_float64_on_conv_output_views(dtype, s_q, s_kv, d):
+    torch.manual_seed(s_q * 1000 + s_kv)
+    q, k, v = conv_views(2, 3, d, s_q, dtype), conv_views(2, 3, d, s_kv, dtype), conv_views(2, 3, d, s_kv, dtype)
+    out_map = torch.full((2, 3 * d, s_q), float("nan"), dtype=dtype)
+    out = out_map.view(2, 3, d, s_q).transpose(-1, -2)
+    result = flash_attention(q, k, v, out=out, config=KernelConfig(16, 16, 4, 1))
+    assert result.data_ptr() == out_map.data_ptr()  # written in place, no copy
+    err = (out_map.view(2, 3, d, s_q).transpose(-1, -2).double() - reference(q, k, v, d**-0.5)).abs().max()
+    assert err <= TOL[dtype], err
+
+
+def test_contiguous_inputs_and_other_scale():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, s, 40) for s in (33, 17, 17))
+    out = flash_attention(q, k, v, scale=0.05, config=KernelConfig(16, 16, 4, 1))
+    assert (out.double() - reference(q, k, v, 0.05)).abs().max() <= 1e-5
+
+
+def test_large_logits_stay_finite_in_fp16():
+    torch.manual_seed(0)
+    q, k, v = (conv_views(1, 1, 16, 40, torch.float16) * 8 for _ in range(3))
+    scores = q @ k.transpose(-1, -2)
+    assert not torch.isfinite(torch.exp(scores)).all()  # a softmax without the running max overflows
+    out = flash_attention(q, k, v, scale=1.0, config=KernelConfig(16, 16, 4, 1))
+    ref = reference(q, k, v, 1.0)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() / ref.abs().max() <= 2e-3
+
+
+def test_bad_arguments_are_refused():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="do not form an attention"):
+        flash_attention(q, torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="one dtype"):
+        flash_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="out: expected"):
+        flash_attention(q, q, q, out=torch.empty(1, 2, 4, 9))
+
+
+def compile_in_subprocess(tmp_path, *args):
+    """AOT compilation needs the real compiler, not the interpreter this process runs in."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "convattn.plugins.aot", "--out", str(tmp_path), *map(str, args)],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    meta = json.loads(open(out).read())
+    return meta, open(out.replace(".json", ".ptx")).read()
+
+
+@pytest.mark.parametrize("arch", [80, 89, 90])
+def test_aot_artifact_without_gpu(tmp_path, arch):
+    meta, ptx = compile_in_subprocess(tmp_path, "--head-dim", 8, "--heads", 8, "--dtype", "fp16", "--arch", arch,
+                                      "--config", "64,64,4,2")
+    assert meta["kernel_name"] == "_attn_fwd" and meta["threads_per_block"] == 32 * 4
+    entry = re.search(r"\.entry\s+_attn_fwd\s*\((.*?)\)", ptx, re.S).group(1)
+    params = [p for p in entry.split(",") if p.strip()]
+    # TensorRT's argument list: 3 input pointers, the int32 extras, 1 output pointer, nothing else.
+    n_scalars = len(meta["scalar_arg_names"])
+    assert len(params) == 3 + n_scalars + 1 == len(meta["arg_order"])
+    assert [".u64" in p for p in params] == [True] * 3 + [False] * n_scalars + [True]
+    assert meta["hidden_params_removed"] == 2  # Triton >= 3.3 appends global and profile scratch
+    assert f".target sm_{arch}{'a' if arch == 90 else ''}" in ptx
+    assert meta["ptx_isa"] in PTX_ISA_DRIVER and meta["min_driver"] == PTX_ISA_DRIVER[meta["ptx_isa"]][1]
+    assert meta["arg_order"][:3] == ["Q", "K", "V"] and meta["arg_order"][-1] == "Out"
+    assert meta["triton_version"].startswith("3.6")  # pinned: its PTX ISA 8.7 loads on driver >= 570
+
+
+def test_aot_scalar_args_are_the_layout_strides():
+    from convattn.plugins.aot import AotArtifact
+
+    art = AotArtifact(
+        kernel_name="_attn_fwd", ptx="", cubin=b"", shared_mem=0, num_warps=4, threads_per_block=128,
+        config=KernelConfig(32, 32, 4, 1), arch="sm_90", layouts=("NCHW",) * 4, head_dim=24, head_dim_v=24,
+        num_heads=2, dtype="fp32", scale=0.2, ptx_isa="8.7", min_driver="", triton_version="",
+        hidden_params_removed=2,
+        scalar_arg_names=[f"stride_{t}{a}" for t in "qkvo" for a in "bhd"] + ["num_heads", "seq_q", "seq_kv"],
+    )
+    q_shape, kv_shape = (3, 48, 7, 9), (3, 48, 5, 3)
+    args = dict(zip(art.scalar_arg_names, art.scalar_args(q_shape, kv_shape, kv_shape)))
+    q = torch.empty(q_shape).view(3, 2, 24, 63).transpose(-1, -2)  # what the JIT path receives
+    k = torch.empty(kv_shape).view(3, 2, 24, 15).transpose(-1, -2)
+    assert (args["stride_qb"], args["stride_qh"], args["stride_qd"]) == (q.stride(0), q.stride(1), q.stride(3))
+    assert (args["stride_kb"], args["stride_kh"], args["stride_kd"]) == (k.stride(0), k.stride(1), k.stride(3))
+    assert (args["stride_ob"], args["stride_oh"], args["stride_od"]) == (q.stride(0), q.stride(1), q.stride(3))
+    assert (args["seq_q"], args["seq_kv"], args["num_heads"]) == (63, 15, 2)
+    assert art.grid(3, 2, 63) == (2, 6, 1)
+    assert layout_strides((3, 2, 63, 24), "BHSD", 2) == torch.empty(3, 2, 63, 24).stride()
+
+
+def test_config_space_is_pruned_for_large_heads():
+    small, large = candidate_configs(8, 2), candidate_configs(512, 2)
+    assert len(small) > len(large) >= 1
+    assert all(c.block_m * 512 * 4 / (c.num_warps * 32 * 4) <= 128 for c in large)
