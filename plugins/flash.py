@@ -36,7 +36,7 @@ def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv:
         major, minor = torch.cuda.get_device_capability(device)
         arch = f"sm_{major}{minor}"
     rec = _recorded().get(config_key(arch, _DTYPES[dtype], head_dim, seq_kv))
-    return KernelConfig(**rec) if rec else default_config(head_dim, dtype.itemsize)
+    return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize)
 
 
 def launch(q, k, v, out, scale: float, config: KernelConfig) -> None:

@@ -12,15 +12,10 @@ try:
 except ImportError:
     pass
 
-import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # user_models, importable by pickles too
-
-from convattn.exporter.export import export_onnx  # noqa: E402
-from convattn.exporter.fuse import fuse_attention  # noqa: E402
-from convattn.plugins.ort_op import session  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +24,19 @@ def _seed():
 
 
 def export_fuse(module, shapes, exporter="dynamo", opset=18):
+    from convattn.exporter.export import export_onnx
+    from convattn.exporter.fuse import fuse_attention
+
     exported = export_onnx(module.eval(), shapes, exporter=exporter, opset=opset)
     return exported, fuse_attention(exported.model)
 
 
 def run_ort(model, shapes, names, seed=1):
     """Run in ONNX Runtime on fresh random inputs at `shapes` (batch 2, unlike the export)."""
+    from convattn.plugins.ort_op import session
+
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     xs = [rng.standard_normal((2, *s[1:])).astype(np.float32) for s in shapes]
     return xs, session(model).run(None, dict(zip(names, xs)))[0]
@@ -61,3 +63,13 @@ def cached(key):
     module, shapes = factories[kind]()
     exported, fusion = export_fuse(module, shapes, exporter, opset)
     return module.eval(), shapes, exported, fusion
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped, with the reason, where there is none (CI)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run on the device machine (see benchmarks/README.md)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

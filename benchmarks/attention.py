@@ -1,0 +1,176 @@
+"""Whole-block benchmark: conv + attention + conv, every attention path, one run, one GPU.
+
+    python benchmarks/attention.py --out DIR [--tune] [--quick]
+
+Paths: einsum; SDPA with each backend (math, flash, efficient, cuDNN; the contiguous copies
+SDPA needs are part of the block); ours JIT (Triton, reads the conv outputs in place); ours
+AOT (the PTX TensorRT would embed, launched through the CUDA driver API). Median time from
+triton.testing.do_bench, peak extra memory from torch.cuda.max_memory_allocated over the
+inputs and weights. Writes <gpu>.json (raw), <gpu>.md (table) and, with --tune, configs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+from convattn.models import ConvMHAttn
+from convattn.plugins import flash as flash_mod
+from convattn.plugins.aot import compile_artifact, launch_artifact
+from convattn.plugins.flash import config_key, pick_config
+from convattn.plugins.tune import tune
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+BACKENDS = {"sdpa-math": SDPBackend.MATH, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def block_fn(name, m: ConvMHAttn, x, art=None):
+    """A zero-argument callable running the whole block one way."""
+    if name == "einsum":
+        m.attention = "einsum"
+        return lambda: m(x)
+    if name in BACKENDS:
+        m.attention = "sdpa"
+
+        def run():
+            with sdpa_kernel(BACKENDS[name]):
+                return m(x)
+        return run
+    if name == "ours-jit":
+        m.attention = "flash"
+        return lambda: m(x)
+    b, _, h, w = x.shape
+
+    def aot():
+        q, k, v = m.q_conv(x), m.k_conv(x), m.v_conv(x)
+        out = torch.empty_like(q)
+        launch_artifact(art, q, k, v, out)
+        return m.out_conv(out)
+    return aot
+
+
+def measure(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        with torch.no_grad():
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    except torch.OutOfMemoryError:
+        return {"status": "OOM"}
+    except RuntimeError as e:
+        msg = str(e).splitlines()[0]
+        return {"status": "unsupported" if "No available kernel" in msg or "kernel" in msg.lower() else "error",
+                "error": msg[:200]}
+    return {"status": "ok", "ms": ms, "peak_extra_bytes": peak}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tune", action="store_true", help="tune configs first and record them")
+    ap.add_argument("--quick", action="store_true", help="S <= 4096 only")
+    ap.add_argument("--budget-s", type=float, default=520, help="stop starting new rows after this")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    gpu = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    meta = {"gpu": gpu, "arch": arch, "torch": torch.__version__, "triton": triton.__version__,
+            "commit": _commit(), "command": " ".join(sys.argv),
+            "driver": torch.cuda.get_device_properties(0).name}
+    tuned = {}
+    if args.tune:
+        for d, heads in ((8, 8), (64, 4)):
+            for dname, dt in DTYPES.items():
+                for seq in (4096, 16384):
+                    best, ms, _ = tune(d, heads, dt, seq)
+                    buckets = (1024, 4096) if seq == 4096 else (16384, 65536, 262144)
+                    for s in buckets:
+                        tuned[config_key(arch, dname, d, s)] = {"config": best.to_dict(), "tuned_at_seq": seq, "ms": ms}
+                    print(f"tuned d={d} {dname} S={seq}: {best} {ms:.3f} ms", flush=True)
+        (args.out / "configs.json").write_text(json.dumps(tuned, indent=1) + "\n")
+        flash_mod._recorded.cache_clear()
+        flash_mod._recorded = lambda: tuned  # use what was just tuned
+    rows = []
+    shapes = [(8, c, h, side) for c, h in ((64, 8), (256, 4)) for side in (32, 64, 128, 256)]
+    shapes += [(1, 256, 4, 512)]
+    for dname, dt in DTYPES.items():
+        for b, c, heads, side in shapes:
+            if args.quick and side > 64:
+                continue
+            if b == 1 and dname != "fp16":
+                continue
+            if time.time() - start > args.budget_s:
+                print("time budget reached: stopping", flush=True)
+                break
+            torch.manual_seed(0)
+            m = ConvMHAttn(c, c, heads).cuda().to(dt).eval()
+            x = torch.randn(b, c, side, side, device="cuda", dtype=dt)
+            d, s = c // heads, side * side
+            cfg = pick_config(x.device, dt, d, s)
+            art = compile_artifact(head_dim=d, num_heads=heads, dtype=dname, config=cfg, scale=d**-0.5, arch=major * 10 + minor)
+            row = {"dtype": dname, "B": b, "C": c, "heads": heads, "head_dim": d, "side": side, "S": s,
+                   "config": cfg.to_dict(), "results": {}}
+            for name in ("einsum", *BACKENDS, "ours-jit", "ours-aot"):
+                row["results"][name] = measure(block_fn(name, m, x, art))
+            rows.append(row)
+            print(_line(row), flush=True)
+            (args.out / f"{_slug(gpu)}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (args.out / f"{_slug(gpu)}.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def _line(row):
+    r = row["results"]
+    return f"{row['dtype']} B{row['B']} C{row['C']} h{row['heads']} S={row['S']}: " + " ".join(
+        f"{k}={v['ms']:.3f}" if v["status"] == "ok" else f"{k}={v['status']}" for k, v in r.items())
+
+
+def markdown(meta, rows) -> str:
+    names = list(rows[0]["results"]) if rows else []
+    out = [f"# Whole ConvMHAttn block on {meta['gpu']} ({meta['arch']})", "",
+           f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. Command: `{meta['command']}`", "",
+           "Median ms (triton.testing.do_bench) / peak extra memory. OOM: out of memory; unsupported: no kernel.", "",
+           "| dtype | B | C | heads | D | S | " + " | ".join(names) + " |",
+           "|" + "---|" * (6 + len(names))]
+    for row in rows:
+        cells = []
+        for n in names:
+            v = row["results"][n]
+            cells.append(f"{v['ms']:.3f} ms / {v['peak_extra_bytes'] / 1e6:.0f} MB" if v["status"] == "ok" else v["status"])
+        out.append(f"| {row['dtype']} | {row['B']} | {row['C']} | {row['heads']} | {row['head_dim']} | {row['S']} | "
+                   + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
