@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale
+from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
 
 DTYPE_NAMES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 _STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
@@ -129,6 +129,7 @@ def compile_artifact(
         "QK_SCALE": qk_scale(scale), "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
         "BLOCK_D": block_dim(head_dim), "BLOCK_DV": block_dim(head_dim_v),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32",
+        **unit_flags({f"{t}{a}" for t, layout in zip("qkvo", layouts) for a in unit_strides(layout)}),
     }
     for t, layout in zip("qkvo", layouts):
         for axis in unit_strides(layout):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .kernel import KernelConfig, _attn_fwd, block_dim, default_config, qk_scale
+from .kernel import KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
 
 CONFIGS_FILE = Path(__file__).with_name("configs.json")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -39,14 +39,24 @@ def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv:
     return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize)
 
 
+def _strides(t) -> list[int]:
+    """Strides as the kernel takes them: 0 for a size-1 batch/head axis (never read), so a
+    batch or head stride is never the constant 1 that Triton would compile in."""
+    st = [0 if t.shape[i] == 1 else t.stride(i) for i in range(2)] + [t.stride(2), t.stride(3)]
+    if 1 in st[:2]:
+        raise ValueError(f"unsupported layout: a batch or head axis with stride 1 (strides {t.stride()})")
+    return st
+
+
 def launch(q, k, v, out, scale: float, config: KernelConfig) -> None:
     b, h, s_q, d = q.shape
     s_kv, d_v = k.shape[2], v.shape[3]
     grid = (triton_cdiv(s_q, config.block_m), b * h)
     _attn_fwd[grid](
-        q, k, v, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, s_q, s_kv, out,
+        q, k, v, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, out,
         QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(d_v),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
+        **unit_flags({f"{n}{a}" for n, t in zip("qkvo", (q, k, v, out)) for a, i in (("s", 2), ("d", 3)) if t.stride(i) == 1}),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

@@ -36,7 +36,72 @@ def _attn_fwd(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not tf32
+    # Which (s, d) strides are the constant 1, per tensor (the contiguous axis of each layout).
+    QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
+    VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
 ):
+    # An AOT kernel serves every shape of a TensorRT profile, so it cannot be specialised on
+    # "S is a multiple of 16" the way Triton's JIT specialises. It tests that at run time
+    # (one uniform branch) and runs a body compiled with those alignment hints: 16-byte vector
+    # loads along the contiguous axis. Both bodies do the same arithmetic.
+    aligned = (_rem(stride_qb) + _rem(stride_qh) + _rem(stride_qs) + _rem(stride_qd)
+               + _rem(stride_kb) + _rem(stride_kh) + _rem(stride_ks) + _rem(stride_kd)
+               + _rem(stride_vb) + _rem(stride_vh) + _rem(stride_vs) + _rem(stride_vd)
+               + _rem(stride_ob) + _rem(stride_oh) + _rem(stride_os) + _rem(stride_od)
+               + _rem(seq_q) + _rem(seq_kv)) == 0
+    if aligned:
+        _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                   stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
+                   num_heads, seq_q, seq_kv,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE,
+                   QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, True)
+    else:
+        _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                   stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
+                   num_heads, seq_q, seq_kv,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE,
+                   QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, False)
+
+
+@triton.jit
+def _rem(x):
+    """x % 16, but 0 for a stride of 1 (the contiguous axis needs no alignment)."""
+    return (x % 16) * (x != 1)
+
+
+@triton.jit
+def _hint(x, ALIGNED: tl.constexpr, IS_ONE: tl.constexpr):
+    """x itself, written so the compiler can prove it a multiple of 16 where the branch knows it
+    is one (tl.multiple_of on a scalar argument does not reach the loads' alignment analysis)."""
+    if ALIGNED and not IS_ONE:
+        x = (x // 16) * 16
+    return x
+
+
+@triton.jit
+def _attn_body(
+    Q, K, V, Out,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    num_heads, seq_q, seq_kv,
+    QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
+    VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    stride_qs, stride_qd = _hint(stride_qs, ALIGNED, QS1), _hint(stride_qd, ALIGNED, QD1)
+    stride_ks, stride_kd = _hint(stride_ks, ALIGNED, KS1), _hint(stride_kd, ALIGNED, KD1)
+    stride_vs, stride_vd = _hint(stride_vs, ALIGNED, VS1), _hint(stride_vd, ALIGNED, VD1)
+    stride_os, stride_od = _hint(stride_os, ALIGNED, OS1), _hint(stride_od, ALIGNED, OD1)
+    # Batch and head strides are never the constant 1 (the launcher passes 0 for size-1 axes).
+    stride_qb, stride_qh = _hint(stride_qb, ALIGNED, False), _hint(stride_qh, ALIGNED, False)
+    stride_kb, stride_kh = _hint(stride_kb, ALIGNED, False), _hint(stride_kh, ALIGNED, False)
+    stride_vb, stride_vh = _hint(stride_vb, ALIGNED, False), _hint(stride_vh, ALIGNED, False)
+    stride_ob, stride_oh = _hint(stride_ob, ALIGNED, False), _hint(stride_oh, ALIGNED, False)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -49,44 +114,63 @@ def _attn_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-        mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), other=0.0,
-    )
+    q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    # Masks only where a tile crosses S: a masked load or store cannot be vectorised.
+    full_m = (pid_m + 1) * BLOCK_M <= seq_q
+    if full_m:
+        q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(0, seq_kv, BLOCK_N):
-        cols = start_n + offs_n
-        kt = tl.load(  # K^T tile (BLOCK_D, BLOCK_N)
-            k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            mask=(cols[None, :] < seq_kv) & (offs_d[:, None] < HEAD_DIM), other=0.0,
-        )
-        if IEEE:
-            qk = tl.dot(q, kt, input_precision="ieee")
-        else:
-            qk = tl.dot(q, kt)
-        qk = tl.where(cols[None, :] < seq_kv, qk * QK_SCALE, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
-            mask=(cols[:, None] < seq_kv) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0,
-        )
-        if IEEE:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    n_full = (seq_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd,
+                              m_i, l_i, acc, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, IEEE, False)
+    if n_full < seq_kv:
+        m_i, l_i, acc = _step(q, k_base, v_base, n_full, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd,
+                              m_i, l_i, acc, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, IEEE, True)
     acc = acc / l_i[:, None]
-    tl.store(
-        o_base + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od,
-        acc.to(Out.dtype.element_ty),
-        mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < HEAD_DIM_V),
-    )
+    o_ptrs = o_base + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od
+    if full_m:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_dv[None, :] < HEAD_DIM_V)
+    else:
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i, acc,
+          QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASK_N: tl.constexpr):
+    """One key/value tile: scores, online-softmax update, P V. MASK_N only for the last tile."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd  # K^T tile (BLOCK_D, BLOCK_N)
+    v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+    if MASK_N:
+        kt = tl.load(kt_ptrs, mask=(cols[None, :] < seq_kv) & (offs_d[:, None] < HEAD_DIM), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_kv) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    else:
+        kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+    if IEEE:
+        qk = tl.dot(q, kt, input_precision="ieee")
+    else:
+        qk = tl.dot(q, kt)
+    qk = qk * QK_SCALE
+    if MASK_N:
+        qk = tl.where(cols[None, :] < seq_kv, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
 
 
 @dataclass(frozen=True)
@@ -112,18 +196,18 @@ def candidate_configs(head_dim: int, dtype_bytes: int) -> list[KernelConfig]:
     bd = block_dim(head_dim)
     configs = [
         KernelConfig(bm, bn, w, s)
-        for bm in (64, 128)
-        for bn in (32, 64, 128)
-        for w in (4, 8)
-        for s in (2, 3, 4)
+        for bm, bn, w in ((128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 128, 4), (128, 32, 4), (64, 64, 4),
+                          (64, 128, 4), (64, 32, 4), (32, 32, 4), (32, 32, 8))
+        for s in (2, 3)
     ]
 
     def keep(c: KernelConfig) -> bool:
         acc_regs = c.block_m * bd * 4 / (c.num_warps * 32 * 4)  # fp32 accumulator per thread
-        smem = c.num_stages * c.block_n * bd * 2 * dtype_bytes + c.block_m * bd * dtype_bytes
-        return acc_regs <= 128 and smem <= 200_000 and not (c.block_m == 128 and c.num_warps == 4 and bd >= 128)
+        # Two bodies (aligned and not) each keep num_stages K and V tiles plus Q in shared memory.
+        smem = 2 * (c.num_stages * c.block_n * bd * 2 * dtype_bytes + c.block_m * bd * dtype_bytes)
+        return acc_regs <= 128 and smem <= 220_000 and (bd <= 128 or c.block_m <= 64)
 
-    return [c for c in configs if keep(c)] or [KernelConfig(32, 32, 4, 1)]
+    return [c for c in configs if keep(c)] or [KernelConfig(32, 32, 8, 1)]
 
 
 def default_config(head_dim: int, dtype_bytes: int) -> KernelConfig:
@@ -136,6 +220,11 @@ def default_config(head_dim: int, dtype_bytes: int) -> KernelConfig:
     if bd <= 256:
         return KernelConfig(64, 32, 8, 2)
     return KernelConfig(32, 32, 8, 2)
+
+
+def unit_flags(ones) -> dict:
+    """The QS1..OD1 constexprs from the names ("qs", "kd", ...) of the strides that are 1."""
+    return {f"{t}{a}1".upper(): f"{t}{a}" in ones for t in "qkvo" for a in "sd"}
 
 
 def qk_scale(scale: float) -> float:

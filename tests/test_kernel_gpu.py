@@ -84,8 +84,12 @@ def test_module_flash_mode_matches_einsum_on_cuda():
     m = ConvMHAttn(64, 64, 8).cuda().eval()
     x, kv = torch.randn(2, 64, 33, 31, device="cuda"), torch.randn(2, 64, 17, 19, device="cuda")
     with torch.no_grad():
+        outs = {}
+        for mode in ("einsum", "flash"):
+            m.attention = mode
+            outs[mode] = m(x, kv).double()
         m.attention = "einsum"
-        a = m(x, kv)
-        m.attention = "flash"
-        b = m(x, kv)
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        ref = m.double()(x.double(), kv.double())
+    err = {k: (v - ref).abs().max().item() for k, v in outs.items()}
+    # cuDNN runs the fp32 1x1 convs in TF32 by default, in both paths alike.
+    assert err["flash"] <= 2 * err["einsum"] + 1e-6, err
