@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tune", action="store_true", help="tune configs first and record them")
     ap.add_argument("--quick", action="store_true", help="S <= 4096 only")
+    ap.add_argument("--tune-only", action="store_true", help="tune, write configs.json, stop")
     ap.add_argument("--budget-s", type=float, default=520, help="stop starting new rows after this")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +108,8 @@ def main():
                         tuned[config_key(arch, dname, d, s)] = {"config": best.to_dict(), "tuned_at_seq": seq, "ms": ms}
                     print(f"tuned d={d} {dname} S={seq}: {best} {ms:.3f} ms", flush=True)
         (args.out / "configs.json").write_text(json.dumps(tuned, indent=1) + "\n")
+        if args.tune_only:
+            return
         flash_mod._recorded.cache_clear()
         flash_mod._recorded = lambda: tuned  # use what was just tuned
     rows = []

@@ -211,15 +211,11 @@ def candidate_configs(head_dim: int, dtype_bytes: int) -> list[KernelConfig]:
 
 
 def default_config(head_dim: int, dtype_bytes: int) -> KernelConfig:
-    """A safe configuration when no tuned one is recorded."""
+    """A safe configuration when no tuned one is recorded: the preferred shape that fits."""
     bd = block_dim(head_dim)
-    if bd <= 64:
-        return KernelConfig(128, 64, 4, 3)
-    if bd <= 128:
-        return KernelConfig(128, 64, 8, 3)
-    if bd <= 256:
-        return KernelConfig(64, 32, 8, 2)
-    return KernelConfig(32, 32, 8, 2)
+    preferred = KernelConfig(128, 64, 4, 3) if bd <= 64 else KernelConfig(128, 64, 8, 2)
+    fitting = candidate_configs(head_dim, dtype_bytes)
+    return preferred if preferred in fitting else max(fitting, key=lambda c: (c.block_m * c.block_n, -c.num_stages))
 
 
 def unit_flags(ones) -> dict:
