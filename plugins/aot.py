@@ -144,6 +144,11 @@ def compile_artifact(
             signature[name] = "i32"
     # TensorRT hands over 256-byte aligned buffers: pointers divisible by 16 (bytes).
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names) if n in ("Q", "K", "V", "Out")}
+    # Only for experiments: compile as Triton's JIT would for shapes that are multiples of 16
+    # (not valid for a TensorRT profile, which admits any shape).
+    if _ASSUME_ALIGNED_SHAPES:
+        attrs.update({(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names)
+                      if signature[n] == "i32" and n != "num_heads"})
     src = ASTSource(fn=_jit_function(), signature=signature, constexprs=constants, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(src, target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
@@ -161,6 +166,9 @@ def compile_artifact(
         triton_version=triton.__version__, hidden_params_removed=removed,
         arg_order=["Q", "K", "V", *scalar_names, "Out"],
     )
+
+
+_ASSUME_ALIGNED_SHAPES = False
 
 
 def _jit_function():

@@ -97,6 +97,7 @@ def _attn_body(
     stride_ks, stride_kd = _hint(stride_ks, ALIGNED, KS1), _hint(stride_kd, ALIGNED, KD1)
     stride_vs, stride_vd = _hint(stride_vs, ALIGNED, VS1), _hint(stride_vd, ALIGNED, VD1)
     stride_os, stride_od = _hint(stride_os, ALIGNED, OS1), _hint(stride_od, ALIGNED, OD1)
+    seq_q, seq_kv = _hint(seq_q, ALIGNED, False), _hint(seq_kv, ALIGNED, False)
     # Batch and head strides are never the constant 1 (the launcher passes 0 for size-1 axes).
     stride_qb, stride_qh = _hint(stride_qb, ALIGNED, False), _hint(stride_qh, ALIGNED, False)
     stride_kb, stride_kh = _hint(stride_kb, ALIGNED, False), _hint(stride_kh, ALIGNED, False)
