@@ -151,7 +151,10 @@ def compile_artifact(
                       if signature[n] == "i32" and n != "num_heads"})
     src = ASTSource(fn=_jit_function(), signature=signature, constexprs=constants, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
-    compiled = triton.compile(src, target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
+    compiled = triton.compile(src, target=target, options=options)
     md = compiled.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
         raise RuntimeError("the kernel needs Triton scratch memory; TensorRT's AOT path cannot provide it")
@@ -274,7 +277,7 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, help="softmax scale [default: 1/sqrt(head_dim)]")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 89, 90")
     p.add_argument("--layouts", default="NCHW,NCHW,NCHW,NCHW", help="q,k,v,out layouts")
-    p.add_argument("--config", default="64,64,4,2", help="block_m,block_n,num_warps,num_stages")
+    p.add_argument("--config", default="64,64,4,2,128", help="block_m,block_n,num_warps,num_stages[,maxnreg]")
     p.add_argument("--out", type=Path, required=True, help="directory for <name>.ptx, .cubin, .json")
     a = p.parse_args(argv)
     config = KernelConfig(*map(int, a.config.split(",")))

@@ -182,6 +182,10 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # Register cap. The kernel carries two bodies (aligned and not) and its register count is
+    # the larger one's; 128 keeps the hot aligned body at two 8-warp blocks per SM without
+    # spilling (ptxas: 150 -> 123 registers for D=64), which the AOT kernel needs to match JIT.
+    maxnreg: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,7 +200,7 @@ def candidate_configs(head_dim: int, dtype_bytes: int) -> list[KernelConfig]:
     """The autotuning space for one head dim, pruned so the tiles fit registers and SMEM."""
     bd = block_dim(head_dim)
     configs = [
-        KernelConfig(bm, bn, w, s)
+        KernelConfig(bm, bn, w, s, register_cap(bm, bd, w, bn, dtype_bytes))
         for bm, bn, w in ((128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 128, 4), (128, 32, 4), (64, 64, 4),
                           (64, 128, 4), (64, 32, 4), (32, 32, 4), (32, 32, 8))
         for s in (2, 3)
@@ -211,12 +215,24 @@ def candidate_configs(head_dim: int, dtype_bytes: int) -> list[KernelConfig]:
     return [c for c in configs if keep(c)] or [KernelConfig(32, 32, 8, 1)]
 
 
+def register_cap(block_m: int, block_d: int, num_warps: int, block_n: int = 64, dtype_bytes: int = 2) -> int | None:
+    """128 registers for 16-bit inputs where the fp32 accumulator and the K tile each take
+    <= 32 per thread (ptxas reports no spills there for D=8..64); else no cap: bigger tiles,
+    and fp32's FMA-pipe dot, would spill."""
+    threads = num_warps * 32
+    small = block_m * block_d // threads <= 32 and block_n * block_d // threads <= 32
+    return 128 if small and dtype_bytes == 2 else None
+
+
 def default_config(head_dim: int, dtype_bytes: int) -> KernelConfig:
-    """A safe configuration when no tuned one is recorded: the preferred shape that fits."""
+    """A safe configuration when no tuned one is recorded: the first preferred shape that fits."""
     bd = block_dim(head_dim)
-    preferred = KernelConfig(128, 64, 4, 3) if bd <= 64 else KernelConfig(128, 64, 8, 2)
     fitting = candidate_configs(head_dim, dtype_bytes)
-    return preferred if preferred in fitting else max(fitting, key=lambda c: (c.block_m * c.block_n, -c.num_stages))
+    for bm, bn, w, s in ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)):
+        c = KernelConfig(bm, bn, w, s, register_cap(bm, bd, w, bn, dtype_bytes))
+        if c in fitting:
+            return c
+    return fitting[-1]
 
 
 def unit_flags(ones) -> dict:
