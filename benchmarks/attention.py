@@ -96,7 +96,7 @@ def main():
     arch = f"sm_{major}{minor}"
     meta = {"gpu": gpu, "arch": arch, "torch": torch.__version__, "triton": triton.__version__,
             "commit": _commit(), "command": " ".join(sys.argv),
-            "driver": torch.cuda.get_device_properties(0).name}
+            }
     tuned = {}
     if args.tune:
         for d, heads in ((8, 8), (64, 4)):
@@ -169,6 +169,11 @@ def _slug(name: str) -> str:
 
 
 def _commit() -> str:
+    """The commit measured: $CONVATTN_COMMIT (the device's copy of the tree has no .git), else git."""
+    import os
+
+    if os.environ.get("CONVATTN_COMMIT"):
+        return os.environ["CONVATTN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     except OSError:
