@@ -87,6 +87,9 @@ def main():
     ap.add_argument("--tune", action="store_true", help="tune configs first and record them")
     ap.add_argument("--quick", action="store_true", help="S <= 4096 only")
     ap.add_argument("--tune-only", action="store_true", help="tune, write configs.json, stop")
+    ap.add_argument("--tune-dims", default="8,64", help="head dims to tune")
+    ap.add_argument("--tune-seqs", default="4096,16384", help="sequence lengths to tune at")
+    ap.add_argument("--record", action="store_true", help="merge the tuned configs into plugins/configs.json")
     ap.add_argument("--budget-s", type=float, default=520, help="stop starting new rows after this")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -99,19 +102,28 @@ def main():
             }
     tuned = {}
     if args.tune:
-        for d, heads in ((8, 8), (64, 4)):
+        seqs = [int(x) for x in args.tune_seqs.split(",")]
+        for d in (int(x) for x in args.tune_dims.split(",")):
+            heads = 64 // d if d <= 8 else 256 // d
             for dname, dt in DTYPES.items():
-                for seq in (4096, 16384):
+                for seq in seqs:
                     best, ms, _ = tune(d, heads, dt, seq)
-                    buckets = (1024, 4096) if seq == 4096 else (16384, 65536, 262144)
+                    buckets = (1024, 4096) if seq <= 4096 else (16384, 65536, 262144)
+                    if len(seqs) == 1:
+                        buckets = (1024, 4096, 16384, 65536, 262144)
                     for s in buckets:
                         tuned[config_key(arch, dname, d, s)] = {"config": best.to_dict(), "tuned_at_seq": seq, "ms": ms}
                     print(f"tuned d={d} {dname} S={seq}: {best} {ms:.3f} ms", flush=True)
         (args.out / "configs.json").write_text(json.dumps(tuned, indent=1) + "\n")
+        if args.record:
+            from convattn.plugins.tune import record
+
+            record(tuned)
         if args.tune_only:
             return
         flash_mod._recorded.cache_clear()
-        flash_mod._recorded = lambda: tuned  # use what was just tuned
+        recorded = {**flash_mod._recorded(), **tuned}
+        flash_mod._recorded = lambda: recorded  # use what was just tuned
     rows = []
     shapes = [(8, c, h, side) for c, h in ((64, 8), (256, 4)) for side in (32, 64, 128, 256)]
     shapes += [(1, 256, 4, 512)]
