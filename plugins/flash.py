@@ -8,6 +8,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import triton
 
 from .kernel import KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
 
@@ -51,7 +52,7 @@ def _strides(t) -> list[int]:
 def launch(q, k, v, out, scale: float, config: KernelConfig) -> None:
     b, h, s_q, d = q.shape
     s_kv, d_v = k.shape[2], v.shape[3]
-    grid = (triton_cdiv(s_q, config.block_m), b * h)
+    grid = (triton.cdiv(s_q, config.block_m), b * h)
     _attn_fwd[grid](
         q, k, v, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, out,
         QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(d_v),
@@ -60,10 +61,6 @@ def launch(q, k, v, out, scale: float, config: KernelConfig) -> None:
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None):
