@@ -9,12 +9,10 @@ before the engine was written).
 from __future__ import annotations
 
 import json
-import os
 import platform
-import sys
-import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,7 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 
 import convattn
-from convattn.errors import ConvattnError, InputError, ModelError, OutputError, ParityError
+from convattn.errors import ConvattnError, InputError, ModelError, ParityError
+from convattn.exporter.files import check_output, write_atomic
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.split("\n")[0])
 out = Console(stderr=True, highlight=False)
@@ -39,30 +38,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if len(shape) != 4 or min(shape) < 1:
         raise InputError(f"--input-shape: expected 4 positive dims BxCxHxW (NCHW), got {text!r}")
     return shape
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written file, ever."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_output(path: Path | None, force: bool) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise OutputError(f"{path}: is a directory, expected a file path")
-    if path.exists() and not force:
-        raise OutputError(f"{path}: exists; pass --force to overwrite")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OutputError(f"{path}: cannot write to directory {parent}")
 
 
 @contextmanager
@@ -82,6 +57,36 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+@dataclass
+class Options:
+    """Everything the command line says; `_run` turns it into library calls."""
+
+    model: Path | None
+    engine: Path | None
+    onnx_path: Path | None
+    fused_onnx: Path | None
+    shapes: list[str]
+    dtype: str
+    heads: int | None
+    exporter: str
+    opset: int
+    dynamic: bool
+    attention: str
+    report: Path | None
+    trust_pickle: bool
+    imports: tuple[str, ...]
+    demo: bool
+    force: bool
+    seed: int | None
+    min_shape: str | None
+    opt_shape: str | None
+    max_shape: str | None
+    workspace_mib: int | None
+    timing_cache: Path | None
+    plugin_mode: str
+    triton_repo: Path | None
+
+
 @app.command()
 def export(
     model: Annotated[Optional[Path], typer.Argument(help="model file: state_dict, TorchScript, .pt2, or pickled module")] = None,
@@ -94,17 +99,27 @@ def export(
     exporter: Annotated[str, typer.Option(help="dynamo | torchscript")] = "dynamo",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18; 23 emits the Attention op)")] = 18,
     static: Annotated[bool, typer.Option("--static", help="export static shapes instead of dynamic B, H, W")] = False,
+    attention: Annotated[str, typer.Option(help="plugin | native | auto: our node everywhere, TensorRT's own fusion everywhere, or our node where TensorRT's does not apply")] = "plugin",
     report: Annotated[Optional[Path], typer.Option(help="write a JSON report here")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="allow loading a pickled module (runs code from the file)")] = False,
     imports: Annotated[Optional[list[str]], typer.Option("--import", help="import this module first (for pickled classes)")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="use the embedded ConvMHAttn(64, 64, 8)")] = False,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing outputs")] = False,
     seed: Annotated[Optional[int], typer.Option(help="validation input seed [default: fresh]")] = None,
+    min_shape: Annotated[Optional[str], typer.Option(help="engine profile minimum: NAME:BxCxHxW,... or one shape for all [default: export shape]")] = None,
+    opt_shape: Annotated[Optional[str], typer.Option(help="engine profile optimum [default: export shape]")] = None,
+    max_shape: Annotated[Optional[str], typer.Option(help="engine profile maximum [default: export shape]")] = None,
+    workspace: Annotated[Optional[int], typer.Option(help="builder workspace limit, MiB [default: TensorRT's]")] = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache: read if present, written after")] = None,
+    plugin_mode: Annotated[str, typer.Option(help="aot (the engine carries the kernel) | jit (needs the Python plugin when served)")] = "aot",
+    triton_repo: Annotated[Optional[Path], typer.Option(help="also write a Triton Inference Server model repository here (needs --engine)")] = None,
 ):
     """Export MODEL to ONNX, fuse its attention into FlashAttention nodes, validate, build."""
+    opts = Options(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset, not static,
+                   attention, report, trust_pickle, tuple(imports or ()), demo, force, seed, min_shape, opt_shape,
+                   max_shape, workspace, timing_cache, plugin_mode, triton_repo)
     try:
-        code = _run(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset,
-                    not static, report, trust_pickle, tuple(imports or ()), demo, force, seed)
+        code = _run(opts)
     except ConvattnError as e:
         out.print(f"[bold red]error:[/] {escape(str(e))}")
         raise typer.Exit(e.exit_code) from None
@@ -114,73 +129,125 @@ def export(
     raise typer.Exit(code)
 
 
-def _run(model, engine, onnx_path, fused_onnx, shapes, dtype, heads, exporter, opset, dynamic,
-         report, trust_pickle, imports, demo, force, seed) -> int:
+def _check_options(o: Options) -> None:
+    from convattn.exporter.engine import PLUGIN_MODES
+    from convattn.exporter.fuse import ATTENTION_PATHS
+    from convattn.exporter.validate import DTYPES
+
+    if o.model is None and not o.demo:
+        raise InputError("no model given: pass a model file, or --demo for the embedded example")
+    if o.model is not None and o.demo:
+        raise InputError("pass either a model file or --demo, not both")
+    if o.dtype not in DTYPES:
+        raise InputError(f"--dtype: expected one of {', '.join(DTYPES)}, got {o.dtype!r}")
+    if o.attention not in ATTENTION_PATHS:
+        raise InputError(f"--attention: expected one of {', '.join(ATTENTION_PATHS)}, got {o.attention!r}")
+    if o.plugin_mode not in PLUGIN_MODES:
+        raise InputError(f"--plugin-mode: expected one of {', '.join(PLUGIN_MODES)}, got {o.plugin_mode!r}")
+    if o.engine is None and any(x is not None for x in (o.min_shape, o.opt_shape, o.max_shape, o.workspace_mib,
+                                                        o.timing_cache, o.triton_repo)):
+        raise InputError("--min/opt/max-shape, --workspace, --timing-cache and --triton-repo need --engine")
+
+
+def _run(o: Options) -> int:
     from convattn.exporter.export import export_onnx
     from convattn.exporter.fuse import fuse_attention
     from convattn.exporter.load import load_model
-    from convattn.exporter.validate import DTYPES, validate
+    from convattn.exporter.validate import validate
 
-    if model is None and not demo:
-        raise InputError("no model given: pass a model file, or --demo for the embedded example")
-    if model is not None and demo:
-        raise InputError("pass either a model file or --demo, not both")
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    input_shapes = [parse_shape(s) for s in shapes]
+    _check_options(o)
+    input_shapes = [parse_shape(s) for s in o.shapes]
+    fused_onnx = o.fused_onnx
     if fused_onnx is None:
-        stem = engine.with_suffix("") if engine else Path((model.stem if model else "convattn_demo"))
+        stem = o.engine.with_suffix("") if o.engine else Path((o.model.stem if o.model else "convattn_demo"))
         fused_onnx = stem.with_name(stem.name + ".fused.onnx")
-    for path in (engine, onnx_path, fused_onnx, report):
-        check_output(path, force)
+    for path in (o.engine, o.onnx_path, fused_onnx, o.report):
+        check_output(path, o.force)
 
     with stage("load"):
-        loaded = load_model(model, heads=heads, trust_pickle=trust_pickle, imports=imports)
+        loaded = load_model(o.model, heads=o.heads, trust_pickle=o.trust_pickle, imports=o.imports)
     out.print(f"  [dim]{loaded.kind}: {escape(type(loaded.module).__name__)} from {escape(loaded.source)}[/]")
     input_shapes = input_shapes or loaded.default_input_shapes
     if not input_shapes:
-        raise InputError(f"{model}: the file does not record input shapes: pass --input-shape BxCxHxW")
+        raise InputError(f"{o.model}: the file does not record input shapes: pass --input-shape BxCxHxW")
     with stage("export"):
-        exported = export_onnx(loaded.module, input_shapes, exporter=exporter, opset=opset, dynamic=dynamic)
-    out.print(f"  [dim]{exported.exporter} exporter, opset {opset}, {len(exported.model.graph.node)} nodes[/]")
+        exported = export_onnx(loaded.module, input_shapes, exporter=o.exporter, opset=o.opset, dynamic=o.dynamic)
+    out.print(f"  [dim]{exported.exporter} exporter, opset {o.opset}, {len(exported.model.graph.node)} nodes[/]")
     input_shapes = exported.input_shapes
     with stage("fuse"):
-        fusion = fuse_attention(exported.model, input_shapes)
-    out.print(f"  [dim]{len(fusion.fused)} of {len(fusion.blocks)} attention blocks fused[/]")
+        fusion = fuse_attention(exported.model, input_shapes, attention=o.attention, dtype=o.dtype)
+    native = sum(b.path == "native" for b in fusion.blocks)
+    out.print(f"  [dim]{len(fusion.fused)} of {len(fusion.blocks)} attention blocks fused into FlashAttention"
+              + (f", {native} left to TensorRT's own fusion" if native else "") + "[/]")
     if not fusion.blocks:
         raise ModelError("no attention block found in the graph (no Softmax after a MatMul/Einsum, no Attention op)")
-    with stage(f"validate ({dtype})"):
-        result = validate(loaded.module, exported.model, fusion.model, input_shapes, dtype=dtype,
-                          blocks=fusion.blocks, seed=seed)
-    if onnx_path:
-        write_atomic(onnx_path, exported.model.SerializeToString())
+    with stage(f"validate ({o.dtype})"):
+        result = validate(loaded.module, exported.model, fusion.model, input_shapes, dtype=o.dtype,
+                          blocks=fusion.blocks, seed=o.seed)
+    if o.onnx_path:
+        write_atomic(o.onnx_path, exported.model.SerializeToString())
     write_atomic(fused_onnx, fusion.model.SerializeToString())
     warnings = loaded.warnings + exported.warnings
-    _print_summary(fusion, result, warnings, fused_onnx, onnx_path)
+    _print_summary(fusion, result, warnings, fused_onnx, o.onnx_path)
     doc = {
         "model": {"source": loaded.source, "kind": loaded.kind, "sha256": loaded.sha256},
         "input_shapes": [list(s) for s in input_shapes],
-        "outputs": {"onnx": str(onnx_path) if onnx_path else None, "fused_onnx": str(fused_onnx), "engine": None},
+        "outputs": {"onnx": str(o.onnx_path) if o.onnx_path else None, "fused_onnx": str(fused_onnx), "engine": None},
         "blocks": [b.to_dict() for b in fusion.blocks],
         "warnings": warnings,
         "validation": result.to_dict(),
         "versions": _versions(),
     }
     code = 0 if result.passed else ParityError.exit_code
-    if engine is not None:
-        from convattn.exporter.engine import build_engine
-
+    if o.engine is not None:
         try:
-            with stage("engine"):
-                build_engine(fusion.model, engine, dtype=dtype)
-            doc["outputs"]["engine"] = str(engine)
+            doc["engine"] = _engine_stage(o, fusion.model, exported.input_names, input_shapes, loaded.sha256,
+                                          loaded.module, exported.model, fusion.blocks)
+            doc["outputs"]["engine"] = str(o.engine)
+            if not doc["engine"].get("validation", {}).get("passed", True):
+                code = ParityError.exit_code
         except ConvattnError as e:
             doc["engine_error"] = str(e)
-            _write_report(report, doc)
+            _write_report(o.report, doc)
             raise
-    _write_report(report, doc)
+    _write_report(o.report, doc)
     out.print("[bold green]PASS[/]" if code == 0 else "[bold red]FAIL[/]: parity outside tolerance (see the table above)")
     return code
+
+
+def _engine_stage(o: Options, fused, names, input_shapes, sha256, model_module, unfused, blocks) -> dict:
+    from convattn.exporter.engine import build_engine, parse_profiles, triton_repository
+
+    profile = parse_profiles(names, input_shapes, o.min_shape, o.opt_shape, o.max_shape)
+    with stage(f"engine ({o.plugin_mode}, {o.dtype})"):
+        built = build_engine(fused, o.engine, profile, dtype=o.dtype, plugin_mode=o.plugin_mode,
+                             workspace_bytes=o.workspace_mib * 2**20 if o.workspace_mib else None,
+                             timing_cache=o.timing_cache, model_sha256=sha256)
+    if built.sidecar.get("device_memory_bytes"):
+        out.print(f"  [dim]engine device memory at the profile's max shapes: "
+                  f"{built.sidecar['device_memory_bytes'] / 1e6:.1f} MB[/]")
+    if built.sidecar.get("device_memory_bytes") and built.sidecar["device_memory_bytes"] > 2e9:
+        out.print("[yellow]warning:[/] TensorRT sizes activation memory for the profile's max shapes: "
+                  "narrow --max-shape if this is more than serving needs")
+    import torch
+
+    if torch.cuda.is_available():
+        from convattn.exporter.validate import validate_engine
+
+        with stage("validate engine"):
+            engine_report = validate_engine(o.engine, model_module, unfused, names, input_shapes, dtype=o.dtype,
+                                            blocks=blocks, seed=o.seed)
+        _print_parity(engine_report, "engine parity vs float64 PyTorch")
+        for note in engine_report.notes:
+            out.print(f"  [dim]{escape(note)}[/]")
+        built.sidecar["validation"] = engine_report.to_dict()
+    else:
+        out.print("[yellow]warning:[/] engine built but not validated: no CUDA GPU in this process")
+    if o.triton_repo:
+        name = o.engine.stem.replace(".", "_")
+        target = triton_repository(o.triton_repo, name, o.engine, fused, profile, force=o.force)
+        out.print(f"  [dim]Triton Inference Server model: {target}[/]")
+    return built.sidecar
 
 
 def _write_report(path: Path | None, doc: dict) -> None:
@@ -199,13 +266,7 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
         blocks.add_row(escape(b.name), b.pattern, "[green]yes[/]" if b.fused else "[red]no[/]",
                        f"{d['num_heads']} x {d['head_dim']}" if b.fused else "", "/".join(d.get("layouts", [])), escape(b.reason))
     out.print(blocks)
-    parity = Table(title=f"parity vs float64 PyTorch (seed {result.seed})", title_justify="left")
-    for col in ("path", "dtype", "max abs err", "max rel err", "tolerance", ""):
-        parity.add_column(col)
-    for c in result.comparisons:
-        parity.add_row(c.path, c.dtype, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.tolerance:.1e}",
-                       "[green]ok[/]" if c.passed else "[red]FAIL[/]")
-    out.print(parity)
+    _print_parity(result, "parity vs float64 PyTorch")
     if result.memory:
         mem = Table(title="attention activation memory", title_justify="left")
         for col in ("block", "B x heads x S_q x S_kv", "einsum (scores + softmax)", "flash", "einsum at 4x H and W"):
@@ -218,6 +279,16 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
     for w in warnings + [f"block {b.name}: {b.reason}" for b in fusion.unfused] + result.notes:
         out.print(f"[yellow]warning:[/] {escape(w)}")
     out.print(f"fused graph: {fused_path}" + (f"; exported graph: {onnx_path}" if onnx_path else ""))
+
+
+def _print_parity(result, title: str) -> None:
+    parity = Table(title=f"{title} (seed {result.seed})", title_justify="left")
+    for col in ("path", "dtype", "max abs err", "max rel err", "tolerance", ""):
+        parity.add_column(col)
+    for c in result.comparisons:
+        parity.add_row(c.path, c.dtype, f"{c.max_abs:.2e}", f"{c.max_rel:.2e}", f"{c.tolerance:.1e}",
+                       "[green]ok[/]" if c.passed else "[red]FAIL[/]")
+    out.print(parity)
 
 
 def main() -> None:

@@ -1,26 +1,294 @@
-"""TensorRT engine build: the stage after fusion.
+"""TensorRT engine: build from the fused graph, run, and say what it needs to be served.
 
-TensorRT is imported lazily, so everything before this stage runs without it. The
-builder itself (plugin registration, profiles, AOT/JIT, sidecar) is the TensorRT issue's
-work; until it lands, a machine *with* TensorRT is told so rather than handed a fake plan.
+TensorRT is imported lazily, so everything before this stage runs without it. What can be
+checked without TensorRT is pure and tested in CI: optimization profiles (`parse_profiles`),
+the sidecar (`sidecar`), Triton Inference Server's model repository (`triton_repository`).
+The builder, parser and runtime calls are thin; they need a machine with TensorRT and a GPU.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
-from convattn.errors import ConvattnError, TensorRTUnavailable
+import convattn
+from convattn.errors import ConvattnError, InputError, TensorRTUnavailable
+
+from .files import write_atomic
+
+PLUGIN_MODES = ("aot", "jit")
+_TRT_DTYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16"}
 
 
-def build_engine(fused: onnx.ModelProto, plan_path: str | Path, *, dtype: str = "fp32") -> Path:
-    """Build a TensorRT engine from the fused graph and write it to `plan_path` atomically."""
+class EngineBuildError(ConvattnError):
+    """TensorRT's parser or builder refused the graph; the message carries its log."""
+
+    exit_code = 4
+
+
+@dataclass
+class Profile:
+    """min/opt/max shapes per graph input: one TensorRT optimization profile."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {name: {"min": list(a), "opt": list(b), "max": list(c)} for name, (a, b, c) in self.shapes.items()}
+
+
+def _parse_one(text: str, names: list[str], option: str) -> dict[str, tuple[int, ...]]:
+    """'input_0:1x64x16x16,input_1:1x64x8x8' or '1x64x16x16' (every input, in order)."""
+    out = {}
+    for i, part in enumerate(p for p in text.split(",") if p.strip()):
+        name, _, dims = part.rpartition(":")
+        name = name.strip() or (names[i] if i < len(names) else "")
+        if name not in names:
+            raise InputError(f"{option}: expected an input among {names}, got {name or part!r}")
+        try:
+            shape = tuple(int(x) for x in dims.lower().split("x"))
+        except ValueError:
+            raise InputError(f"{option}: expected NAME:BxCxHxW, got {part!r}") from None
+        if min(shape) < 1:
+            raise InputError(f"{option}: dims must be >= 1, got {part!r}")
+        out[name] = shape
+    if len(out) == 1 and len(names) > 1 and ":" not in text:
+        out = {n: next(iter(out.values())) for n in names}  # one shape serves every input
+    return out
+
+
+def parse_profiles(names: list[str], export_shapes: list[tuple[int, ...]], min_shape=None, opt_shape=None,
+                   max_shape=None) -> Profile:
+    """One optimization profile. Each of min/opt/max defaults to the export shape; every input
+    must satisfy min <= opt <= max per dim, with the rank of the export shape."""
+    base = dict(zip(names, map(tuple, export_shapes)))
+    parsed = [
+        {**base, **_parse_one(text, names, opt)} if text else dict(base)
+        for text, opt in ((min_shape, "--min-shape"), (opt_shape, "--opt-shape"), (max_shape, "--max-shape"))
+    ]
+    profile = Profile()
+    for name in names:
+        lo, mid, hi = (p[name] for p in parsed)
+        if not len(lo) == len(mid) == len(hi) == len(base[name]):
+            raise InputError(f"profile for {name!r}: expected rank {len(base[name])}, got {lo}, {mid}, {hi}")
+        if any(c != base[name][1] for c in (lo[1], mid[1], hi[1])):
+            raise InputError(f"profile for {name!r}: the channel count is fixed at {base[name][1]}")
+        if not all(a <= b <= c for a, b, c in zip(lo, mid, hi)):
+            raise InputError(f"profile for {name!r}: expected min <= opt <= max per dim, got {lo}, {mid}, {hi}")
+        profile.shapes[name] = (lo, mid, hi)
+    return profile
+
+
+def sidecar_path(plan: str | Path) -> Path:
+    """out.plan -> out.plan.json"""
+    plan = Path(plan)
+    return plan.with_name(plan.name + ".json")
+
+
+def sidecar(*, trt_version: str, gpu: str, compute_capability: str, profile: Profile, plugin_mode: str, dtype: str,
+            model_sha256: str | None, device_memory_bytes: int | None = None) -> dict:
+    """What the plan needs to be served: an engine runs only on the TensorRT version and GPU
+    family it was built for, and a JIT engine needs the Python plugin in the serving process."""
+    return {
+        "tensorrt": trt_version,
+        "gpu": gpu,
+        "compute_capability": compute_capability,
+        "profiles": [profile.to_dict()],
+        "plugin_mode": plugin_mode,
+        "needs_python_plugin": plugin_mode == "jit",
+        "precision": dtype,
+        "device_memory_bytes": device_memory_bytes,
+        "convattn": convattn.__version__,
+        "source_model_sha256": model_sha256,
+    }
+
+
+def triton_repository(repo: str | Path, name: str, plan: str | Path, model: onnx.ModelProto, profile: Profile,
+                      *, force: bool = False) -> Path:
+    """A Triton Inference Server model repository: <repo>/<name>/config.pbtxt and 1/model.plan.
+
+    Dims are -1 where the profile lets them vary; max_batch_size 0 (the batch is an explicit
+    dim of every input, as exported)."""
+    target = Path(repo) / name
+    if target.exists() and not force:
+        raise InputError(f"{target}: exists; pass --force to overwrite")
+    init = {t.name for t in model.graph.initializer}
+
+    def entry(vi, dims) -> str:
+        dtype = _TRT_DTYPES.get(vi.type.tensor_type.elem_type)
+        if dtype is None:
+            raise InputError(f"{vi.name}: no Triton data type for ONNX elem_type {vi.type.tensor_type.elem_type}")
+        return f'  {{\n    name: "{vi.name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+
+    inputs = [i for i in model.graph.input if i.name not in init]
+    in_entries = []
+    for vi in inputs:
+        lo, _, hi = profile.shapes[vi.name]
+        in_entries.append(entry(vi, [a if a == b else -1 for a, b in zip(lo, hi)]))
+    out_entries = [
+        entry(vi, [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim])
+        for vi in model.graph.output
+    ]
+    sep = ",\n"
+    text = (
+        f'name: "{name}"\nplatform: "tensorrt_plan"\nmax_batch_size: 0\n'
+        f"input [\n{sep.join(in_entries)}\n]\noutput [\n{sep.join(out_entries)}\n]\n"
+    )
+    Path(repo).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:
-        import tensorrt  # noqa: F401
+        (staging / "1").mkdir()
+        shutil.copyfile(plan, staging / "1" / "model.plan")
+        (staging / "config.pbtxt").write_text(text)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _trt():
+    try:
+        import tensorrt as trt
     except ImportError as e:
         raise TensorRTUnavailable(
             f"engine not built: the `tensorrt` Python package is not installed ({e}); "
             "install convattn[tensorrt] on a machine with an NVIDIA GPU. The fused ONNX and its validation were kept"
         ) from e
-    raise ConvattnError("engine not built: this convattn version does not build TensorRT engines yet (no plan written)")
+    return trt
+
+
+@dataclass
+class EngineResult:
+    plan: Path
+    sidecar: dict
+    log: list[str]
+
+
+def build_engine(
+    fused: onnx.ModelProto,
+    plan_path: str | Path,
+    profile: Profile,
+    *,
+    dtype: str = "fp32",
+    plugin_mode: str = "aot",
+    workspace_bytes: int | None = None,
+    timing_cache: str | Path | None = None,
+    model_sha256: str | None = None,
+) -> EngineResult:
+    """Build a TensorRT engine from the fused graph; write the plan and its sidecar atomically.
+
+    Args:
+        profile: min/opt/max shapes per input (`parse_profiles`).
+        dtype: "fp32", "fp16" or "bf16" (builder precision flag; the graph is fp32).
+        plugin_mode: "aot" (default: the engine carries our PTX, no Python needed to serve it) or "jit".
+        workspace_bytes: builder workspace limit. Defaults to TensorRT's.
+        timing_cache: read if present, written after the build.
+    """
+    if plugin_mode not in PLUGIN_MODES:
+        raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
+    trt = _trt()
+    from convattn.plugins.trt_plugin import register_plugin
+
+    has_aot = register_plugin()
+    if plugin_mode == "aot" and not has_aot:
+        plugin_mode = "jit"
+    log = _Log(trt)
+    builder = trt.Builder(log)
+    flag = (trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS if plugin_mode == "aot"
+            else trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS)
+    network = builder.create_network(1 << int(flag))
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse(fused.SerializeToString()):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise EngineBuildError("TensorRT's ONNX parser refused the fused graph: " + "; ".join(errors))
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if dtype == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif dtype == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    opt = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile.shapes.items():
+        opt.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(opt)
+    cache = None
+    if timing_cache:
+        data = Path(timing_cache).read_bytes() if Path(timing_cache).exists() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise EngineBuildError("TensorRT could not build the engine:\n" + "\n".join(log.messages[-30:]))
+    engine = trt.Runtime(log).deserialize_cuda_engine(plan)
+    memory = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    meta = sidecar(trt_version=trt.__version__, gpu=torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}",
+                   profile=profile, plugin_mode=plugin_mode, dtype=dtype, model_sha256=model_sha256,
+                   device_memory_bytes=int(memory) if memory is not None else None)
+    plan_path = Path(plan_path)
+    write_atomic(plan_path, bytes(plan))
+    write_atomic(sidecar_path(plan_path), (json.dumps(meta, indent=2) + "\n").encode())
+    if cache is not None:
+        write_atomic(Path(timing_cache), bytes(cache.serialize()))
+    return EngineResult(plan_path, meta, log.messages)
+
+
+def run_engine(plan: str | Path, feeds: dict) -> list:
+    """Run a plan once on CUDA torch tensors (name -> tensor); returns the outputs as tensors."""
+    trt = _trt()
+    import torch
+
+    from convattn.plugins.trt_plugin import register_plugin
+
+    register_plugin()  # a JIT engine needs it; an AOT engine does not, but it does no harm
+    log = _Log(trt)
+    engine = trt.Runtime(log).deserialize_cuda_engine(Path(plan).read_bytes())
+    if engine is None:
+        raise EngineBuildError("TensorRT could not load the plan:\n" + "\n".join(log.messages[-30:]))
+    context = engine.create_execution_context()
+    outputs = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            context.set_input_shape(name, tuple(feeds[name].shape))
+            context.set_tensor_address(name, feeds[name].data_ptr())
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+            dtype = {trt.float32: torch.float32, trt.float16: torch.float16,
+                     trt.bfloat16: torch.bfloat16}[engine.get_tensor_dtype(name)]
+            out = torch.empty(tuple(context.get_tensor_shape(name)), device="cuda", dtype=dtype)
+            context.set_tensor_address(name, out.data_ptr())
+            outputs.append(out)
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise EngineBuildError("TensorRT failed to run the engine:\n" + "\n".join(log.messages[-30:]))
+    stream.synchronize()
+    return outputs
+
+
+class _Log:
+    """A TensorRT logger that keeps the messages, for one readable error instead of a traceback."""
+
+    def __new__(cls, trt):
+        class Log(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.messages: list[str] = []
+
+            def log(self, severity, msg):
+                if severity <= trt.ILogger.Severity.WARNING:
+                    self.messages.append(f"[{severity.name}] {msg}")
+
+        return Log()

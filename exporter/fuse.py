@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from convattn.errors import ModelError
-from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs
+from convattn.errors import InputError, ModelError
+from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs, native_attention_applies
 
 SHAPES_METADATA_KEY = "convattn.input_shapes"
 
@@ -124,12 +124,17 @@ class BlockReport:
 
     name: str
     pattern: str
-    fused: bool
+    fused: bool  # rewritten into our FlashAttention node
     reason: str = ""
     details: dict = field(default_factory=dict)
+    path: str = ""  # "plugin", "native" (left to TensorRT's own fusion) or "unfused"
+
+    def __post_init__(self):
+        self.path = self.path or ("plugin" if self.fused else "unfused")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "pattern": self.pattern, "fused": self.fused, "reason": self.reason, **self.details}
+        return {"name": self.name, "pattern": self.pattern, "fused": self.fused, "path": self.path,
+                "reason": self.reason, **self.details}
 
 
 @dataclass
@@ -145,7 +150,8 @@ class FusionResult:
 
     @property
     def unfused(self) -> list[BlockReport]:
-        return [b for b in self.blocks if not b.fused]
+        """Blocks that neither our node nor TensorRT's own fusion takes, with the reason."""
+        return [b for b in self.blocks if b.path == "unfused"]
 
 
 class _NotFusable(Exception):
@@ -556,17 +562,27 @@ def _attention_op_candidate(node, g: _Graph):
 # ---------------------------------------------------------------- the driver
 
 
-def fuse_attention(model: onnx.ModelProto, input_shapes=None) -> FusionResult:
+ATTENTION_PATHS = ("plugin", "native", "auto")
+
+
+def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str = "plugin",
+                   dtype: str = "fp32") -> FusionResult:
     """Replace each spatial attention subgraph of `model` with one FlashAttention node.
 
     Args:
         model: an exported (unfused) ONNX model.
         input_shapes: concrete shapes of the graph inputs used to probe the graph. Defaults to
             the shapes the exporter recorded in the model's metadata, or the static input dims.
+        attention: "plugin" (default: every fusable block becomes our node), "native" (leave
+            every block to TensorRT's own attention fusion) or "auto" (our node exactly where
+            TensorRT's fusion does not apply: `native_attention_applies(dtype, head_dim)`).
+        dtype: the engine precision "auto" decides for. Defaults to fp32.
 
     Returns:
         FusionResult: the fused model (checked by onnx.checker) and a report per subgraph.
     """
+    if attention not in ATTENTION_PATHS:
+        raise InputError(f"--attention: expected one of {ATTENTION_PATHS}, got {attention!r}")
     graph = gs.import_onnx(model)
     g = _Graph(graph, _probe(model, input_shapes))
     blocks, rewrites = [], []
@@ -583,6 +599,13 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None) -> FusionResult:
             attrs, qr, kr, vr, out, details = _solve(cand, g)
         except _NotFusable as e:
             blocks.append(BlockReport(node.name or node.outputs[0].name, _pattern_of(node), False, str(e)))
+            continue
+        native = attention == "native" or (attention == "auto" and native_attention_applies(dtype, details["head_dim"]))
+        if native:
+            why = ("--attention native" if attention == "native" else
+                   f"TensorRT fuses {dtype} attention with head_dim {details['head_dim']} itself")
+            blocks.append(BlockReport(cand.name, cand.pattern, False, f"left to TensorRT's own fusion: {why}",
+                                      details, path="native"))
             continue
         blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
         rewrites.append((cand.name, attrs, (qr, kr, vr), out))

@@ -175,3 +175,64 @@ def human_bytes(n: float) -> str:
         n /= 1000
     return f"{n:.1f} TB"
 
+
+
+def einsum_oom_side(batch: int, heads: int, memory_bytes: int, dtype: str) -> int:
+    """The smallest square side H=W at which an einsum attention's scores and probabilities
+    (2 * B * heads * S^2 elements, S = H*W) no longer fit in `memory_bytes`."""
+    side = 8
+    while einsum_bytes_at(batch, heads, side * side, side * side, dtype) <= memory_bytes:
+        side += 8
+    return side
+
+
+def validate_engine(
+    plan,
+    module: torch.nn.Module,
+    unfused: onnx.ModelProto,
+    input_names: list[str],
+    input_shapes: list[tuple[int, ...]],
+    *,
+    dtype: str = "fp32",
+    blocks: list | None = None,
+    seed: int | None = None,
+) -> ValidationReport:
+    """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
+    the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
+    the same inputs x8 (large logits: where a naive fp16 softmax overflows). Needs CUDA and
+    TensorRT; memory notes give the engine's peak and where einsum would run out of memory."""
+    from .engine import run_engine
+
+    seed = secrets.randbits(31) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
+    comparisons, notes = [], []
+    for label, factor in (("", 1.0), (" (x8 inputs)", 8.0)):
+        inputs = [x * factor for x in base]
+        ref = _run_torch(module, inputs, torch.float64)
+        scale = max(1.0, float(np.abs(ref).max()))
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        (out,) = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
+        peak = torch.cuda.max_memory_allocated() - before
+        comparisons.append(_compare(f"tensorrt engine{label}", dtype, out.double().cpu().numpy(), ref, scale))
+        feeds = {i.name: x.float().numpy() for i, x in zip(_graph_inputs(unfused), inputs)}
+        comparisons.append(_compare(f"onnxruntime unfused{label}", "fp32", session(unfused).run(None, feeds)[0], ref, scale))
+        for name, variant in _variants(module).items():
+            gpu = copy.deepcopy(variant).cuda().to(DTYPES[dtype])
+            with torch.no_grad():
+                got = gpu(*(x.cuda().to(DTYPES[dtype]) for x in inputs)).double().cpu().numpy()
+            comparisons.append(_compare(f"{name} (cuda){label}", dtype, got, ref, scale))
+        if not label:
+            notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
+                         "(the engine's own activation memory is in the sidecar)")
+    free, total = torch.cuda.mem_get_info()
+    memory = []
+    for b in (blocks or []):
+        if b.fused:
+            memory.append(BlockMemory.estimate(b.name, input_shapes[0][0], b.details["num_heads"],
+                                               b.details["probe_seq_q"], b.details["probe_seq_kv"], dtype))
+            side = einsum_oom_side(input_shapes[0][0], b.details["num_heads"], total, dtype)
+            notes.append(f"block {b.name}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
+                         f"at {side}x{side} pixels (batch {input_shapes[0][0]})")
+    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)

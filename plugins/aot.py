@@ -76,8 +76,16 @@ class AotArtifact:
     hidden_params_removed: int
     arg_order: list[str] = field(default_factory=list)
 
-    def grid(self, batch: int, heads: int, seq_q: int) -> tuple[int, int, int]:
-        return (-(-seq_q // self.config.block_m), batch * heads, 1)
+    def grid(self, batch, heads, seq_q, cdiv=lambda a, b: -(-a // b)) -> tuple:
+        """(x, y, z) for concrete sizes, or symbolic ones with TensorRT's `cdiv`."""
+        return (cdiv(seq_q, self.config.block_m), batch * heads, 1)
+
+    def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b)):
+        """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
+        exactly what TensorRT's aot_impl returns and what `launch_artifact` passes."""
+        seq_q = _seq(q_shape, self.layouts[0])
+        grid = self.grid(q_shape[0], self.num_heads, seq_q, cdiv)
+        return grid, self.threads_per_block, self.shared_mem, self.scalar_args(q_shape, k_shape, v_shape)
 
     def scalar_args(self, q_shape, k_shape, v_shape):
         """The int32 extra arguments, in order, for concrete or symbolic input shapes."""
@@ -215,10 +223,7 @@ def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None) -
     for t, layout in zip((q, k, v, out), art.layouts):
         if not t.is_contiguous():
             raise ValueError(f"launch_artifact: expected contiguous tensors in layout {layout}")
-    scalars = art.scalar_args(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    batch = q.shape[0]
-    seq_q = _seq(tuple(q.shape), art.layouts[0])
-    grid = art.grid(batch, art.num_heads, seq_q)
+    grid, _, _, scalars = art.launch_for(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *scalars, out.data_ptr()]
     types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(scalars) + [ctypes.c_void_p]
     stream = torch.cuda.current_stream().cuda_stream if stream is None else stream

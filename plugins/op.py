@@ -75,10 +75,10 @@ class FlashAttentionAttrs:
 def logical_shape(shape, layout: str, num_heads: int) -> tuple[int, int, int, int]:
     """(B, heads, S, D) of an input of `shape` given in `layout`."""
     if len(shape) != 4:
-        raise ValueError(f"expected a 4-D input for layout {layout}, got shape {tuple(shape)}")
+        raise ValueError(f"expected a 4-D input for layout {layout}, got {len(shape)} dims")
     b, a1, a2, a3 = shape
     if layout == "NCHW":
-        if a1 % num_heads:
+        if isinstance(a1, int) and a1 % num_heads:
             raise ValueError(f"channels must be divisible by num_heads={num_heads}, got {a1}")
         return b, num_heads, a2 * a3, a1 // num_heads
     if layout == "BHSD":
@@ -86,8 +86,9 @@ def logical_shape(shape, layout: str, num_heads: int) -> tuple[int, int, int, in
     return b, a1, a3, a2
 
 
-def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple[int, ...]:
-    """Shape of the node's output for concrete input shapes."""
+def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple:
+    """Shape of the node's output: for concrete shapes, or symbolic ones (TensorRT's shape
+    expressions support the same * and // ), so the plugin's shape rule is this function."""
     b, h, s_q, _ = logical_shape(q_shape, attrs.q_layout, attrs.num_heads)
     d_v = logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]
     if attrs.out_layout == "NCHW":
@@ -95,3 +96,9 @@ def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple[int, ...
     if attrs.out_layout == "BHSD":
         return (b, h, s_q, d_v)
     return (b, h, d_v, s_q)
+
+
+def native_attention_applies(dtype: str, head_dim: int) -> bool:
+    """Where TensorRT fuses attention itself (its developer guide: fp16/bf16 and
+    16 <= head_dim <= 256 with head_dim % 8 == 0); elsewhere only our plugin fuses it."""
+    return dtype in ("fp16", "bf16") and 16 <= head_dim <= 256 and head_dim % 8 == 0

@@ -1,6 +1,5 @@
 """The Triton kernel on the CPU (TRITON_INTERPRET=1, set by conftest) and its AOT artifact."""
 
-import math
 import os
 import re
 
