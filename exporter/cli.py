@@ -174,6 +174,11 @@ def _run(o: Options) -> int:
         exported = export_onnx(loaded.module, input_shapes, exporter=o.exporter, opset=o.opset, dynamic=o.dynamic)
     out.print(f"  [dim]{exported.exporter} exporter, opset {o.opset}, {len(exported.model.graph.node)} nodes[/]")
     input_shapes = exported.input_shapes
+    profile = None
+    if o.engine is not None:  # a bad profile fails here, before anything is written
+        from convattn.exporter.engine import parse_profiles
+
+        profile = parse_profiles(exported.input_names, input_shapes, o.min_shape, o.opt_shape, o.max_shape)
     with stage("fuse"):
         fusion = fuse_attention(exported.model, input_shapes, attention=o.attention, dtype=o.dtype)
     native = sum(b.path == "native" for b in fusion.blocks)
@@ -201,8 +206,8 @@ def _run(o: Options) -> int:
     code = 0 if result.passed else ParityError.exit_code
     if o.engine is not None:
         try:
-            doc["engine"] = _engine_stage(o, fusion.model, exported.input_names, input_shapes, loaded.sha256,
-                                          loaded.module, exported.model, fusion.blocks)
+            doc["engine"] = _engine_stage(o, fusion.model, profile, exported.input_names, input_shapes,
+                                          loaded.sha256, loaded.module, exported.model, fusion.blocks)
             doc["outputs"]["engine"] = str(o.engine)
             if not doc["engine"].get("validation", {}).get("passed", True):
                 code = ParityError.exit_code
@@ -215,10 +220,9 @@ def _run(o: Options) -> int:
     return code
 
 
-def _engine_stage(o: Options, fused, names, input_shapes, sha256, model_module, unfused, blocks) -> dict:
-    from convattn.exporter.engine import build_engine, parse_profiles, triton_repository
+def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model_module, unfused, blocks) -> dict:
+    from convattn.exporter.engine import build_engine, triton_repository
 
-    profile = parse_profiles(names, input_shapes, o.min_shape, o.opt_shape, o.max_shape)
     with stage(f"engine ({o.plugin_mode}, {o.dtype})"):
         built = build_engine(fused, o.engine, profile, dtype=o.dtype, plugin_mode=o.plugin_mode,
                              workspace_bytes=o.workspace_mib * 2**20 if o.workspace_mib else None,

@@ -86,8 +86,13 @@ def test_state_dict_with_heads_and_cross_attention_shapes(tmp_path):
         (["--demo", "--input-shape", "1x3x32x32"], 2, "channels"),
         (["--demo", "--dtype", "fp8"], 2, "--dtype"),
         (["--demo", "--fused-onnx", "/nonexistent/dir/x.onnx"], 2, "cannot write"),
+        (["--demo", "--attention", "fastest"], 2, "--attention"),
+        (["--demo", "--engine", "e.plan", "--plugin-mode", "cpp"], 2, "--plugin-mode"),
+        (["--demo", "--triton-repo", "repo"], 2, "need --engine"),
+        (["--demo", "--engine", "e.plan", "--max-shape", "1x64x8x8"], 2, "min <= opt <= max"),
     ],
-    ids=["no-model", "missing", "rank", "not-a-number", "wrong-channels", "dtype", "unwritable"],
+    ids=["no-model", "missing", "rank", "not-a-number", "wrong-channels", "dtype", "unwritable", "attention",
+         "plugin-mode", "triton-repo-alone", "bad-profile"],
 )
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, code, message):
     monkeypatch.chdir(tmp_path)
@@ -143,3 +148,11 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli_module.write_atomic(target, b"new" * 1000)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_attention_auto_reports_the_path_per_block(tmp_path):
+    report = tmp_path / "r.json"
+    r = cli("--demo", "--attention", "auto", "--dtype", "fp16", "--fused-onnx", tmp_path / "f.onnx", "--report", report)
+    assert r.exit_code == 0, r.output
+    [block] = json.loads(report.read_text())["blocks"]
+    assert block["path"] == "plugin" and block["head_dim"] == 8  # TensorRT does not fuse head_dim 8 itself
