@@ -43,6 +43,12 @@ class ParityError(ConvattnError):
     exit_code = 1
 
 
+class EngineBuildError(ConvattnError):
+    """TensorRT's parser or builder refused the graph; the message carries its log."""
+
+    exit_code = 4
+
+
 class TensorRTUnavailable(ConvattnError):
     """An engine was asked for, but the `tensorrt` package cannot be imported here."""
 

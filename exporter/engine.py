@@ -18,18 +18,12 @@ from pathlib import Path
 import onnx
 
 import convattn
-from convattn.errors import ConvattnError, InputError, TensorRTUnavailable
+from convattn.errors import EngineBuildError, InputError, TensorRTUnavailable
 
 from .files import write_atomic
 
 PLUGIN_MODES = ("aot", "jit")
 _TRT_DTYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16"}
-
-
-class EngineBuildError(ConvattnError):
-    """TensorRT's parser or builder refused the graph; the message carries its log."""
-
-    exit_code = 4
 
 
 @dataclass
