@@ -247,6 +247,8 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
         built.sidecar["validation"] = engine_report.to_dict()
     else:
         out.print("[yellow]warning:[/] engine built but not validated: no CUDA GPU in this process")
+    if torch.cuda.is_available() and any(b.fused for b in blocks):
+        built.sidecar["paths"] = _compare_paths(o, built, unfused, profile, names)
     if o.triton_repo:
         name = o.engine.stem.replace(".", "_")
         target = triton_repository(o.triton_repo, name, o.engine, fused, profile, force=o.force)
@@ -283,6 +285,32 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
     for w in warnings + [f"block {b.name}: {b.reason}" for b in fusion.unfused] + result.notes:
         out.print(f"[yellow]warning:[/] {escape(w)}")
     out.print(f"fused graph: {fused_path}" + (f"; exported graph: {onnx_path}" if onnx_path else ""))
+
+
+def _compare_paths(o: Options, built, unfused, profile, names) -> dict:
+    """Our plugin against TensorRT's own attention (the unfused graph), same profile, same inputs:
+    median time at the opt shape and device memory, so the report shows what each path costs."""
+    import tempfile
+
+    import torch
+
+    from convattn.exporter.engine import build_engine, run_engine
+
+    feeds = {n: torch.randn(profile.shapes[n][1], device="cuda") for n in names}
+    result = {"plugin": {"ms": run_engine(built.plan, feeds, repeat=20)[-1],
+                         "device_memory_bytes": built.sidecar.get("device_memory_bytes")}}
+    with tempfile.TemporaryDirectory() as tmp, stage("engine (TensorRT's own attention, for comparison)"):
+        native = build_engine(unfused, Path(tmp) / "native.plan", profile, dtype=o.dtype)
+        result["native"] = {"ms": run_engine(native.plan, feeds, repeat=20)[-1],
+                            "device_memory_bytes": native.sidecar.get("device_memory_bytes")}
+    table = Table(title="attention path comparison (opt shape, median of 20)", title_justify="left")
+    for col in ("path", "ms", "engine device memory"):
+        table.add_column(col)
+    for name, r in result.items():
+        mem = r["device_memory_bytes"]
+        table.add_row(name, f"{r['ms']:.3f}", f"{mem / 1e6:.1f} MB" if mem else "?")
+    out.print(table)
+    return result
 
 
 def _print_parity(result, title: str) -> None:

@@ -238,8 +238,9 @@ def build_engine(
     return EngineResult(plan_path, meta, log.messages)
 
 
-def run_engine(plan: str | Path, feeds: dict) -> list:
-    """Run a plan once on CUDA torch tensors (name -> tensor); returns the outputs as tensors."""
+def run_engine(plan: str | Path, feeds: dict, *, repeat: int = 0) -> list:
+    """Run a plan on CUDA torch tensors (name -> tensor); returns the outputs as tensors.
+    With `repeat` > 0, also times that many more runs and returns [outputs..., median ms]."""
     trt = _trt()
     import torch
 
@@ -269,6 +270,16 @@ def run_engine(plan: str | Path, feeds: dict) -> list:
     if not context.execute_async_v3(stream.cuda_stream):
         raise EngineBuildError("TensorRT failed to run the engine:\n" + "\n".join(log.messages[-30:]))
     stream.synchronize()
+    if repeat:
+        times = []
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            context.execute_async_v3(stream.cuda_stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        outputs.append(sorted(times)[len(times) // 2])
     return outputs
 
 

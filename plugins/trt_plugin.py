@@ -14,8 +14,8 @@ fields declared below (num_heads, scale, the four layouts), so the node's `aot` 
 `plugin_*` attributes never reach `create_plugin`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
+# annotations with inspect.signature and needs real classes (trtp.TensorDesc, int, ...), not strings.
 import functools
 import warnings
 
