@@ -230,6 +230,12 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
     if built.sidecar.get("device_memory_bytes"):
         out.print(f"  [dim]engine device memory at the profile's max shapes: "
                   f"{built.sidecar['device_memory_bytes'] / 1e6:.1f} MB[/]")
+    layers = built.sidecar.get("attention_layers", [])
+    own = [n for n in layers if "FlashAttention" not in n]
+    out.print(f"  [dim]attention layers in the engine: {len(layers) - len(own)} ours, {len(own)} TensorRT's own[/]")
+    if any(b.path == "native" for b in blocks) and not own:
+        out.print("[yellow]warning:[/] blocks were left to TensorRT's own attention fusion, but the engine's layer "
+                  "information shows no fused attention kernel: they run as separate MatMul/Softmax layers")
     if built.sidecar.get("device_memory_bytes") and built.sidecar["device_memory_bytes"] > 2e9:
         out.print("[yellow]warning:[/] TensorRT sizes activation memory for the profile's max shapes: "
                   "narrow --max-shape if this is more than serving needs")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -148,6 +149,19 @@ def triton_repository(repo: str | Path, name: str, plan: str | Path, model: onnx
     return target
 
 
+def attention_layers(engine_info_json: str) -> list[str]:
+    """Names of the engine's layers that run attention: our plugin, or a fused attention kernel of
+    TensorRT's own (Myelin's MHA/fMHA). A graph TensorRT "could fuse" proves nothing: this does."""
+    info = json.loads(engine_info_json) if engine_info_json else {}
+    names = []
+    for layer in info.get("Layers", []):
+        text = json.dumps(layer) if isinstance(layer, dict) else str(layer)
+        name = layer.get("Name", text) if isinstance(layer, dict) else text
+        if re.search(r"flashattention|fmha|mha|attention", text, re.I):
+            names.append(str(name))
+    return names
+
+
 def _trt():
     try:
         import tensorrt as trt
@@ -204,6 +218,7 @@ def build_engine(
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError("TensorRT's ONNX parser refused the fused graph: " + "; ".join(errors))
     config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer information for the report
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if dtype == "fp16":
@@ -224,12 +239,14 @@ def build_engine(
         raise EngineBuildError("TensorRT could not build the engine:\n" + "\n".join(log.messages[-30:]))
     engine = trt.Runtime(log).deserialize_cuda_engine(plan)
     memory = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     import torch
 
     major, minor = torch.cuda.get_device_capability()
     meta = sidecar(trt_version=trt.__version__, gpu=torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}",
                    profile=profile, plugin_mode=plugin_mode, dtype=dtype, model_sha256=model_sha256,
                    device_memory_bytes=int(memory) if memory is not None else None)
+    meta["attention_layers"] = attention_layers(info)
     plan_path = Path(plan_path)
     write_atomic(plan_path, bytes(plan))
     write_atomic(sidecar_path(plan_path), (json.dumps(meta, indent=2) + "\n").encode())

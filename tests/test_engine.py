@@ -71,6 +71,17 @@ def test_triton_repository(tmp_path):
     assert sorted(x.name for x in (tmp_path / "repo").iterdir()) == ["m"]  # no staging left behind
 
 
+def test_attention_layers_are_read_from_the_engine_information():
+    from convattn.exporter.engine import attention_layers
+
+    info = {"Layers": [{"Name": "q_conv", "LayerType": "CaskConvolution"},
+                       {"Name": "node_softmax/FlashAttention", "LayerType": "PluginV3"},
+                       {"Name": "{ForeignNode[/MatMul...]}", "LayerType": "Myelin", "TacticName": "_gemm_mha_v2"},
+                       "out_conv"]}
+    assert attention_layers(json.dumps(info)) == ["node_softmax/FlashAttention", "{ForeignNode[/MatMul...]}"]
+    assert attention_layers("") == []
+
+
 class Sym:
     """A stand-in for TensorRT's shape expressions: only * and // (what the plugin may use)."""
 
