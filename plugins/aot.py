@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
+from .op import FlashAttentionAttrs, logical_shape, output_shape
 
 DTYPE_NAMES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
 _STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
@@ -83,7 +84,7 @@ class AotArtifact:
     def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b)):
         """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
         exactly what TensorRT's aot_impl returns and what `launch_artifact` passes."""
-        seq_q = _seq(q_shape, self.layouts[0])
+        seq_q = _seq(q_shape, self.layouts[0], self.num_heads)
         grid = self.grid(q_shape[0], self.num_heads, seq_q, cdiv)
         return grid, self.threads_per_block, self.shared_mem, self.scalar_args(q_shape, k_shape, v_shape)
 
@@ -94,22 +95,18 @@ class AotArtifact:
         strides = {}
         for t, shape, layout in (("q", q_shape, ql), ("k", k_shape, kl), ("v", v_shape, vl), ("o", o_shape, ol)):
             strides.update(zip((f"stride_{t}{a}" for a in "bhsd"), layout_strides(shape, layout, self.num_heads)))
-        seq_q = _seq(q_shape, ql)
-        seq_kv = _seq(k_shape, kl)
+        seq_q = _seq(q_shape, ql, self.num_heads)
+        seq_kv = _seq(k_shape, kl, self.num_heads)
         values = {**strides, "num_heads": self.num_heads, "seq_q": seq_q, "seq_kv": seq_kv}
         return [values[n] for n in self.scalar_arg_names]
 
 
-def _seq(shape, layout):
-    return shape[2] * shape[3] if layout == "NCHW" else (shape[2] if layout == "BHSD" else shape[3])
+def _seq(shape, layout, heads):
+    return logical_shape(shape, layout, heads)[2]
 
 
 def _out_shape(q_shape, v_shape, art: AotArtifact):
-    dv, h = art.head_dim_v, art.num_heads
-    s_q = _seq(q_shape, art.layouts[0])
-    if art.layouts[3] == "NCHW":
-        return (q_shape[0], h * dv, q_shape[2], q_shape[3])
-    return (q_shape[0], h, s_q, dv) if art.layouts[3] == "BHSD" else (q_shape[0], h, dv, s_q)
+    return output_shape(q_shape, v_shape, FlashAttentionAttrs(art.num_heads, art.scale, *art.layouts))
 
 
 def compile_artifact(
