@@ -110,6 +110,9 @@ def kernel_view(shape, layout: str, heads: int):
         b, c, h, w = shape
         v = reshape_view(v, (b, heads, c // heads, h * w))
         return transpose_view(v, (0, 1, 3, 2))
+    if layout == "BSC":
+        b, s, c = shape
+        return transpose_view(reshape_view(v, (b, s, heads, c // heads)), (0, 2, 1, 3))
     if layout == "BHDS":
         return transpose_view(v, (0, 1, 3, 2))
     return v
@@ -335,13 +338,17 @@ def _solve_operand(op: _Operand, g: _Graph):
     for root, nodes, factor, static in _back_chain(op.tensor, g):
         shape = g.shape(root)
         view = _apply(identity_view(shape), nodes, g)
-        if view is None or len(shape) != 4:
+        if view is None or len(shape) not in (3, 4):
             continue
         view = transpose_view(view, op.perm)
-        head_atoms = [a for axis in view[:-2] for a in axis if a.axis == 1]
-        nchw_heads = math.prod(a.size for a in head_atoms) or 1
-        for layout, heads in (("NCHW", nchw_heads), ("BHSD", shape[1]), ("BHDS", shape[1])):
-            if layout == "NCHW" and shape[1] % heads:
+        # Heads of a channel-packed root are the channel-axis digits among the batch axes.
+        channel_axis = 1 if len(shape) == 4 else 2
+        head_atoms = [a for axis in view[:-2] for a in axis if a.axis == channel_axis]
+        packed_heads = math.prod(a.size for a in head_atoms) or 1
+        candidates = ((("NCHW", packed_heads), ("BHSD", shape[1]), ("BHDS", shape[1])) if len(shape) == 4
+                      else (("BSC", packed_heads),))
+        for layout, heads in candidates:
+            if layout in ("NCHW", "BSC") and shape[channel_axis] % heads:
                 continue
             expected = kernel_view(shape, layout, heads)
             if _same_attention_operand(view, expected):
@@ -361,12 +368,10 @@ def _solve_operand(op: _Operand, g: _Graph):
     raise _NotFusable(f"operand {op.tensor.name!r} is not a (B, heads, S, D) view of a 4-D tensor the kernel can read")
 
 
-def _forward_nchw_output(cand: _Candidate, q_root_shape, heads, d_v, g: _Graph):
+def _forward_output(cand: _Candidate, y_shape, layout: str, heads, g: _Graph):
     """Follow single-consumer Reshape/Transpose after the attention output; return the last
-    tensor that is exactly the (B, heads*D_v, H, W) map, or None."""
-    b, _, h, w = q_root_shape
-    y_shape = (b, heads * d_v, h, w)
-    canon = kernel_view(y_shape, "NCHW", heads)
+    tensor that is exactly the kernel's output `y_shape` in `layout` (NCHW map, BSC tokens)."""
+    canon = kernel_view(y_shape, layout, heads)
     out_shape = g.shape(cand.out)
     inv = np.argsort(cand.out_perm)
     batch_shape = [out_shape[i] for i in inv[:-2]]
@@ -415,16 +420,25 @@ def _solve(cand: _Candidate, g: _Graph):
         if not math.isclose(scale, 1.0 / math.sqrt(head_dim), rel_tol=1e-5):
             raise _NotFusable(f"the scale {scale:g} is computed from runtime shapes and is not 1/sqrt(head_dim)")
     out, out_layout = None, None
-    if ql == "NCHW":
-        out = _forward_nchw_output(cand, g.shape(qr), qh, d_v, g)
+    q_root = g.shape(qr)
+    if ql == "NCHW":  # write the (B, heads*D_v, H, W) map the output conv reads
+        out = _forward_output(cand, (q_root[0], qh * d_v, q_root[2], q_root[3]), "NCHW", qh, g)
         out_layout = "NCHW" if out is not None else None
+    elif ql == "BSC":  # write the (B, S_q, heads*D_v) tokens the output projection reads
+        out = _forward_output(cand, (q_root[0], q_root[1], qh * d_v), "BSC", qh, g)
+        out_layout = "BSC" if out is not None else None
     if out is None:
         rank4 = len(cand.out_perm) == 4
         out_layout = {(0, 1, 2, 3): "BHSD", (0, 1, 3, 2): "BHDS"}.get(tuple(cand.out_perm)) if rank4 else None
         # The output's batch axes are Q's: accept (B, heads, ...) only if Q's are exactly that.
-        per_axis = kernel_view(g.shape(qr), ql, qh)
+        per_axis = kernel_view(q_root, ql, qh)
         if out_layout is None or not _same(q_view[:2], per_axis[:2]):
-            raise _NotFusable("the attention output is not a (B, heads, S, D) tensor or NCHW map the kernel can write")
+            others = sorted({c.op for c in cand.out.outputs if c.op not in ("Reshape", "Transpose")})
+            if others:
+                raise _NotFusable(f"the attention output also feeds {', '.join(others)} nodes; fusing would keep "
+                                  "the unfused computation alive (the TorchScript exporter reads shapes this way)")
+            raise _NotFusable("the attention output is not a (B, heads, S, D) tensor, NCHW map or token sequence "
+                              "the kernel can write")
         out = cand.out
     attrs = FlashAttentionAttrs(qh, float(scale), ql, kl, vl, out_layout)
     details = {
@@ -443,11 +457,25 @@ def _swap_last(rank: int) -> tuple:
     return tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
+def _is_zero(t, g: _Graph) -> bool:
+    """A tensor that is zero whatever the input data: baddbmm(empty, q, k, beta=0) exports its
+    `beta * empty` term as Mul(Expand(0), 0), added to the scores."""
+    if isinstance(t, gs.Constant):
+        return not np.any(t.values)
+    return t.name in g.values and not np.any(g.values[t.name]) and _data_independent(t)
+
+
 def _scores_producer(t, g: _Graph):
-    """Walk back from `t` through Mul/Div by scalars: (producer node, factor, static)."""
+    """Walk back from `t` through Mul/Div by scalars and + 0: (producer node, factor, static)."""
     factor, static = 1.0, True
     while t.inputs:
         node = t.inputs[0]
+        if node.op in ("Add", "Sub") and len(node.inputs) == 2 and _is_zero(node.inputs[1], g):
+            t = node.inputs[0]
+            continue
+        if node.op == "Add" and len(node.inputs) == 2 and _is_zero(node.inputs[0], g):
+            t = node.inputs[1]
+            continue
         scalar = _scalar_operand(node, g)
         if scalar is None:
             return node, factor, static

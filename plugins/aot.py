@@ -37,6 +37,9 @@ def layout_strides(shape, layout: str, heads: int):
 
     Works on ints and on anything that multiplies like them (TensorRT's symbolic shape
     expressions), so the plugin computes its extra arguments with this same formula."""
+    if layout == "BSC":  # (B, S, heads*D): token-major, channel = head*D + d
+        b, s, c = shape
+        return (s * c, c // heads, c, 1)
     b, a1, a2, a3 = shape
     if layout == "NCHW":  # (B, heads*D, H, W): channel = head*D + d, pixel = y*W + x
         s = a2 * a3
@@ -46,12 +49,12 @@ def layout_strides(shape, layout: str, heads: int):
         return (a1 * a2 * a3, a2 * a3, a3, 1)
     if layout == "BHDS":
         return (a1 * a2 * a3, a2 * a3, 1, a2)
-    raise ValueError(f"layout: expected NCHW, BHSD or BHDS, got {layout!r}")
+    raise ValueError(f"layout: expected NCHW, BHSD, BHDS or BSC, got {layout!r}")
 
 
 def unit_strides(layout: str) -> tuple[str, str]:
     """Which of (s, d) has stride 1 in `layout`: compiled in as a constant."""
-    return ("s",) if layout in ("NCHW", "BHDS") else ("d",)
+    return ("s",) if layout in ("NCHW", "BHDS") else ("d",)  # BHSD and BSC: d is contiguous
 
 
 @dataclass

@@ -18,8 +18,10 @@ Semantics: O = softmax(scale * Q K^T) V per (batch, head), where each input is g
 of three layouts, read in place:
 - "NCHW": a (B, heads*D, H, W) feature map, channel c = head*D + d, position s = y*W + x
   (a 1x1-conv output as ConvMHAttn produces it);
-- "BHSD": (B, heads, S, D);  "BHDS": (B, heads, D, S).
-The output layout is one of the same three; "NCHW" takes its H, W from the query map.
+- "BHSD": (B, heads, S, D);  "BHDS": (B, heads, D, S);
+- "BSC": a (B, S, heads*D) token sequence, channel = head*D + d (a Linear projection's output,
+  as in the Stable Diffusion VAE's attention).
+The output layout is one of the same four; "NCHW" takes its H, W from the query map.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ DOMAIN = "convattn"
 ORT_DOMAIN = "ai.onnx.contrib"
 PLUGIN_NAMESPACE = "convattn"
 PLUGIN_VERSION = "1"
-LAYOUTS = ("NCHW", "BHSD", "BHDS")
+LAYOUTS = ("NCHW", "BHSD", "BHDS", "BSC")
+RANKS = {"NCHW": 4, "BHSD": 4, "BHDS": 4, "BSC": 3}
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,15 @@ class FlashAttentionAttrs:
         return cls(**{k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs})
 
 
-def logical_shape(shape, layout: str, num_heads: int) -> tuple[int, int, int, int]:
+def logical_shape(shape, layout: str, num_heads: int) -> tuple:
     """(B, heads, S, D) of an input of `shape` given in `layout`."""
-    if len(shape) != 4:
-        raise ValueError(f"expected a 4-D input for layout {layout}, got {len(shape)} dims")
+    if len(shape) != RANKS[layout]:
+        raise ValueError(f"expected a {RANKS[layout]}-D input for layout {layout}, got {len(shape)} dims")
+    if layout == "BSC":
+        b, s, c = shape
+        if isinstance(c, int) and c % num_heads:
+            raise ValueError(f"channels must be divisible by num_heads={num_heads}, got {c}")
+        return b, num_heads, s, c // num_heads
     b, a1, a2, a3 = shape
     if layout == "NCHW":
         if isinstance(a1, int) and a1 % num_heads:
@@ -93,6 +101,8 @@ def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple:
     d_v = logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]
     if attrs.out_layout == "NCHW":
         return (b, h * d_v, q_shape[2], q_shape[3])
+    if attrs.out_layout == "BSC":
+        return (b, s_q, h * d_v)
     if attrs.out_layout == "BHSD":
         return (b, h, s_q, d_v)
     return (b, h, d_v, s_q)

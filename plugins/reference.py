@@ -22,6 +22,8 @@ def to_bhsd(x: np.ndarray, layout: str, num_heads: int) -> np.ndarray:
         return x.reshape(b, h, d, s).transpose(0, 1, 3, 2)
     if layout == "BHDS":
         return x.transpose(0, 1, 3, 2)
+    if layout == "BSC":
+        return x.reshape(b, s, h, d).transpose(0, 2, 1, 3)
     return x
 
 
@@ -29,6 +31,9 @@ def from_bhsd(o: np.ndarray, layout: str, q_shape) -> np.ndarray:
     """`o` (B, heads, S_q, D_v) rearranged into `layout`; "NCHW" takes H, W from `q_shape`."""
     if layout == "BHSD":
         return o
+    if layout == "BSC":
+        b, h, s, d = o.shape
+        return o.transpose(0, 2, 1, 3).reshape(b, s, h * d)
     o = o.transpose(0, 1, 3, 2)
     if layout == "BHDS":
         return o

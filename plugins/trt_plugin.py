@@ -135,9 +135,11 @@ def _arch() -> str:
 def _head_dim(desc, layout: str, num_heads: int) -> int:
     """Head dim from the input's static dims (the channel count of an NCHW map is static)."""
     shape = desc.shape_expr
-    dims = [shape[i].constant_value() if shape[i].is_constant else None for i in range(4)]
+    dims = [shape[i].constant_value() if shape[i].is_constant else None for i in range(len(shape))]
     if layout == "NCHW":
         return dims[1] // num_heads
+    if layout == "BSC":
+        return dims[2] // num_heads
     return dims[3] if layout == "BHSD" else dims[2]
 
 
@@ -146,4 +148,6 @@ def _bhsd_view(t, layout: str, num_heads: int):
     b, h, s, d = logical_shape(tuple(t.shape), layout, num_heads)
     if layout == "NCHW":
         return t.view(b, h, d, s).transpose(-1, -2)
+    if layout == "BSC":
+        return t.view(b, s, h, d).transpose(1, 2)
     return t.transpose(-1, -2) if layout == "BHDS" else t

@@ -141,3 +141,27 @@ def test_reshape_view_follows_row_major_memory():
     v = reshape_view(identity_view((2, 16, 5, 3)), (2, 2, 8, 15))
     assert [[(a.axis, a.size, a.stride) for a in ax] for ax in v] == [[(0, 2, 1)], [(1, 2, 8)], [(1, 8, 1)], [(2, 5, 1), (3, 3, 1)]]
     assert reshape_view(identity_view((4, 6)), (3, 8)) is None  # 4*6 -> 3*8 splits no atom cleanly
+
+
+@pytest.mark.parametrize("heads,exporter", [(1, "dynamo"), (2, "dynamo"), (1, "torchscript")])
+def test_stable_diffusion_vae_attention_fuses_on_the_linear_outputs(heads, exporter):
+    import user_models
+
+    module = user_models.VAEAttention(64, heads).eval()
+    shapes = [(1, 64, 6, 5)]
+    exported, fusion = export_fuse(module, shapes, exporter)
+    [block] = fusion.blocks
+    assert block.fused and block.details["layouts"] == ["BSC"] * 4  # Linear outputs read and written in place
+    assert block.details["head_dim"] == 64 // heads
+    assert "Softmax" not in ops(fusion.model)
+    if exporter == "dynamo":  # only the NCHW <-> tokens transposes remain around the node
+        assert ops(fusion.model).count("Transpose") == 2
+    assert_same_function(module, shapes, exported, fusion, atol=5e-5)
+
+
+def test_vae_attention_torchscript_multihead_says_why_it_is_not_fused():
+    import user_models
+
+    exported, fusion = export_fuse(user_models.VAEAttention(64, 2).eval(), [(1, 64, 6, 5)], "torchscript")
+    [block] = fusion.blocks
+    assert not block.fused and "also feeds Shape" in block.reason

@@ -128,3 +128,25 @@ def test_config_space_is_pruned_for_large_heads():
     small, large = candidate_configs(8, 2), candidate_configs(512, 2)
     assert len(small) > len(large) >= 1
     assert all(c.block_m * 512 * 4 / (c.num_warps * 32 * 4) <= 128 for c in large)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", [320, 512])
+def test_large_heads_on_linear_token_views(dtype, d):
+    """The Stable Diffusion VAE's single 512-wide head (and 320): (B, S, C) Linear outputs read
+    as (B, 1, S, D) views, d contiguous; the output written into a (B, S, C) tensor in place."""
+    torch.manual_seed(d)
+    b, s_q, s_kv = 2, 9, 13
+    tokens = [torch.randn(b, s, d).to(dtype) for s in (s_q, s_kv, s_kv)]
+    q, k, v = (t.view(b, t.shape[1], 1, d).transpose(1, 2) for t in tokens)
+    out_tokens = torch.full((b, s_q, d), float("nan"), dtype=dtype)
+    flash_attention(q, k, v, out=out_tokens.view(b, s_q, 1, d).transpose(1, 2), config=KernelConfig(16, 16, 4, 1))
+    ref = reference(q, k, v, d**-0.5).transpose(1, 2).reshape(b, s_q, d)
+    assert (out_tokens.double() - ref).abs().max() <= TOL[dtype]
+
+
+def test_aot_artifact_for_token_layout_and_large_head(tmp_path):
+    meta, ptx = compile_in_subprocess(tmp_path, "--head-dim", 512, "--heads", 1, "--dtype", "fp16",
+                                      "--layouts", "BSC,BSC,BSC,BSC", "--config", "32,32,8,1")
+    assert meta["layouts"] == ["BSC"] * 4 and meta["hidden_params_removed"] == 2
+    assert "stride_qd" not in meta["scalar_arg_names"]  # d is the contiguous axis: compiled in as 1

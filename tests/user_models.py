@@ -74,3 +74,38 @@ class InterleavedHeads(_Einsum):
         q, k, v = self.views(x)
         p = (torch.einsum("bhci,bhcj->bhij", q, k) * self.d**-0.5).softmax(-1)
         return torch.einsum("bhij,bhcj->bhci", p, v).reshape(x.shape)
+
+
+class VAEAttention(nn.Module):
+    """The Stable Diffusion VAE mid-block attention as diffusers writes it (Attention with
+    AttnProcessor): GroupNorm, Linear projections, head_to_batch_dim, baddbmm with the scale
+    (beta=0 on an uninitialised tensor), softmax, bmm, batch_to_head_dim, Linear, residual."""
+
+    def __init__(self, c=64, heads=1, groups=8):
+        super().__init__()
+        self.heads = heads
+        self.scale = (c // heads) ** -0.5
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(c, c) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(0.0)])
+
+    def head_to_batch_dim(self, t):
+        b, s, c = t.shape
+        t = t.reshape(b, s, self.heads, c // self.heads).permute(0, 2, 1, 3)
+        return t.reshape(b * self.heads, s, c // self.heads)
+
+    def batch_to_head_dim(self, t):
+        bh, s, d = t.shape
+        t = t.reshape(bh // self.heads, self.heads, s, d).permute(0, 2, 1, 3)
+        return t.reshape(bh // self.heads, s, d * self.heads)
+
+    def forward(self, x):
+        residual = x
+        b, c, h, w = x.shape
+        hs = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        q, k, v = (self.head_to_batch_dim(f(hs)) for f in (self.to_q, self.to_k, self.to_v))
+        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        probs = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=self.scale).softmax(dim=-1)
+        hs = self.batch_to_head_dim(torch.bmm(probs, v))
+        hs = self.to_out[1](self.to_out[0](hs))
+        return hs.transpose(-1, -2).reshape(b, c, h, w) + residual
