@@ -10,10 +10,26 @@ __all__ = ["DOMAIN", "LAYOUTS", "OP_TYPE", "FlashAttentionAttrs", "flash_attenti
 
 
 def __getattr__(name):
-    # The kernel imports triton: only when asked for.
+    # The kernel imports triton: only when asked for, and only where it is installed.
     if name == "flash_attention":
-        from .flash import flash_attention
-
+        try:
+            from .flash import flash_attention
+        except ImportError as e:
+            return _cpu_only(e)
         return flash_attention
     raise AttributeError(name)
+
+
+def _cpu_only(reason):
+    """flash_attention without Triton: the tiled reference on CPU tensors, a clear error on CUDA."""
+    import math
+
+    from .reference import reference_attention_torch
+
+    def flash_attention(q, k, v, *, scale=None, out=None, config=None):
+        if q.device.type != "cpu":
+            raise ImportError(f"the Triton kernel is not available ({reason}): pip install 'convattn[gpu]'")
+        return reference_attention_torch(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, out)
+
+    return flash_attention
 

@@ -89,11 +89,9 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
     if q.device.type == "cuda" or _interpreting():
         launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]))
         return out
-    from .reference import tiled_attention
+    from .reference import reference_attention_torch
 
-    o = tiled_attention(*(t.detach().float().numpy() for t in (q, k, v)), scale)
-    out.copy_(torch.from_numpy(o))
-    return out
+    return reference_attention_torch(q, k, v, scale, out)
 
 
 def _interpreting() -> bool:

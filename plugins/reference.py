@@ -73,3 +73,15 @@ def flash_attention_reference(q, k, v, attrs: FlashAttentionAttrs, block_k: int 
         block_k,
     )
     return np.ascontiguousarray(from_bhsd(o, attrs.out_layout, q.shape))
+
+
+def reference_attention_torch(q, k, v, scale: float, out=None):
+    """`tiled_attention` on (B, H, S, D) CPU torch tensors of any strides; writes into `out`
+    (any strides) if given. The CPU path of `flash_attention` where no Triton runs."""
+    import torch
+
+    o = torch.from_numpy(tiled_attention(*(t.detach().float().numpy() for t in (q, k, v)), scale))
+    if out is None:
+        return o.to(q.dtype)
+    out.copy_(o)
+    return out

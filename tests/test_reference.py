@@ -92,3 +92,14 @@ def test_flash_attention_writes_into_a_strided_view_of_the_output_map():
     expected = torch.softmax(views[0] @ views[1].transpose(-1, -2) / d**0.5, -1) @ views[2]
     torch.testing.assert_close(result, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(out_map, expected.transpose(-1, -2).reshape(b, h * d, hh, ww), atol=1e-5, rtol=0)
+
+
+def test_flash_attention_without_triton_runs_the_reference_on_cpu():
+    import torch
+
+    from convattn.plugins import _cpu_only
+
+    flash = _cpu_only(ImportError("No module named 'triton'"))
+    q, k, v = (torch.randn(1, 2, s, 8) for s in (5, 7, 7))
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+    torch.testing.assert_close(flash(q, k, v), expected, atol=1e-5, rtol=0)
