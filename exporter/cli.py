@@ -300,14 +300,14 @@ def _compare_paths(o: Options, built, unfused, profile, names) -> dict:
 
     import torch
 
-    from convattn.exporter.engine import build_engine, run_engine
+    from convattn.exporter.engine import build_engine, time_engine
 
     feeds = {n: torch.randn(profile.shapes[n][1], device="cuda") for n in names}
-    result = {"plugin": {"ms": run_engine(built.plan, feeds, repeat=20)[-1],
+    result = {"plugin": {"ms": time_engine(built.plan, feeds),
                          "device_memory_bytes": built.sidecar.get("device_memory_bytes")}}
     with tempfile.TemporaryDirectory() as tmp, stage("engine (TensorRT's own attention, for comparison)"):
         native = build_engine(unfused, Path(tmp) / "native.plan", profile, dtype=o.dtype)
-        result["native"] = {"ms": run_engine(native.plan, feeds, repeat=20)[-1],
+        result["native"] = {"ms": time_engine(native.plan, feeds),
                             "device_memory_bytes": native.sidecar.get("device_memory_bytes")}
     table = Table(title="attention path comparison (opt shape, median of 20)", title_justify="left")
     for col in ("path", "ms", "engine device memory"):

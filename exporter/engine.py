@@ -255,9 +255,8 @@ def build_engine(
     return EngineResult(plan_path, meta, log.messages)
 
 
-def run_engine(plan: str | Path, feeds: dict, *, repeat: int = 0) -> list:
-    """Run a plan on CUDA torch tensors (name -> tensor); returns the outputs as tensors.
-    With `repeat` > 0, also times that many more runs and returns [outputs..., median ms]."""
+def _bound(plan: str | Path, feeds: dict):
+    """Load a plan and bind CUDA torch inputs (name -> tensor) and freshly allocated outputs."""
     trt = _trt()
     import torch
 
@@ -269,35 +268,54 @@ def run_engine(plan: str | Path, feeds: dict, *, repeat: int = 0) -> list:
     if engine is None:
         raise EngineBuildError("TensorRT could not load the plan:\n" + "\n".join(log.messages[-30:]))
     context = engine.create_execution_context()
-    outputs = []
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    for name in names:
         if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
             context.set_input_shape(name, tuple(feeds[name].shape))
             context.set_tensor_address(name, feeds[name].data_ptr())
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
+    outputs = []
+    for name in names:
         if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
             dtype = {trt.float32: torch.float32, trt.float16: torch.float16,
                      trt.bfloat16: torch.bfloat16}[engine.get_tensor_dtype(name)]
             out = torch.empty(tuple(context.get_tensor_shape(name)), device="cuda", dtype=dtype)
             context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
-    stream = torch.cuda.current_stream()
+    return context, outputs, log
+
+
+def _execute(context, log, stream) -> None:
     if not context.execute_async_v3(stream.cuda_stream):
         raise EngineBuildError("TensorRT failed to run the engine:\n" + "\n".join(log.messages[-30:]))
+
+
+def run_engine(plan: str | Path, feeds: dict) -> list:
+    """Run a plan once on CUDA torch tensors (name -> tensor); returns the outputs as tensors."""
+    import torch
+
+    context, outputs, log = _bound(plan, feeds)
+    stream = torch.cuda.current_stream()
+    _execute(context, log, stream)
     stream.synchronize()
-    if repeat:
-        times = []
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            context.execute_async_v3(stream.cuda_stream)
-            end.record(stream)
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        outputs.append(sorted(times)[len(times) // 2])
     return outputs
+
+
+def time_engine(plan: str | Path, feeds: dict, repeat: int = 20) -> float:
+    """Median ms of `repeat` runs (CUDA events), after one warm-up run."""
+    import torch
+
+    context, _, log = _bound(plan, feeds)
+    stream = torch.cuda.current_stream()
+    _execute(context, log, stream)
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        _execute(context, log, stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 class _Log:

@@ -150,12 +150,17 @@ def validate(
             comparisons.append(_compare(name, dtype, _run_torch(variant, inputs, DTYPES[dtype]), ref, scale))
         except Exception as e:
             notes.append(f"{name} does not run in {dtype} on this machine: {type(e).__name__}: {e}")
-    memory = [
-        BlockMemory.estimate(b.name, input_shapes[0][0], b.details["num_heads"], b.details["probe_seq_q"],
+    memory = _block_memory(blocks, input_shapes[0][0], dtype)
+    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
+
+
+def _block_memory(blocks, batch: int, dtype: str) -> list[BlockMemory]:
+    """Attention memory of each block fused into our node, at the validated batch."""
+    return [
+        BlockMemory.estimate(b.name, batch, b.details["num_heads"], b.details["probe_seq_q"],
                              b.details["probe_seq_kv"], dtype)
         for b in (blocks or []) if b.fused
     ]
-    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
 
 
 def einsum_bytes_at(batch: int, heads: int, seq_q: int, seq_kv: int, dtype: str) -> int:
@@ -226,13 +231,11 @@ def validate_engine(
         if not label:
             notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
                          "(the engine's own activation memory is in the sidecar)")
-    free, total = torch.cuda.mem_get_info()
-    memory = []
-    for b in (blocks or []):
-        if b.fused:
-            memory.append(BlockMemory.estimate(b.name, input_shapes[0][0], b.details["num_heads"],
-                                               b.details["probe_seq_q"], b.details["probe_seq_kv"], dtype))
-            side = einsum_oom_side(input_shapes[0][0], b.details["num_heads"], total, dtype)
-            notes.append(f"block {b.name}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
-                         f"at {side}x{side} pixels (batch {input_shapes[0][0]})")
+    _, total = torch.cuda.mem_get_info()
+    batch = input_shapes[0][0]
+    memory = _block_memory(blocks, batch, dtype)
+    for m in memory:
+        side = einsum_oom_side(batch, m.heads, total, dtype)
+        notes.append(f"block {m.block}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
+                     f"at {side}x{side} pixels (batch {batch})")
     return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)

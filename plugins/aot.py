@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
 from .op import FlashAttentionAttrs, logical_shape, output_shape
 
-DTYPE_NAMES = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
+DTYPES = ("fp16", "bf16", "fp32")  # also Triton's pointer type names
 _STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
 # PTX ISA version -> (CUDA release, minimum Linux driver) that loads it.
 PTX_ISA_DRIVER = {
@@ -129,10 +129,10 @@ def compile_artifact(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"dtype: expected one of {list(DTYPE_NAMES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    ptr = f"*{DTYPE_NAMES[dtype]}"
+    ptr = f"*{dtype}"
     constants = {
         "QK_SCALE": qk_scale(scale), "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
         "BLOCK_D": block_dim(head_dim), "BLOCK_DV": block_dim(head_dim_v),
@@ -278,7 +278,7 @@ def main(argv=None) -> None:
     p.add_argument("--head-dim", type=int, required=True)
     p.add_argument("--head-dim-v", type=int)
     p.add_argument("--heads", type=int, required=True)
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--scale", type=float, help="softmax scale [default: 1/sqrt(head_dim)]")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 89, 90")
     p.add_argument("--layouts", default="NCHW,NCHW,NCHW,NCHW", help="q,k,v,out layouts")

@@ -51,9 +51,6 @@ def register_plugin() -> bool:
     import tensorrt.plugin as trtp
     import torch
 
-    def attrs_of(num_heads, scale, q_layout, k_layout, v_layout, out_layout):
-        return FlashAttentionAttrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
-
     def dtype_name(desc) -> str:
         return {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[desc.dtype]
 
@@ -61,7 +58,7 @@ def register_plugin() -> bool:
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int, scale: float,
               q_layout: str, k_layout: str, v_layout: str, out_layout: str) -> trtp.TensorDesc:
         out = q.like()
-        attrs = attrs_of(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        attrs = FlashAttentionAttrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
         out.shape_expr = trtp.ShapeExprs.from_tuple(output_shape(tuple(q.shape_expr), tuple(v.shape_expr), attrs))
         return out
 
@@ -81,7 +78,7 @@ def register_plugin() -> bool:
               k_layout: str, v_layout: str, out_layout: str, outputs, stream: int, tactic: int) -> None:
         from .flash import flash_attention
 
-        attrs = attrs_of(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        attrs = FlashAttentionAttrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
         tensors = [torch.as_tensor(t, device="cuda") for t in (q, k, v, outputs[0])]
         views = [_bhsd_view(t, layout, num_heads) for t, layout in
                  zip(tensors, (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout), strict=True)]
