@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--tune-only", action="store_true", help="tune, write configs.json, stop")
     ap.add_argument("--tune-dims", default="8,64", help="head dims to tune")
     ap.add_argument("--tune-seqs", default="4096,16384", help="sequence lengths to tune at")
+    ap.add_argument("--tune-dtypes", default="fp16,bf16", help="dtypes to tune (others keep their defaults)")
     ap.add_argument("--record", action="store_true", help="merge the tuned configs into plugins/configs.json")
     ap.add_argument("--budget-s", type=float, default=520, help="stop starting new rows after this")
     args = ap.parse_args()
@@ -103,15 +104,20 @@ def main():
     if args.tune:
         seqs = [int(x) for x in args.tune_seqs.split(",")]
         for d in (int(x) for x in args.tune_dims.split(",")):
-            heads = 64 // d if d <= 8 else 256 // d
-            for dname, dt in DTYPES.items():
+            heads = 64 // d if d <= 8 else max(1, 256 // d)
+            for dname in args.tune_dtypes.split(","):
+                dt = DTYPES[dname]
                 for seq in seqs:
-                    best, ms, _ = tune(d, heads, dt, seq)
+                    # Wide heads are tuned at the shapes of the Stable Diffusion VAE's targets.
+                    batch = 8 if d <= 256 else (4 if seq >= 16384 else 1)
+                    best, ms, timings = tune(d, heads, dt, seq, batch=batch)
+                    for cfg, t in sorted(timings.items(), key=lambda kv: kv[1]):
+                        print(f"  d={d} {dname} S={seq} B={batch}: {t:.3f} ms {cfg}", flush=True)
                     buckets = (1024, 4096) if seq <= 4096 else (16384, 65536, 262144)
                     if len(seqs) == 1:
                         buckets = (1024, 4096, 16384, 65536, 262144)
                     for s in buckets:
-                        tuned[config_key(arch, dname, d, s)] = {"config": best.to_dict(), "tuned_at_seq": seq, "ms": ms}
+                        tuned[config_key(arch, dname, d, s)] = {"config": best.to_dict(), "tuned_at_seq": seq, "tuned_at_batch": batch, "ms": ms}
                     print(f"tuned d={d} {dname} S={seq}: {best} {ms:.3f} ms", flush=True)
         (args.out / "configs.json").write_text(json.dumps(tuned, indent=1) + "\n")
         if args.record:

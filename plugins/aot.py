@@ -82,7 +82,7 @@ class AotArtifact:
 
     def grid(self, batch, heads, seq_q, cdiv=lambda a, b: -(-a // b)) -> tuple:
         """(x, y, z) for concrete sizes, or symbolic ones with TensorRT's `cdiv`."""
-        return (cdiv(seq_q, self.config.block_m), batch * heads, 1)
+        return (cdiv(seq_q, self.config.block_m), batch * heads, self.config.dv_programs(self.head_dim_v))
 
     def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b)):
         """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
@@ -135,7 +135,7 @@ def compile_artifact(
     ptr = f"*{dtype}"
     constants = {
         "QK_SCALE": qk_scale(scale), "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
-        "BLOCK_D": block_dim(head_dim), "BLOCK_DV": block_dim(head_dim_v),
+        "BLOCK_D": block_dim(head_dim), "BLOCK_DV": config.dv_block(head_dim_v),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32",
         **unit_flags({f"{t}{a}" for t, layout in zip("qkvo", layouts) for a in unit_strides(layout)}),
     }

@@ -52,10 +52,10 @@ def _strides(t) -> list[int]:
 def launch(q, k, v, out, scale: float, config: KernelConfig) -> None:
     b, h, s_q, d = q.shape
     s_kv, d_v = k.shape[2], v.shape[3]
-    grid = (triton.cdiv(s_q, config.block_m), b * h)
+    grid = (triton.cdiv(s_q, config.block_m), b * h, config.dv_programs(d_v))
     _attn_fwd[grid](
         q, k, v, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, out,
-        QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(d_v),
+        QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=config.dv_block(d_v),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32,
         **unit_flags({f"{n}{a}" for n, t in zip("qkvo", (q, k, v, out)) for a, i in (("s", 2), ("d", 3)) if t.stride(i) == 1}),
         num_warps=config.num_warps, num_stages=config.num_stages,

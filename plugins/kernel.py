@@ -111,6 +111,14 @@ def _attn_body(
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    # Wide heads: grid axis 2 splits the output's head dim into BLOCK_DV slices; each program
+    # recomputes the scores for its slice of V (the fp32 accumulator of a whole 512-wide row
+    # block would not fit in registers).
+    dv0 = 0
+    if BLOCK_DV < HEAD_DIM_V:
+        dv0 = tl.program_id(2) * BLOCK_DV
+        v_base += dv0.to(tl.int64) * stride_vd
+        o_base += dv0.to(tl.int64) * stride_od
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -118,30 +126,40 @@ def _attn_body(
     q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
     # Masks only where a tile crosses S: a masked load or store cannot be vectorised.
     full_m = (pid_m + 1) * BLOCK_M <= seq_q
-    if full_m:
-        q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     n_full = (seq_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        m_i, l_i, acc = _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd,
+        m_i, l_i, acc = _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0,
                               m_i, l_i, acc, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, IEEE, False)
     if n_full < seq_kv:
-        m_i, l_i, acc = _step(q, k_base, v_base, n_full, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd,
+        m_i, l_i, acc = _step(q, k_base, v_base, n_full, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0,
                               m_i, l_i, acc, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, IEEE, True)
     acc = acc / l_i[:, None]
     o_ptrs = o_base + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od
+    dv_in = _dv_in(offs_dv, dv0, HEAD_DIM_V, BLOCK_DV)
     if full_m:
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_dv[None, :] < HEAD_DIM_V)
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=dv_in[None, :])
     else:
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < HEAD_DIM_V))
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & dv_in[None, :])
 
 
 @triton.jit
-def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i, acc,
+def _dv_in(offs_dv, dv0, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Which of this program's output columns exist. Compile-time wherever it can be (a
+    run-time bound would cost the vectorised loads and stores)."""
+    if BLOCK_DV >= HEAD_DIM_V:
+        return offs_dv < HEAD_DIM_V
+    elif HEAD_DIM_V % BLOCK_DV == 0:
+        return offs_dv < BLOCK_DV
+    else:
+        return offs_dv < HEAD_DIM_V - dv0
+
+
+@triton.jit
+def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0, m_i, l_i, acc,
           QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
           BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASK_N: tl.constexpr):
     """One key/value tile: scores, online-softmax update, P V. MASK_N only for the last tile."""
@@ -150,12 +168,13 @@ def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, s
     offs_dv = tl.arange(0, BLOCK_DV)
     kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd  # K^T tile (BLOCK_D, BLOCK_N)
     v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+    dv_in = _dv_in(offs_dv, dv0, HEAD_DIM_V, BLOCK_DV)
     if MASK_N:
         kt = tl.load(kt_ptrs, mask=(cols[None, :] < seq_kv) & (offs_d[:, None] < HEAD_DIM), other=0.0)
-        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_kv) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < seq_kv) & dv_in[None, :], other=0.0)
     else:
         kt = tl.load(kt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_dv[None, :] < HEAD_DIM_V, other=0.0)
+        v = tl.load(v_ptrs, mask=dv_in[None, :], other=0.0)
     if IEEE:
         qk = tl.dot(q, kt, input_precision="ieee")
     else:
@@ -186,9 +205,19 @@ class KernelConfig:
     # the larger one's; 128 keeps the hot aligned body at two 8-warp blocks per SM without
     # spilling (ptxas: 150 -> 123 registers for D=64), which the AOT kernel needs to match JIT.
     maxnreg: int | None = None
+    # Output head-dim columns per program, for heads too wide for one accumulator (grid axis 2
+    # runs cdiv(head_dim_v, block_dv) programs); None: the whole head in one program.
+    block_dv: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "block_dv" or v is not None}
+
+    def dv_block(self, head_dim_v: int) -> int:
+        """BLOCK_DV: this config's slice, or the whole (padded) head."""
+        return min(self.block_dv, block_dim(head_dim_v)) if self.block_dv else block_dim(head_dim_v)
+
+    def dv_programs(self, head_dim_v: int, cdiv=lambda a, b: -(-a // b)) -> int:
+        return cdiv(head_dim_v, self.dv_block(head_dim_v))
 
 
 def block_dim(d: int) -> int:
@@ -196,23 +225,40 @@ def block_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def candidate_configs(head_dim: int, dtype_bytes: int) -> list[KernelConfig]:
-    """The autotuning space for one head dim, pruned so the tiles fit registers and SMEM."""
-    bd = block_dim(head_dim)
-    configs = [
-        KernelConfig(bm, bn, w, s, register_cap(bm, bd, w, bn, dtype_bytes))
-        for bm, bn, w in ((128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 128, 4), (128, 32, 4), (64, 64, 4),
-                          (64, 128, 4), (64, 32, 4), (32, 32, 4), (32, 32, 8))
-        for s in (2, 3)
-    ]
+SMEM_LIMIT = 227 * 1024  # Hopper's largest per-block allocation (sm_80: 163 KB; Triton then refuses the config)
+
+
+def candidate_configs(head_dim: int, dtype_bytes: int, head_dim_v: int | None = None) -> list[KernelConfig]:
+    """The autotuning space for one head dim, pruned so the tiles fit registers and SMEM.
+
+    Heads wider than 256 (the Stable Diffusion VAE's 512) get their own short list, mostly
+    configs that split the output's head dim over programs (block_dv 256 or 128): a whole
+    512-wide fp32 accumulator fits the registers of 64 query rows at most, and 64-row programs
+    were 1.3-1.7x slower than 128-row ones with block_dv=256 on the H100. Short, because
+    TensorRT compiles every tactic while it builds."""
+    bd, bdv = block_dim(head_dim), block_dim(head_dim_v or head_dim)
+    if max(bd, bdv) > 256:
+        configs = [KernelConfig(bm, bn, w, st, None, dv) for bm, bn, w, st, dv in (
+            (128, 64, 8, 1, 256), (128, 32, 8, 1, 256), (128, 32, 8, 2, 256), (64, 64, 8, 1, 256), (64, 32, 4, 3, 256),
+            (128, 64, 8, 1, 128), (128, 64, 4, 1, 128), (128, 32, 8, 2, 128), (64, 64, 8, 2, 128), (64, 64, 4, 2, 128),
+            (64, 64, 8, 1, None), (32, 32, 8, 1, 256), (32, 32, 4, 1, 128), (32, 32, 4, 2, 128))]
+    else:
+        configs = [
+            KernelConfig(bm, bn, w, st, register_cap(bm, bd, w, bn, dtype_bytes))
+            for bm, bn, w in ((128, 64, 4), (128, 64, 8), (128, 128, 8), (128, 128, 4), (128, 32, 4), (64, 64, 4),
+                              (64, 128, 4), (64, 32, 4), (32, 32, 4), (32, 32, 8))
+            for st in (2, 3)
+        ]
 
     def keep(c: KernelConfig) -> bool:
-        acc_regs = c.block_m * bd * 4 / (c.num_warps * 32 * 4)  # fp32 accumulator per thread
-        # Two bodies (aligned and not) each keep num_stages K and V tiles plus Q in shared memory.
-        smem = 2 * (c.num_stages * c.block_n * bd * 2 * dtype_bytes + c.block_m * bd * dtype_bytes)
-        return acc_regs <= 128 and smem <= 220_000 and (bd <= 128 or c.block_m <= 64)
+        dv = c.dv_block(bdv)
+        acc_regs = c.block_m * dv / (c.num_warps * 32)  # fp32 accumulator per thread
+        # Q stays in shared memory; K and V tiles take one buffer per pipeline stage (the
+        # kernel's two bodies, aligned and not, reuse the same allocation).
+        smem = dtype_bytes * (c.block_m * bd + c.num_stages * c.block_n * (bd + dv))
+        return acc_regs <= 128 and smem <= SMEM_LIMIT and (dv <= 128 or c.block_m <= 64 or c.block_dv is not None)
 
-    return [c for c in configs if keep(c)] or [KernelConfig(32, 32, 8, 1)]
+    return [c for c in configs if keep(c)] or [KernelConfig(32, 32, 4, 1, None, 128 if bdv > 128 else None)]
 
 
 def register_cap(block_m: int, block_d: int, num_warps: int, block_n: int = 64, dtype_bytes: int = 2) -> int | None:
@@ -224,12 +270,14 @@ def register_cap(block_m: int, block_d: int, num_warps: int, block_n: int = 64, 
     return 128 if small and dtype_bytes == 2 else None
 
 
-def default_config(head_dim: int, dtype_bytes: int) -> KernelConfig:
+def default_config(head_dim: int, dtype_bytes: int, head_dim_v: int | None = None) -> KernelConfig:
     """A safe configuration when no tuned one is recorded: the first preferred shape that fits."""
     bd = block_dim(head_dim)
-    fitting = candidate_configs(head_dim, dtype_bytes)
-    for bm, bn, w, s in ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)):
-        c = KernelConfig(bm, bn, w, s, register_cap(bm, bd, w, bn, dtype_bytes))
+    fitting = candidate_configs(head_dim, dtype_bytes, head_dim_v)
+    preferred = [KernelConfig(bm, bn, w, s, register_cap(bm, bd, w, bn, dtype_bytes))
+                 for bm, bn, w, s in ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2))]
+    preferred[:0] = [KernelConfig(128, 64, 8, 1, None, 256), KernelConfig(32, 32, 4, 2, None, 128)]  # wide heads
+    for c in preferred:
         if c in fitting:
             return c
     return fitting[-1]

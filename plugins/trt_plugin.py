@@ -108,10 +108,10 @@ def register_plugin() -> bool:
         art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype,
                                config=config, scale=scale, arch=int(arch[3:]),
                                layouts=(q_layout, k_layout, v_layout, out_layout))
-        (gx, gy, _), threads, smem, extras = art.launch_for(
+        (gx, gy, gz), threads, smem, extras = art.launch_for(
             tuple(q.shape_expr), tuple(k.shape_expr), tuple(v.shape_expr), cdiv=trtp.cdiv)
         launch = trtp.KernelLaunchParams()
-        launch.grid_x, launch.grid_y = gx, gy
+        launch.grid_x, launch.grid_y, launch.grid_z = gx, gy, gz
         launch.block_x = threads
         launch.shared_mem = smem
         extra_args = trtp.SymIntExprs(len(extras))
