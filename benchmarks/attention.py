@@ -31,6 +31,8 @@ from convattn.plugins.flash import config_key, pick_config
 from convattn.plugins.tune import tune
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The Stable Diffusion VAE's mid-block attention (C=512, one head): issue 6's target shapes.
+VAE_SHAPES = [(4, 128), (1, 64)]
 BACKENDS = {"sdpa-math": SDPBackend.MATH, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
             "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
 
@@ -50,7 +52,6 @@ def block_fn(name, m: ConvMHAttn, x, art=None):
     if name == "ours-jit":
         m.attention = "flash"
         return lambda: m(x)
-    b, _, h, w = x.shape
 
     def aot():
         q, k, v = m.q_conv(x), m.k_conv(x), m.v_conv(x)
@@ -130,30 +131,30 @@ def main():
         recorded = {**flash_mod._recorded(), **tuned}
         flash_mod._recorded = lambda: recorded  # use what was just tuned
     rows = []
-    shapes = [(8, c, h, side) for c, h in ((64, 8), (256, 4)) for side in (32, 64, 128, 256)]
-    shapes += [(1, 256, 4, 512)]
-    for dname, dt in DTYPES.items():
-        for b, c, heads, side in shapes:
-            if args.quick and side > 64:
-                continue
-            if b == 1 and dname != "fp16":
-                continue
-            if time.time() - start > args.budget_s:
-                print("time budget reached: stopping", flush=True)
-                break
-            torch.manual_seed(0)
-            m = ConvMHAttn(c, c, heads).cuda().to(dt).eval()
-            x = torch.randn(b, c, side, side, device="cuda", dtype=dt)
-            d, s = c // heads, side * side
-            cfg = pick_config(x.device, dt, d, s)
-            art = compile_artifact(head_dim=d, num_heads=heads, dtype=dname, config=cfg, scale=d**-0.5, arch=major * 10 + minor)
-            row = {"dtype": dname, "B": b, "C": c, "heads": heads, "head_dim": d, "side": side, "S": s,
-                   "config": cfg.to_dict(), "results": {}}
-            for name in ("einsum", *BACKENDS, "ours-jit", "ours-aot"):
-                row["results"][name] = measure(block_fn(name, m, x, art))
-            rows.append(row)
-            print(_line(row), flush=True)
-            (args.out / f"{_slug(gpu)}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    small = [(b, c, h, side) for c, h in ((64, 8), (256, 4)) for b, side in ((8, 32), (8, 64), (8, 128), (8, 256))]
+    shapes = [("fp16", *r) for r in (*small, (1, 256, 4, 512))]
+    shapes += [("fp16", b, 512, 1, side) for b, side in VAE_SHAPES]
+    shapes += [("bf16", *r) for r in small]
+    for dname, b, c, heads, side in shapes:
+        if args.quick and side > 64 and c != 512:
+            continue
+        if time.time() - start > args.budget_s:
+            print("time budget reached: stopping", flush=True)
+            break
+        dt = DTYPES[dname]
+        torch.manual_seed(0)
+        m = ConvMHAttn(c, c, heads).cuda().to(dt).eval()
+        x = torch.randn(b, c, side, side, device="cuda", dtype=dt)
+        d, s = c // heads, side * side
+        cfg = pick_config(x.device, dt, d, s)
+        art = compile_artifact(head_dim=d, num_heads=heads, dtype=dname, config=cfg, scale=d**-0.5, arch=major * 10 + minor)
+        row = {"dtype": dname, "B": b, "C": c, "heads": heads, "head_dim": d, "side": side, "S": s,
+               "config": cfg.to_dict(), "results": {}}
+        for name in ("einsum", *BACKENDS, "ours-jit", "ours-aot"):
+            row["results"][name] = measure(block_fn(name, m, x, art))
+        rows.append(row)
+        print(_line(row), flush=True)
+        (args.out / f"{_slug(gpu)}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (args.out / f"{_slug(gpu)}.md").write_text(markdown(meta, rows))
     print(markdown(meta, rows))
 

@@ -12,26 +12,51 @@ import sys
 from pathlib import Path
 
 PATHS = ["einsum", "sdpa-math", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "ours-jit", "ours-aot"]
+DENSE_FP16_PEAK = 989.4e12  # H100 SXM, dense fp16/bf16 tensor-core FLOP/s (NVIDIA's datasheet)
+
+
+def block_flops(r: dict) -> float:
+    """Attention (Q K^T and P V) plus the four 1x1 convs (q, k, v, out) of one block."""
+    b, s, c = r["B"], r["S"], r["C"]
+    return 4 * b * s * s * c + 4 * 2 * b * s * c * c
+
+
+def best_pytorch(res: dict) -> tuple[str, float]:
+    ok = {p: res[p]["ms"] for p in PATHS if not p.startswith("ours") and res[p]["status"] == "ok"}
+    name = min(ok, key=ok.get)
+    return name, ok[name]
 
 
 def markdown(doc: dict) -> str:
     meta, rows = doc["meta"], doc["rows"]
     out = [
         f"# Whole ConvMHAttn block (conv + attention + conv) on {meta['gpu']} ({meta['arch']})", "",
-        f"torch {meta['torch']}, triton {meta['triton']}, convattn commit {meta['commit']}. "
-        f"Command: `{meta['command']}`", "",
-        "Median time (triton.testing.do_bench) / peak extra memory (torch.cuda.max_memory_allocated over "
-        "inputs and weights). OOM: out of memory. All paths in one run on one GPU.", "",
-        "| dtype | B | C | heads | D | S | " + " | ".join(PATHS) + " | ours vs cuDNN |",
-        "|" + "---|" * (7 + len(PATHS)),
+        (f"torch {meta['torch']}, triton {meta['triton']}, convattn commit {meta['commit']}. "
+         f"Command: `{meta['command']}`"), "",
+        ("Median time (triton.testing.do_bench) / peak extra memory (torch.cuda.max_memory_allocated over "
+         "inputs and weights). OOM: out of memory; unsupported: PyTorch has no kernel for the shape. "
+         "All paths in one run on one GPU. C=512 with one head: the Stable Diffusion VAE's attention."), "",
+        "| dtype | B | C | heads | D | S | " + " | ".join(PATHS) + " | ours vs cuDNN | ours vs best PyTorch |",
+        "|" + "---|" * (8 + len(PATHS)),
     ]
     for r in rows:
         res = r["results"]
         cells = [f"{res[p]['ms']:.3f} ms / {res[p]['peak_extra_bytes'] / 1e6:.0f} MB" if res[p]["status"] == "ok"
                  else res[p]["status"] for p in PATHS]
-        speedup = res["sdpa-cudnn"]["ms"] / res["ours-jit"]["ms"] if res["sdpa-cudnn"]["status"] == "ok" else float("nan")
+        cudnn = f"{res['sdpa-cudnn']['ms'] / res['ours-jit']['ms']:.2f}x" if res["sdpa-cudnn"]["status"] == "ok" else "-"
+        name, ms = best_pytorch(res)
         out.append(f"| {r['dtype']} | {r['B']} | {r['C']} | {r['heads']} | {r['head_dim']} | {r['S']} | "
-                   + " | ".join(cells) + f" | {speedup:.2f}x |")
+                   + " | ".join(cells) + f" | {cudnn} | {ms / res['ours-jit']['ms']:.2f}x ({name}) |")
+    wide = [r for r in rows if r["head_dim"] > 256]
+    if wide:
+        out += ["", "Wide heads: fraction of the matmul floor (the block's FLOPs at the dense fp16 peak, "
+                f"{DENSE_FP16_PEAK / 1e12:.1f} TFLOP/s) reached by ours-jit:", "",
+                "| B | S | FLOPs | floor | ours-jit | fraction |", "|---|---|---|---|---|---|"]
+        for r in wide:
+            floor_ms = block_flops(r) / DENSE_FP16_PEAK * 1e3
+            ms = r["results"]["ours-jit"]["ms"]
+            out.append(f"| {r['B']} | {r['S']} | {block_flops(r) / 1e12:.2f} T | {floor_ms:.2f} ms | {ms:.3f} ms | "
+                       f"{floor_ms / ms:.0%} |")
     return "\n".join(out) + "\n"
 
 
@@ -42,14 +67,15 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in doc["rows"] if r["dtype"] == "fp16" and r["B"] == 8]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    wide = [r for r in doc["rows"] if r["dtype"] == "fp16" and r["head_dim"] > 256]
+    fig, axes = plt.subplots(2, 3 if wide else 2, figsize=(16 if wide else 11, 8))
     for col, d in enumerate(sorted({r["head_dim"] for r in rows})):
         sel = [r for r in rows if r["head_dim"] == d]
         for p in PATHS:
             pts = [(r["S"], r["results"][p]) for r in sel if r["results"][p]["status"] == "ok"]
             if not pts:
                 continue
-            style = dict(marker="o", lw=2.5) if p.startswith("ours") else dict(marker=".", lw=1)
+            style = {"marker": "o", "lw": 2.5} if p.startswith("ours") else {"marker": ".", "lw": 1}
             axes[0][col].plot([s for s, _ in pts], [v["ms"] for _, v in pts], label=p, **style)
             axes[1][col].plot([s for s, _ in pts], [v["peak_extra_bytes"] / 1e6 for _, v in pts], label=p, **style)
         c, h = sel[0]["C"], sel[0]["heads"]
@@ -61,6 +87,22 @@ def plot(doc: dict, path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.grid(True, which="both", alpha=0.3)
+    if wide:  # the VAE's shapes differ in batch too: bars per shape, not a line over S
+        width = 0.8 / len(PATHS)
+        for i, p in enumerate(PATHS):
+            xs = [j + i * width for j, r in enumerate(wide) if r["results"][p]["status"] == "ok"]
+            ok = [r["results"][p] for r in wide if r["results"][p]["status"] == "ok"]
+            hatch = "//" if p.startswith("ours") else None
+            axes[0][2].bar(xs, [v["ms"] for v in ok], width, label=p, hatch=hatch)
+            axes[1][2].bar(xs, [v["peak_extra_bytes"] / 1e6 for v in ok], width, label=p, hatch=hatch)
+        for ax in (axes[0][2], axes[1][2]):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(wide))],
+                          [f"B={r['B']}, {r['side']}x{r['side']} (S={r['S']})" for r in wide])
+            ax.set_yscale("log")
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+        axes[0][2].set_title("SD VAE attention: C=512, 1 head (head_dim 512), fp16\n(missing bar: no kernel)")
+        axes[0][2].set_ylabel("median ms (whole block)")
+        axes[1][2].set_ylabel("peak extra memory, MB")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"ConvMHAttn block on {doc['meta']['gpu']}, commit {doc['meta']['commit']}")
     fig.tight_layout()

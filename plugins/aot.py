@@ -282,10 +282,11 @@ def main(argv=None) -> None:
     p.add_argument("--scale", type=float, help="softmax scale [default: 1/sqrt(head_dim)]")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 89, 90")
     p.add_argument("--layouts", default="NCHW,NCHW,NCHW,NCHW", help="q,k,v,out layouts")
-    p.add_argument("--config", default="64,64,4,2,128", help="block_m,block_n,num_warps,num_stages[,maxnreg]")
+    p.add_argument("--config", default="64,64,4,2,128",
+                   help="block_m,block_n,num_warps,num_stages[,maxnreg[,block_dv]] (0: none)")
     p.add_argument("--out", type=Path, required=True, help="directory for <name>.ptx, .cubin, .json")
     a = p.parse_args(argv)
-    config = KernelConfig(*map(int, a.config.split(",")))
+    config = KernelConfig(*(int(x) or None for x in a.config.split(",")))
     scale = a.scale if a.scale is not None else a.head_dim**-0.5
     art = compile_artifact(head_dim=a.head_dim, head_dim_v=a.head_dim_v, num_heads=a.heads, dtype=a.dtype,
                            config=config, scale=scale, arch=a.arch, layouts=tuple(a.layouts.split(",")))

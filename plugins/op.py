@@ -94,6 +94,17 @@ def logical_shape(shape, layout: str, num_heads: int) -> tuple:
     return b, a1, a3, a2
 
 
+def bhsd_view(t, layout: str, num_heads: int):
+    """The kernel's (B, heads, S, D) view of a tensor given in `layout` (a view: no copy; any
+    array with torch's view/transpose, so the TensorRT plugin and the tests share it)."""
+    b, h, s, d = logical_shape(tuple(t.shape), layout, num_heads)
+    if layout == "NCHW":
+        return t.view(b, h, d, s).transpose(-1, -2)
+    if layout == "BSC":
+        return t.view(b, s, h, d).transpose(1, 2)
+    return t.transpose(-1, -2) if layout == "BHDS" else t
+
+
 def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple:
     """Shape of the node's output: for concrete shapes, or symbolic ones (TensorRT's shape
     expressions support the same * and // ), so the plugin's shape rule is this function."""

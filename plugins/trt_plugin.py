@@ -20,7 +20,7 @@ import functools
 import warnings
 
 from .kernel import KernelConfig, candidate_configs, default_config
-from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, logical_shape, output_shape
+from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, output_shape
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out: one dtype
@@ -80,7 +80,7 @@ def register_plugin() -> bool:
 
         attrs = FlashAttentionAttrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
         tensors = [torch.as_tensor(t, device="cuda") for t in (q, k, v, outputs[0])]
-        views = [_bhsd_view(t, layout, num_heads) for t, layout in
+        views = [bhsd_view(t, layout, num_heads) for t, layout in
                  zip(tensors, (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout), strict=True)]
         # bf16 shares fp16's tactic list (one AutoTuneCombination for both 16-bit types).
         family = "fp32" if tensors[0].dtype == torch.float32 else "fp16"
@@ -138,13 +138,3 @@ def _head_dim(desc, layout: str, num_heads: int) -> int:
     if layout == "BSC":
         return dims[2] // num_heads
     return dims[3] if layout == "BHSD" else dims[2]
-
-
-def _bhsd_view(t, layout: str, num_heads: int):
-    """The kernel's (B, heads, S, D) view of a torch tensor given in `layout` (no copy)."""
-    b, h, s, d = logical_shape(tuple(t.shape), layout, num_heads)
-    if layout == "NCHW":
-        return t.view(b, h, d, s).transpose(-1, -2)
-    if layout == "BSC":
-        return t.view(b, s, h, d).transpose(1, 2)
-    return t.transpose(-1, -2) if layout == "BHDS" else t

@@ -127,26 +127,47 @@ def test_aot_scalar_args_are_the_layout_strides():
 def test_config_space_is_pruned_for_large_heads():
     small, large = candidate_configs(8, 2), candidate_configs(512, 2)
     assert len(small) > len(large) >= 1
-    assert all(c.block_m * 512 * 4 / (c.num_warps * 32 * 4) <= 128 for c in large)
+    for dtype_bytes in (2, 4):  # every tactic of a 512-wide head fits the registers and SMEM
+        for c in candidate_configs(512, dtype_bytes):
+            assert c.block_m * c.dv_block(512) / (c.num_warps * 32) <= 128  # fp32 accumulator per thread
+            assert dtype_bytes * (c.block_m * 512 + c.num_stages * c.block_n * (512 + c.dv_block(512))) <= 227 * 1024
+    # Wide heads offer head-dim splits: 2 programs of 256 columns, or 3 of 128 for a 320-wide head.
+    assert any(c.block_dv == 256 and c.dv_programs(512) == 2 for c in large)
+    assert KernelConfig(128, 64, 8, 1, None, 128).dv_programs(320) == 3
+    assert all(c.block_dv is None for c in small)
 
 
+@pytest.mark.parametrize("config", [KernelConfig(16, 16, 4, 1), KernelConfig(16, 16, 4, 1, None, 128)],
+                         ids=["whole-head", "split-dv128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("d", [320, 512])
-def test_large_heads_on_linear_token_views(dtype, d):
+def test_large_heads_on_linear_token_views(dtype, d, config):
     """The Stable Diffusion VAE's single 512-wide head (and 320): (B, S, C) Linear outputs read
-    as (B, 1, S, D) views, d contiguous; the output written into a (B, S, C) tensor in place."""
+    as (B, 1, S, D) views, d contiguous; the output written into a (B, S, C) tensor in place.
+    Split: each program writes 128 of the head's columns (320: the third program only 64)."""
     torch.manual_seed(d)
     b, s_q, s_kv = 2, 9, 13
     tokens = [torch.randn(b, s, d).to(dtype) for s in (s_q, s_kv, s_kv)]
     q, k, v = (t.view(b, t.shape[1], 1, d).transpose(1, 2) for t in tokens)
     out_tokens = torch.full((b, s_q, d), float("nan"), dtype=dtype)
-    flash_attention(q, k, v, out=out_tokens.view(b, s_q, 1, d).transpose(1, 2), config=KernelConfig(16, 16, 4, 1))
+    flash_attention(q, k, v, out=out_tokens.view(b, s_q, 1, d).transpose(1, 2), config=config)
     ref = reference(q, k, v, d**-0.5).transpose(1, 2).reshape(b, s_q, d)
     assert (out_tokens.double() - ref).abs().max() <= TOL[dtype]
 
 
+def test_split_head_with_a_different_value_width():
+    """D_v != D with a split: scores over 40 dims, 200 output columns in 64-wide slices."""
+    torch.manual_seed(3)
+    q, k = conv_views(1, 2, 40, 11, torch.float32), conv_views(1, 2, 40, 17, torch.float32)
+    v = conv_views(1, 2, 200, 17, torch.float32)
+    out = flash_attention(q, k, v, config=KernelConfig(16, 16, 4, 1, None, 64))
+    assert (out.double() - reference(q, k, v, 40**-0.5)).abs().max() <= TOL[torch.float32]
+
+
 def test_aot_artifact_for_token_layout_and_large_head(tmp_path):
     meta, ptx = compile_in_subprocess(tmp_path, "--head-dim", 512, "--heads", 1, "--dtype", "fp16",
-                                      "--layouts", "BSC,BSC,BSC,BSC", "--config", "32,32,8,1")
+                                      "--layouts", "BSC,BSC,BSC,BSC", "--config", "128,64,8,1,0,256")
     assert meta["layouts"] == ["BSC"] * 4 and meta["hidden_params_removed"] == 2
+    assert meta["config"]["block_dv"] == 256 and meta["config"]["maxnreg"] is None  # 2 programs per row block
+    assert meta["shared_mem"] <= 227 * 1024
     assert "stride_qd" not in meta["scalar_arg_names"]  # d is the contiguous axis: compiled in as 1

@@ -96,3 +96,94 @@ def test_module_flash_mode_matches_einsum_on_cuda():
     err = {k: (v - ref).abs().max().item() for k, v in outs.items()}
     # cuDNN runs the fp32 1x1 convs in TF32 by default, in both paths alike.
     assert err["flash"] <= 2 * err["einsum"] + 1e-6, err
+
+
+WIDE_CONFIGS = {  # the two tuned H100 configs (128 rows, head split in 2 or 4) and the whole-head one
+    "dv256": (128, 64, 8, 1, None, 256), "dv128": (128, 64, 8, 1, None, 128), "whole": (64, 64, 8, 1, None, None)}
+
+
+@pytest.mark.parametrize("config", list(WIDE_CONFIGS))
+@pytest.mark.parametrize("dtype,d,layout", [("fp16", 512, "BSC"), ("fp16", 512, "NCHW"), ("fp16", 320, "BSC"),
+                                            ("bf16", 512, "BSC")])
+def test_wide_heads_vs_float64_and_pytorch(dtype, d, layout, config):
+    """The Stable Diffusion VAE's head (512, one head) and a 320-wide one, in the token layout of
+    its Linear projections and the NCHW layout of 1x1 convs, odd lengths (masked tails)."""
+    from convattn.plugins.flash import flash_attention
+    from convattn.plugins.kernel import KernelConfig
+    from convattn.plugins.op import bhsd_view
+
+    torch.manual_seed(d)
+    dt, b, s_q, s_kv = DTYPES[dtype], 2, 1000, 777
+    shape = (lambda s: (b, s, d)) if layout == "BSC" else (lambda s: (b, d, 1, s))
+    q, k, v = (bhsd_view(torch.randn(shape(s), device="cuda").to(dt), layout, 1) for s in (s_q, s_kv, s_kv))
+    out_t = torch.full(shape(s_q), float("nan"), device="cuda", dtype=dt)
+    flash_attention(q, k, v, out=bhsd_view(out_t, layout, 1), config=KernelConfig(*WIDE_CONFIGS[config]))
+    ref = ref64(q, k, v, d**-0.5)
+    assert torch.isfinite(out_t).all()
+    err = (bhsd_view(out_t, layout, 1).double() - ref).abs().max().item()
+    assert err <= 2 * sdpa_error(q, k, v, d**-0.5, ref) + 1e-4, err
+
+
+@pytest.mark.parametrize("d", [512, 320])
+def test_aot_token_layout_wide_head_is_bit_identical_to_jit(d):
+    """The artifact TensorRT would embed for the VAE's attention (BSC in and out, the head split
+    over grid z) launched through the driver API with TensorRT's argument list."""
+    from convattn.plugins.aot import compile_artifact, launch_artifact
+    from convattn.plugins.flash import flash_attention, pick_config
+    from convattn.plugins.op import bhsd_view
+
+    major, minor = torch.cuda.get_device_capability()
+    b, s_q, s_kv = 2, 1000, 777
+    config = pick_config(torch.device("cuda"), torch.float16, d, s_kv)
+    art = compile_artifact(head_dim=d, num_heads=1, dtype="fp16", config=config, scale=d**-0.5,
+                           arch=major * 10 + minor, layouts=("BSC",) * 4)
+    assert art.grid(b, 1, s_q)[2] == config.dv_programs(d) >= 2
+    q, k, v = (torch.randn(b, s, d, device="cuda").half() for s in (s_q, s_kv, s_kv))
+    aot = torch.full((b, s_q, d), float("nan"), device="cuda", dtype=torch.float16)
+    launch_artifact(art, q, k, v, aot)
+    torch.cuda.synchronize()
+    jit = torch.full_like(aot, float("nan"))
+    flash_attention(*(bhsd_view(t, "BSC", 1) for t in (q, k, v)), out=bhsd_view(jit, "BSC", 1), config=config)
+    assert torch.equal(aot, jit)
+
+
+def test_fused_vae_block_on_the_gpu_matches_pytorch():
+    """The Stable Diffusion VAE's attention block (diffusers' form, C=512, one head), exported by
+    torch.export and fused: its graph runs with the FlashAttention node on this GPU (the kernel in
+    fp16, the rest of the graph as exported, in fp32) and matches the PyTorch block in float64."""
+    import numpy as np
+    import user_models
+    from conftest import export_fuse
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    from convattn.plugins.flash import flash_attention
+    from convattn.plugins.op import DOMAIN, OP_TYPE, bhsd_view
+
+    class FlashAttentionOnGpu(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, q, k, v, num_heads=None, scale=None, q_layout=None, k_layout=None, v_layout=None,
+                 out_layout=None, **_):
+            views = [bhsd_view(torch.from_numpy(t).cuda().half(), lay, num_heads)
+                     for t, lay in ((q, q_layout), (k, k_layout), (v, v_layout))]
+            b, h, s, _ = views[0].shape
+            out = torch.empty(b, s, h * views[2].shape[-1], device="cuda", dtype=torch.float16)
+            assert out_layout == "BSC"
+            flash_attention(*views, scale=scale, out=bhsd_view(out, "BSC", num_heads))
+            return (out.float().cpu().numpy(),)
+
+    FlashAttentionOnGpu.__name__ = OP_TYPE
+    torch.manual_seed(0)
+    module = user_models.VAEAttention(512, 1, groups=32).eval()
+    _, fusion = export_fuse(module, [(1, 512, 8, 8)], "dynamo")
+    [block] = fusion.blocks
+    assert block.fused and block.details["head_dim"] == 512
+    x = torch.randn(2, 512, 24, 20)  # other batch and size than the export: dynamic dims
+    feeds = {fusion.model.graph.input[0].name: x.numpy()}
+    [ours] = ReferenceEvaluator(fusion.model, new_ops=[FlashAttentionOnGpu]).run(None, feeds)
+    with torch.no_grad():
+        ref = module.double()(x.double()).numpy()
+        torch16 = module.cuda().half()(x.cuda().half()).double().cpu().numpy()
+    err, err16 = np.abs(ours - ref).max(), np.abs(torch16 - ref).max()
+    assert err <= 2 * err16 + 1e-4, (err, err16)
