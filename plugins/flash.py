@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .kernel import KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
+from .kernel import SMEM_LIMIT, KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
 
 CONFIGS_FILE = Path(__file__).with_name("configs.json")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -32,12 +32,13 @@ def config_key(arch: str, dtype: str, head_dim: int, seq_kv: int) -> str:
 
 def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv: int) -> KernelConfig:
     """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default."""
-    arch = "cpu"
+    arch, smem = "cpu", SMEM_LIMIT
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         arch = f"sm_{major}{minor}"
+        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     rec = _recorded().get(config_key(arch, _DTYPES[dtype], head_dim, seq_kv))
-    return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize)
+    return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize, smem=smem)
 
 
 def _strides(t) -> list[int]:

@@ -19,7 +19,7 @@ fields declared below (num_heads, scale, the four layouts), so the node's `aot` 
 import functools
 import warnings
 
-from .kernel import KernelConfig, candidate_configs, default_config
+from .kernel import KernelConfig, candidate_configs, default_config, smem_limit
 from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, output_shape
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
@@ -39,8 +39,8 @@ def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> list[Kerne
         if rec:
             first = KernelConfig(**rec["config"])
             break
-    first = first or default_config(head_dim, nbytes)
-    return [first] + [c for c in candidate_configs(head_dim, nbytes) if c != first]
+    first = first or default_config(head_dim, nbytes, smem=smem_limit(arch))
+    return [first] + [c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first]
 
 
 @functools.cache
