@@ -34,11 +34,16 @@ def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv:
     """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default."""
     arch, smem = "cpu", SMEM_LIMIT
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = f"sm_{major}{minor}"
-        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        arch, smem = _device(torch.cuda.current_device() if device.index is None else device.index)
     rec = _recorded().get(config_key(arch, _DTYPES[dtype], head_dim, seq_kv))
     return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize, smem=smem)
+
+
+@cache
+def _device(index: int) -> tuple[str, int]:
+    """(arch, per-block shared memory limit) of a CUDA device, asked once (launch overhead)."""
+    props = torch.cuda.get_device_properties(index)
+    return f"sm_{props.major}{props.minor}", props.shared_memory_per_block_optin
 
 
 def _strides(t) -> list[int]:
