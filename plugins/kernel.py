@@ -126,6 +126,9 @@ def _attn_body(
     q_ptrs = q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd
     # Masks only where a tile crosses S: a masked load or store cannot be vectorised.
     full_m = (pid_m + 1) * BLOCK_M <= seq_q
+    # Except Q's one load: masked but unconditional. Loaded under an `if`, Triton keeps Q as a
+    # register operand of the dot instead of in shared memory: 128 registers a thread at D=512,
+    # and the kernel spills (ptxas).
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
