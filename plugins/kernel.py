@@ -219,8 +219,9 @@ class KernelConfig:
         """BLOCK_DV: this config's slice, or the whole (padded) head."""
         return min(self.block_dv, block_dim(head_dim_v)) if self.block_dv else block_dim(head_dim_v)
 
-    def dv_programs(self, head_dim_v: int, cdiv=lambda a, b: -(-a // b)) -> int:
-        return cdiv(head_dim_v, self.dv_block(head_dim_v))
+    def dv_programs(self, head_dim_v: int) -> int:
+        """Programs per row block along grid z (head_dim_v is static, even in TensorRT)."""
+        return -(-head_dim_v // self.dv_block(head_dim_v))
 
 
 def block_dim(d: int) -> int:

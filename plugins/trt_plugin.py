@@ -27,9 +27,11 @@ IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out: one 
 IO_TYPES_32 = "FP32, FP32, FP32, FP32"
 
 
-def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> list[KernelConfig]:
+@functools.cache
+def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> tuple[KernelConfig, ...]:
     """Tactic i (1-based: TensorRT reserves 0) runs config i-1: the recorded (tuned) config
-    first, then the rest of the tuning space, so TensorRT's own timing can pick among them."""
+    first, then the rest of the tuning space, so TensorRT's own timing can pick among them.
+    Cached: the JIT `impl` looks its tactic up at every enqueue."""
     from .flash import _recorded, config_key
 
     nbytes = 4 if dtype == "fp32" else 2
@@ -40,7 +42,7 @@ def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> list[Kerne
             first = KernelConfig(**rec["config"])
             break
     first = first or default_config(head_dim, nbytes, smem=smem_limit(arch))
-    return [first] + [c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first]
+    return (first, *(c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first))
 
 
 @functools.cache
@@ -123,10 +125,12 @@ def register_plugin() -> bool:
 
 
 def _arch() -> str:
+    """The current GPU's "sm_XY", as the JIT path's config lookup names it (asked once)."""
     import torch
 
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
+    from .flash import _device
+
+    return _device(torch.cuda.current_device())[0]
 
 
 def _head_dim(desc, layout: str, num_heads: int) -> int:
