@@ -74,7 +74,9 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
 
     Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
     of the output map. fp16, bf16, fp32; fp32 accumulation; O(S) memory. CUDA tensors run the
-    Triton kernel; CPU tensors too when TRITON_INTERPRET=1 (tests), else the tiled NumPy reference.
+    Triton kernel, or for head_dim 512 on Hopper the Gluon kernel of `hopper` where it applies
+    (no `config` given); CPU tensors run the Triton kernel when TRITON_INTERPRET=1 (tests), else
+    the tiled NumPy reference.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -92,12 +94,27 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
         raise ValueError(f"out: expected shape {shape_o} and dtype {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     if q.numel() == 0 or k.shape[2] == 0:
         raise ValueError("empty attention: S_q and S_kv must be >= 1")
+    if config is None and q.device.type == "cuda" and _hopper_takes(q, k, v):
+        from .hopper import hopper_attention
+
+        hopper_attention(q, k, v, out, scale)
+        return out
     if q.device.type == "cuda" or _interpreting():
         launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]))
         return out
     from .reference import reference_attention_torch
 
     return reference_attention_torch(q, k, v, scale, out)
+
+
+def _hopper_takes(q, k, v) -> bool:
+    if q.shape[3] != 512:  # before importing Gluon
+        return False
+    try:
+        from .hopper import unsupported
+    except ImportError:  # a Triton without Gluon
+        return False
+    return unsupported(q, k, v) is None
 
 
 def _interpreting() -> bool:

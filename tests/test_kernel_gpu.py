@@ -187,3 +187,35 @@ def test_fused_vae_block_on_the_gpu_matches_pytorch():
         torch16 = module.cuda().half()(x.cuda().half()).double().cpu().numpy()
     err, err16 = np.abs(ours - ref).max(), np.abs(torch16 - ref).max()
     assert err <= 2 * err16 + 1e-4, (err, err16)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("b,s_q,s_kv,one_conv,logit_scale", [
+    (2, 1000, 776, False, 1.0),    # masked tails of queries and keys
+    (1, 64, 4096, False, 1.0),     # one query block, many key blocks
+    (2, 4096, 4096, True, 1.0),    # q, k, v slices of one qkv conv output
+    (2, 1024, 1024, False, 20.0),  # large logits: the running max must keep exp2 finite
+])
+def test_hopper_kernel_vs_float64_and_pytorch(dtype, b, s_q, s_kv, one_conv, logit_scale):
+    """head_dim 512 on Hopper runs the Gluon kernel by default (the SD VAE's attention on 1x1-conv
+    outputs); it must match float64 within 2x PyTorch's own error, like the Triton kernel."""
+    from convattn.plugins.flash import flash_attention
+    from convattn.plugins.hopper import unsupported
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    torch.manual_seed(s_q + s_kv)
+    dt, d = DTYPES[dtype], 512
+    if one_conv:
+        qkv = (torch.randn(b, 3 * d, s_q, device="cuda") * logit_scale).to(dt)
+        q, k, v = (qkv[:, i * d:(i + 1) * d].view(b, 1, d, s_q).transpose(-1, -2) for i in range(3))
+    else:
+        (_, q), (_, k), (_, v) = (conv_views(b, 1, d, s, dt, logit_scale) for s in (s_q, s_kv, s_kv))
+    assert unsupported(q, k, v) is None
+    scale = d**-0.5 if logit_scale == 1.0 else 1.0
+    out_map = torch.full((b, d, s_q), float("nan"), device="cuda", dtype=dt)
+    flash_attention(q, k, v, scale=scale, out=out_map.view(b, 1, d, s_q).transpose(-1, -2))
+    ref = ref64(q, k, v, scale)
+    assert torch.isfinite(out_map).all()
+    err = (out_map.view(b, 1, d, s_q).transpose(-1, -2).double() - ref).abs().max().item()
+    assert err <= 2 * sdpa_error(q, k, v, scale, ref) + (1e-2 if logit_scale != 1.0 else 1e-4), err
