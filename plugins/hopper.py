@@ -10,8 +10,8 @@ told to do otherwise: it puts every warp of a chained dot along the rows. Gluon 
   memory (TMA); the row max is one cross-warpgroup reduction;
 - P goes through shared memory, so each warpgroup's O += P V sees all 64 keys and owns half of
   the 512 output columns: 64 x 256 fp32 = 128 registers a thread;
-- FlashAttention-3's order: Q K^T of the next key block and P V of this one are in flight
-  together, and the softmax of the next block runs while P V finishes.
+- FlashAttention-3's order: Q K^T of the next key block is in flight while O is rescaled and P
+  stored, and the softmax of the next block runs while P V finishes.
 
 What it takes: sm_90, fp16/bf16, head_dim 512 for Q, K and V, and the views a 1x1 conv gives
 (pixels contiguous, heads stacked in the channels, rows 16-byte aligned) for TMA. Anything else
@@ -48,15 +48,23 @@ def _load(desc, row, col, bar, smem, D: gl.constexpr):
 
 @gluon.jit
 def _softmax(s, m_i, l_i, col0, cols, seq_kv, qk_scale, EVEN_N: gl.constexpr):
-    """l_i stays a [rows, keys] tile summed once at the end: the row max is this loop's only
-    reduction across the two warpgroups."""
     s = s * qk_scale
     if not EVEN_N:
         s = gl.where(gl.expand_dims(col0 + cols < seq_kv, 0), s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(s - gl.expand_dims(m_new, 1))
-    return p, alpha, m_new, l_i * gl.expand_dims(alpha, 1) + p
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+
+@gluon.jit
+def _rescale_and_store_p(acc, alpha, p, p_smem, o_layout: gl.constexpr):
+    """O *= alpha row-wise; P to shared memory, where both warpgroups' P V reads all of it."""
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+    p_smem.store(p.to(p_smem.dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    return acc
 
 
 @gluon.jit
@@ -77,7 +85,7 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride
     q_smem = gl.allocate_shared_memory(dtype, [D, BLOCK_M], q_desc.layout)  # Q^T, K^T, V^T tiles
     k_smem = gl.allocate_shared_memory(dtype, [D, BLOCK_N], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [D, BLOCK_N], v_desc.layout)
-    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
     bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
     bar_q, bar_k, bar_v = bars.index(0), bars.index(1), bars.index(2)
     for i in gl.static_range(3):
@@ -90,10 +98,10 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
     n_blocks = gl.cdiv(seq_kv, BLOCK_N)
 
-    # Block 0's scores, then K of block 1 streams in while block 0's softmax runs.
+    # Block 0's scores; K of block 1 streams in while block 0's softmax runs.
     mbarrier.wait(bar_q, 0)
     mbarrier.wait(bar_k, 0)
     s = warpgroup_mma(q_smem.permute((1, 0)), k_smem, s_zero, use_acc=False)
@@ -101,33 +109,29 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride
     if n_blocks > 1:
         _load(k_desc, k_row, BLOCK_N, bar_k, k_smem, D)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, 0, cols, seq_kv, qk_scale, EVEN_N)
-    p_smem.index(0).store(p.to(dtype))
-    fence_async_shared()
-    gl.thread_barrier()
     for j in range(n_blocks - 1):
-        # S(j+1) = Q K(j+1)^T and O += P(j) V(j), both in flight; wgmma groups retire in order.
+        # The tensor cores stay busy: Q K(j+1)^T runs while O is rescaled and P(j) stored, and
+        # P(j) V(j) runs while block j+1's softmax does. wgmma groups retire in issue order.
         mbarrier.wait(bar_k, (j + 1) & 1)
         s = warpgroup_mma(q_smem.permute((1, 0)), k_smem, s_zero, use_acc=False, is_async=True)
+        acc = _rescale_and_store_p(acc, alpha, p, p_smem, o_layout)
         mbarrier.wait(bar_v, j & 1)
-        acc = warpgroup_mma(p_smem.index(j % 2), v_smem.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(p_smem, v_smem.permute((1, 0)), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        gl.thread_barrier()
+        gl.thread_barrier()  # both warpgroups are done with K(j+1)
         if j + 2 < n_blocks:
             _load(k_desc, k_row, (j + 2) * BLOCK_N, bar_k, k_smem, D)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, (j + 1) * BLOCK_N, cols, seq_kv, qk_scale, EVEN_N)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         gl.thread_barrier()  # both warpgroups are done with V(j) and P(j)
         _load(v_desc, v_row, (j + 1) * BLOCK_N, bar_v, v_smem, D)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_smem.index((j + 1) % 2).store(p.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
+    acc = _rescale_and_store_p(acc, alpha, p, p_smem, o_layout)
     mbarrier.wait(bar_v, (n_blocks - 1) & 1)
-    acc = warpgroup_mma(p_smem.index((n_blocks - 1) % 2), v_smem.permute((1, 0)), acc)
+    acc = warpgroup_mma(p_smem, v_smem.permute((1, 0)), acc)
     for i in gl.static_range(3):
         mbarrier.invalidate(bars.index(i))
 
-    acc = acc / gl.expand_dims(gl.convert_layout(gl.sum(l_i, axis=1), gl.SliceLayout(1, o_layout)), 1)
+    acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
     # Stored with the rows (pixels) fastest, the contiguous axis of an NCHW output.
     st_layout: gl.constexpr = gl.BlockedLayout([4, 1], [16, 2], [1, num_warps], [0, 1])
     o = gl.convert_layout(acc.to(dtype), st_layout)
