@@ -10,8 +10,8 @@ told to do otherwise: it puts every warp of a chained dot along the rows. Gluon 
   memory (TMA); the row max is one cross-warpgroup reduction;
 - P goes through shared memory, so each warpgroup's O += P V sees all 64 keys and owns half of
   the 512 output columns: 64 x 256 fp32 = 128 registers a thread;
-- FlashAttention-3's order: Q K^T of the next key block is in flight while O is rescaled and P
-  stored, and the softmax of the next block runs while P V finishes.
+- FlashAttention-3's order: Q K^T of the next key block and P V of this one are in flight
+  together, and the softmax of the next block runs while P V finishes.
 
 What it takes: sm_90, fp16/bf16, head_dim 512 for Q, K and V, and the views a 1x1 conv gives
 (pixels contiguous, heads stacked in the channels, rows 16-byte aligned) for TMA. Anything else
@@ -58,16 +58,6 @@ def _softmax(s, m_i, l_i, col0, cols, seq_kv, qk_scale, EVEN_N: gl.constexpr):
 
 
 @gluon.jit
-def _rescale_and_store_p(acc, alpha, p, p_smem, o_layout: gl.constexpr):
-    """O *= alpha row-wise; P to shared memory, where both warpgroups' P V reads all of it."""
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-    p_smem.store(p.to(p_smem.dtype))
-    fence_async_shared()
-    gl.thread_barrier()
-    return acc
-
-
-@gluon.jit
 def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride_os, stride_od,
                    q_batch_rows, k_batch_rows, v_batch_rows, num_heads, seq_q, seq_kv, qk_scale,
                    D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
@@ -85,7 +75,7 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride
     q_smem = gl.allocate_shared_memory(dtype, [D, BLOCK_M], q_desc.layout)  # Q^T, K^T, V^T tiles
     k_smem = gl.allocate_shared_memory(dtype, [D, BLOCK_N], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [D, BLOCK_N], v_desc.layout)
-    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
+    p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, BLOCK_N], gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], dtype))
     bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
     bar_q, bar_k, bar_v = bars.index(0), bars.index(1), bars.index(2)
     for i in gl.static_range(3):
@@ -101,7 +91,7 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
     n_blocks = gl.cdiv(seq_kv, BLOCK_N)
 
-    # Block 0's scores; K of block 1 streams in while block 0's softmax runs.
+    # Block 0's scores, then K of block 1 streams in while block 0's softmax runs.
     mbarrier.wait(bar_q, 0)
     mbarrier.wait(bar_k, 0)
     s = warpgroup_mma(q_smem.permute((1, 0)), k_smem, s_zero, use_acc=False)
@@ -109,25 +99,29 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride
     if n_blocks > 1:
         _load(k_desc, k_row, BLOCK_N, bar_k, k_smem, D)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, 0, cols, seq_kv, qk_scale, EVEN_N)
+    p_smem.index(0).store(p.to(dtype))
+    fence_async_shared()
+    gl.thread_barrier()
     for j in range(n_blocks - 1):
-        # The tensor cores stay busy: Q K(j+1)^T runs while O is rescaled and P(j) stored, and
-        # P(j) V(j) runs while block j+1's softmax does. wgmma groups retire in issue order.
+        # S(j+1) = Q K(j+1)^T and O += P(j) V(j), both in flight; wgmma groups retire in order.
         mbarrier.wait(bar_k, (j + 1) & 1)
         s = warpgroup_mma(q_smem.permute((1, 0)), k_smem, s_zero, use_acc=False, is_async=True)
-        acc = _rescale_and_store_p(acc, alpha, p, p_smem, o_layout)
         mbarrier.wait(bar_v, j & 1)
-        acc = warpgroup_mma(p_smem, v_smem.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(p_smem.index(j % 2), v_smem.permute((1, 0)), acc, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-        gl.thread_barrier()  # both warpgroups are done with K(j+1)
+        gl.thread_barrier()
         if j + 2 < n_blocks:
             _load(k_desc, k_row, (j + 2) * BLOCK_N, bar_k, k_smem, D)
         p, alpha, m_i, l_i = _softmax(s, m_i, l_i, (j + 1) * BLOCK_N, cols, seq_kv, qk_scale, EVEN_N)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         gl.thread_barrier()  # both warpgroups are done with V(j) and P(j)
         _load(v_desc, v_row, (j + 1) * BLOCK_N, bar_v, v_smem, D)
-    acc = _rescale_and_store_p(acc, alpha, p, p_smem, o_layout)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_smem.index((j + 1) % 2).store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
     mbarrier.wait(bar_v, (n_blocks - 1) & 1)
-    acc = warpgroup_mma(p_smem, v_smem.permute((1, 0)), acc)
+    acc = warpgroup_mma(p_smem.index((n_blocks - 1) % 2), v_smem.permute((1, 0)), acc)
     for i in gl.static_range(3):
         mbarrier.invalidate(bars.index(i))
 
@@ -169,13 +163,18 @@ def layout_problem(q, k, v) -> str | None:
     return None
 
 
+@cache
+def _tile_layout(dtype):
+    """The shared-memory layout of a [D/2, 64] tile, asked once (it is per-launch CPU time)."""
+    return gl.NVMMASharedLayout.get_default_for([HEAD_DIM // 2, BLOCK_M], _GL_DTYPES[dtype])
+
+
 def _descriptor(t):
     """A 2-D TMA view [row, pixel] of a (B, H, S, D) conv-output view: row = b * batch_rows + h * D + d."""
     b, h, s, d = t.shape
     batch_rows = t.stride(0) // t.stride(3) if b > 1 else h * d
-    layout = gl.NVMMASharedLayout.get_default_for([d // 2, BLOCK_M], _GL_DTYPES[t.dtype])
     shape = [(b - 1) * batch_rows + h * d, s]
-    return TensorDescriptor(t, shape, [t.stride(3), 1], [d // 2, BLOCK_M], layout), batch_rows
+    return TensorDescriptor(t, shape, [t.stride(3), 1], [d // 2, BLOCK_M], _tile_layout(t.dtype)), batch_rows
 
 
 def hopper_attention(q, k, v, out, scale: float) -> None:
