@@ -35,7 +35,9 @@ def markdown(doc: dict) -> str:
          f"Command: `{meta['command']}`"), "",
         ("Median time (triton.testing.do_bench) / peak extra memory (torch.cuda.max_memory_allocated over "
          "inputs and weights). OOM: out of memory; unsupported: PyTorch has no kernel for the shape. "
-         "All paths in one run on one GPU. C=512 with one head: the Stable Diffusion VAE's attention."), "",
+         "All paths in one run on one GPU. C=512 with one head: the Stable Diffusion VAE's attention. "
+         "ours-jit: `flash_attention` (at head_dim 512 on Hopper, the Gluon kernel); ours-aot: the Triton "
+         "kernel's PTX as a TensorRT engine embeds it."), "",
         "| dtype | B | C | heads | D | S | " + " | ".join(PATHS) + " | ours vs cuDNN | ours vs best PyTorch |",
         "|" + "---|" * (8 + len(PATHS)),
     ]
