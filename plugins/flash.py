@@ -32,11 +32,14 @@ def config_key(arch: str, dtype: str, head_dim: int, seq_kv: int) -> str:
 
 def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv: int) -> KernelConfig:
     """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default."""
-    arch, smem = "cpu", SMEM_LIMIT
-    if device.type == "cuda":
-        arch, smem = _device(torch.cuda.current_device() if device.index is None else device.index)
+    arch, smem = device_arch(device) if device.type == "cuda" else ("cpu", SMEM_LIMIT)
     rec = _recorded().get(config_key(arch, _DTYPES[dtype], head_dim, seq_kv))
     return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize, smem=smem)
+
+
+def device_arch(device: torch.device) -> tuple[str, int]:
+    """("sm_XY", per-block shared memory limit) of a CUDA device (None: the current one)."""
+    return _device(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @cache

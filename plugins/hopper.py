@@ -137,14 +137,11 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, stride_ob, stride_oh, stride
 
 def unsupported(q, k, v) -> str | None:
     """Why this kernel cannot take (q, k, v) (B, H, S, D) views; None when it can."""
-    if q.device.type != "cuda" or _major(q.device.index) != 9:
+    from .flash import device_arch
+
+    if q.device.type != "cuda" or device_arch(q.device)[0] != "sm_90":
         return "needs a Hopper (sm_90) GPU"
     return layout_problem(q, k, v)
-
-
-@cache
-def _major(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 
 
 def layout_problem(q, k, v) -> str | None:
@@ -194,7 +191,7 @@ def compile_for_hopper(dtype=torch.float16, even_n: bool = True):
 
     t = torch.empty(1, HEAD_DIM, 64, dtype=dtype).view(1, 1, HEAD_DIM, 64).transpose(2, 3)
     desc = mangle_type(_descriptor(t)[0])
-    names = [n for n in _wide_attn_fwd.arg_names]
+    names = _wide_attn_fwd.arg_names
     constexprs = {"D": HEAD_DIM, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "EVEN_N": even_n, "num_warps": NUM_WARPS}
     kinds = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "out_ptr": "*" + mangle_type(t)[1:], "qk_scale": "fp32"}
     signature = {n: "constexpr" if n in constexprs else kinds.get(n, "i32") for n in names}

@@ -128,9 +128,9 @@ def _arch() -> str:
     """The current GPU's "sm_XY", as the JIT path's config lookup names it (asked once)."""
     import torch
 
-    from .flash import _device
+    from .flash import device_arch
 
-    return _device(torch.cuda.current_device())[0]
+    return device_arch(torch.device("cuda"))[0]
 
 
 def _head_dim(desc, layout: str, num_heads: int) -> int:
