@@ -72,7 +72,7 @@ def launch(q, k, v, out, scale: float, config: KernelConfig) -> None:
     )
 
 
-def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None):
+def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None):
     """softmax(scale * q k^T) v with q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
 
     Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
@@ -80,6 +80,9 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
     Triton kernel, or for head_dim 512 on Hopper the Gluon kernel of `hopper` where it applies
     (no `config` given); CPU tensors run the Triton kernel when TRITON_INTERPRET=1 (tests), else
     the tiled NumPy reference.
+
+    `q_bias` (H*D values, a Q conv's bias) is added to q first: the Hopper kernel adds it to its
+    resident Q tile, which spares a pass over Q; the other paths add it to a copy of q.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -97,11 +100,18 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
         raise ValueError(f"out: expected shape {shape_o} and dtype {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     if q.numel() == 0 or k.shape[2] == 0:
         raise ValueError("empty attention: S_q and S_kv must be >= 1")
+    if q_bias is not None:
+        if q_bias.numel() != q.shape[1] * q.shape[3] or q_bias.device != q.device:
+            raise ValueError(f"q_bias: expected {q.shape[1] * q.shape[3]} values (heads x head_dim) on {q.device}, "
+                             f"got {tuple(q_bias.shape)} on {q_bias.device}")
+        q_bias = q_bias.reshape(-1).contiguous()
     if config is None and q.device.type == "cuda" and _hopper_takes(q, k, v):
         from .hopper import hopper_attention
 
-        hopper_attention(q, k, v, out, scale)
+        hopper_attention(q, k, v, out, scale, q_bias)
         return out
+    if q_bias is not None:
+        q = q + q_bias.view(1, q.shape[1], 1, q.shape[3]).to(q.dtype)
     if q.device.type == "cuda" or _interpreting():
         launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]))
         return out

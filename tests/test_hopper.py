@@ -44,17 +44,17 @@ def test_refuses_what_it_cannot_read_and_says_why():
 BUILD = """
 import sys, torch
 from convattn.plugins.hopper import compile_for_hopper
-kernel = compile_for_hopper(getattr(torch, sys.argv[1]), sys.argv[2] == "even")
+kernel = compile_for_hopper(getattr(torch, sys.argv[1]), sys.argv[2] == "even", sys.argv[4] == "q_bias")
 open(sys.argv[3], "w").write(kernel.asm["ptx"])
 print(kernel.metadata.shared)
 """
 
 
-@pytest.mark.parametrize("dtype,even_n", [("float16", "even"), ("bfloat16", "masked")])
-def test_builds_for_hopper_with_tensor_cores_and_no_spills(dtype, even_n, tmp_path):
+@pytest.mark.parametrize("dtype,even_n,bias", [("float16", "even", "q_bias"), ("bfloat16", "masked", "none")])
+def test_builds_for_hopper_with_tensor_cores_and_no_spills(dtype, even_n, bias, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     ptx = tmp_path / "kernel.ptx"
-    built = subprocess.run([sys.executable, "-c", BUILD, dtype, even_n, str(ptx)], env=env, capture_output=True, text=True)
+    built = subprocess.run([sys.executable, "-c", BUILD, dtype, even_n, str(ptx), bias], env=env, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     assert int(built.stdout.split()[-1]) <= SMEM_LIMITS[90]
     assert "wgmma.mma_async" in ptx.read_text()

@@ -61,6 +61,15 @@ def test_large_logits_stay_finite_in_fp16():
     assert (out.double() - ref).abs().max() / ref.abs().max() <= 2e-3
 
 
+def test_q_bias_is_added_to_every_query():
+    torch.manual_seed(0)
+    q, k, v = (conv_views(2, 3, 8, s, torch.float32) for s in (20, 9, 9))
+    bias = torch.randn(3 * 8)  # a Q conv's bias: heads x head_dim
+    out = flash_attention(q, k, v, q_bias=bias, config=KernelConfig(16, 16, 4, 1))
+    ref = reference(q + bias.view(1, 3, 1, 8), k, v, 8**-0.5)
+    assert (out.double() - ref).abs().max() <= 1e-5
+
+
 def test_bad_arguments_are_refused():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(ValueError, match="do not form an attention"):
@@ -69,6 +78,8 @@ def test_bad_arguments_are_refused():
         flash_attention(q, q.half(), q)
     with pytest.raises(ValueError, match="out: expected"):
         flash_attention(q, q, q, out=torch.empty(1, 2, 4, 9))
+    with pytest.raises(ValueError, match="q_bias: expected 16 values"):
+        flash_attention(q, q, q, q_bias=torch.zeros(8))
 
 
 def compile_in_subprocess(tmp_path, *args):

@@ -219,3 +219,25 @@ def test_hopper_kernel_vs_float64_and_pytorch(dtype, b, s_q, s_kv, one_conv, log
     assert torch.isfinite(out_map).all()
     err = (out_map.view(b, 1, d, s_q).transpose(-1, -2).double() - ref).abs().max().item()
     assert err <= 2 * sdpa_error(q, k, v, scale, ref) + (1e-2 if logit_scale != 1.0 else 1e-4), err
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_hopper_kernel_adds_the_q_bias(dtype):
+    """The Q conv's bias, added by the Gluon kernel to its resident Q tile (ConvMHAttn's flash
+    mode passes it), against float64 and against the Triton kernel, which adds it to a copy."""
+    from convattn.plugins.flash import flash_attention
+    from convattn.plugins.kernel import KernelConfig
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    torch.manual_seed(7)
+    dt, d, b, s = DTYPES[dtype], 512, 2, 1000
+    (_, q), (_, k), (_, v) = (conv_views(b, 1, d, s, dt) for _ in range(3))
+    bias = torch.randn(d, device="cuda").to(dt)
+    scale = d**-0.5
+    out = flash_attention(q, k, v, scale=scale, q_bias=bias)
+    ref = ref64(q.double() + bias.double().view(1, 1, 1, d), k, v, scale)
+    triton_out = flash_attention(q, k, v, scale=scale, q_bias=bias, config=KernelConfig(128, 64, 8, 1, None, 256))
+    err, triton_err = ((o.double() - ref).abs().max().item() for o in (out, triton_out))
+    assert err <= 2 * triton_err + 1e-4, (err, triton_err)
+    assert (ref - ref64(q, k, v, scale)).abs().max().item() > 10 * err  # the bias changes the result

@@ -4,28 +4,48 @@ import torch
 from convattn.models import ConvMHAttn, SeedEinsum, SeedSDPA
 
 
-def reference(m: ConvMHAttn, x, kv):
+def reference(m: ConvMHAttn, x, kv, value=None):
     """Spatial attention written out in float64, independent of the module's code."""
     m = m.double()
+    value = kv if value is None else value
     b, _, h, w = x.shape
     q = m.q_conv(x.double()).reshape(b, m.num_heads, m.head_dim, -1).transpose(-1, -2)
     k = m.k_conv(kv.double()).reshape(b, m.num_heads, m.head_dim, -1).transpose(-1, -2)
-    v = m.v_conv(kv.double()).reshape(b, m.num_heads, m.head_dim, -1).transpose(-1, -2)
+    v = m.v_conv(value.double()).reshape(b, m.num_heads, m.head_dim, -1).transpose(-1, -2)
     p = torch.softmax(q @ k.transpose(-1, -2) / m.head_dim**0.5, dim=-1)
     return m.out_conv((p @ v).transpose(-1, -2).reshape(b, -1, h, w))
 
 
 @pytest.mark.parametrize("mode", ["einsum", "sdpa", "flash"])
-@pytest.mark.parametrize("kv_hw", [None, (5, 3)])
-def test_all_modes_compute_spatial_attention(mode, kv_hw):
+@pytest.mark.parametrize("inputs", ["self", "key map", "key and value maps"])
+def test_all_modes_compute_spatial_attention(mode, inputs):
+    # Self-attention, one key/value map and separate ones take different projection paths in
+    # "flash" mode (one stacked product, two, three), each with the biases folded differently.
     m = ConvMHAttn(16, 24, 3, attention=mode).eval()
     x = torch.randn(2, 16, 7, 9)
-    kv = x if kv_hw is None else torch.randn(2, 16, *kv_hw)
+    kv = x if inputs == "self" else torch.randn(2, 16, 5, 3)
+    value = torch.randn(2, 16, 5, 3) if inputs == "key and value maps" else None
     with torch.no_grad():
-        out = m(x) if kv_hw is None else m(x, kv)
-        ref = reference(m, x, kv)
+        for conv in (m.q_conv, m.k_conv, m.v_conv, m.out_conv):
+            conv.bias.normal_()  # large enough that a bias dropped or added twice shows
+        out = m(x) if inputs == "self" else m(x, kv, value)
+        ref = reference(m, x, kv, value)
     assert out.shape == (2, 24, 7, 9)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+
+
+def test_flash_mode_follows_new_weights():
+    # Flash mode keeps its stacked weights between calls: loading others must rebuild them.
+    m, other = ConvMHAttn(16, 16, 2, attention="flash").eval(), ConvMHAttn(16, 16, 2).eval()
+    x = torch.randn(1, 16, 5, 3)
+    with torch.no_grad():
+        before = m(x)
+        m.load_state_dict(other.state_dict())
+        m.out_conv.bias.add_(1.0)  # in place, as an optimizer step would
+        after = m(x)
+        ref = reference(m, x, x)
+    assert not torch.allclose(before.double(), ref, atol=1e-3)
+    torch.testing.assert_close(after.double(), ref, atol=1e-5, rtol=0)
 
 
 def test_sdpa_mode_has_no_dropout_in_eval():
