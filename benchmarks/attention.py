@@ -3,10 +3,10 @@
     python benchmarks/attention.py --out DIR [--tune] [--quick]
 
 Paths: einsum; SDPA with each backend (math, flash, efficient, cuDNN; the contiguous copies
-SDPA needs are part of the block); ours JIT (`flash_attention` as `ConvMHAttn` calls it, reading
-the conv outputs in place: the Triton kernel, or at head_dim 512 on Hopper the Gluon kernel of
-`plugins/hopper.py`); ours AOT (the Triton kernel's PTX TensorRT would embed, launched through the
-CUDA driver API). Median time from
+SDPA needs are part of the block); ours JIT (`ConvMHAttn(attention="flash")`: its 1x1 convs as
+`bmm` products, then `flash_attention` reading them in place: the Triton kernel, or at head_dim 512
+on Hopper the Gluon kernel of `plugins/hopper.py`); ours AOT (cuDNN convs around the Triton
+kernel's PTX TensorRT would embed, launched through the CUDA driver API). Median time from
 triton.testing.do_bench, peak extra memory from torch.cuda.max_memory_allocated over the
 inputs and weights. Writes <gpu>.json (raw), <gpu>.md (table) and, with --tune, configs.json.
 """

@@ -12,6 +12,7 @@ told to do otherwise: it puts every warp of a chained dot along the rows. Gluon 
   the 512 output columns: 64 x 256 fp32 = 128 registers a thread;
 - FlashAttention-3's order: Q K^T of the next key block and P V of this one are in flight
   together, and the softmax of the next block runs while P V finishes.
+- a Q conv's bias (`q_bias`) is added once to the resident Q tile, sparing a pass over Q.
 
 What it takes: sm_90, fp16/bf16, head_dim 512 for Q, K and V, and the views a 1x1 conv gives
 (pixels contiguous, heads stacked in the channels, rows 16-byte aligned) for TMA. Anything else
