@@ -24,12 +24,13 @@ def _cpu_only(reason):
     """flash_attention without Triton: the tiled reference on CPU tensors, a clear error on CUDA."""
     import math
 
-    from .reference import reference_attention_torch
+    from .reference import add_q_bias, reference_attention_torch
 
-    def flash_attention(q, k, v, *, scale=None, out=None, config=None):
+    def flash_attention(q, k, v, *, scale=None, out=None, config=None, q_bias=None):
         if q.device.type != "cpu":
             raise ImportError(f"the Triton kernel is not available ({reason}): pip install 'convattn[gpu]'")
-        return reference_attention_torch(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, out)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out)
 
     return flash_attention
 

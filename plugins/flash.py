@@ -11,6 +11,7 @@ import torch
 import triton
 
 from .kernel import SMEM_LIMIT, KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
+from .reference import add_q_bias
 
 CONFIGS_FILE = Path(__file__).with_name("configs.json")
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -110,8 +111,7 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
 
         hopper_attention(q, k, v, out, scale, q_bias)
         return out
-    if q_bias is not None:
-        q = q + q_bias.view(1, q.shape[1], 1, q.shape[3]).to(q.dtype)
+    q = add_q_bias(q, q_bias)
     if q.device.type == "cuda" or _interpreting():
         launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]))
         return out

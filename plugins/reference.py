@@ -85,3 +85,12 @@ def reference_attention_torch(q, k, v, scale: float, out=None):
         return o.to(q.dtype)
     out.copy_(o)
     return out
+
+
+def add_q_bias(q, q_bias):
+    """q + q_bias (H*D values, a Q conv's bias) as a new (B, H, S, D) tensor; q when None.
+    Shared by both `flash_attention`s (with and without Triton) for every path but the Hopper
+    kernel, which adds the bias to its resident Q tile instead."""
+    if q_bias is None:
+        return q
+    return q + q_bias.reshape(1, q.shape[1], 1, q.shape[3]).to(q.dtype)

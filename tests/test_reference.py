@@ -103,3 +103,8 @@ def test_flash_attention_without_triton_runs_the_reference_on_cpu():
     q, k, v = (torch.randn(1, 2, s, 8) for s in (5, 7, 7))
     expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
     torch.testing.assert_close(flash(q, k, v), expected, atol=1e-5, rtol=0)
+    # ConvMHAttn's flash mode passes its Q conv's bias: it must work without Triton too.
+    bias = torch.randn(2 * 8)
+    q_biased = q + bias.view(1, 2, 1, 8)
+    expected = torch.softmax(q_biased @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+    torch.testing.assert_close(flash(q, k, v, q_bias=bias), expected, atol=1e-5, rtol=0)
