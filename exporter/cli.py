@@ -2,8 +2,8 @@
 
 The only place that prints or exits. Exit codes: 0 every requested stage succeeded and
 parity passed; 1 parity failed; 2 bad input or output path; 3 the model cannot be exported
-or holds no attention; 5 an engine was asked for and TensorRT is not installed (everything
-before the engine was written).
+or holds no attention; 4 TensorRT or the plugin refused the graph; 5 an engine was asked for and
+TensorRT is not installed (everything before the engine was written).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def export(
     onnx_path: Annotated[Optional[Path], typer.Option("--onnx", help="write the exported (unfused) graph here")] = None,
     fused_onnx: Annotated[Optional[Path], typer.Option(help="write the fused graph here [default: beside the engine, or ./<model>.fused.onnx]")] = None,
     input_shape: Annotated[Optional[list[str]], typer.Option(help="BxCxHxW, once per model input (one shape serves all)")] = None,
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16: engine precision and PyTorch check precision")] = "fp32",
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16: the precision the fused graph (so the engine) computes in, and the checks run in")] = "fp32",
     heads: Annotated[Optional[int], typer.Option(help="number of heads (needed for a state_dict)")] = None,
     exporter: Annotated[str, typer.Option(help="dynamo | torchscript")] = "dynamo",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18; 23 emits the Attention op)")] = 18,
@@ -130,7 +130,7 @@ def export(
 
 
 def _check_options(o: Options) -> None:
-    from convattn.exporter.engine import PLUGIN_MODES
+    from convattn.plugins.op import PLUGIN_MODES
     from convattn.exporter.fuse import ATTENTION_PATHS
     from convattn.exporter.validate import DTYPES
 
@@ -153,6 +153,7 @@ def _run(o: Options) -> int:
     from convattn.exporter.export import export_onnx
     from convattn.exporter.fuse import fuse_attention
     from convattn.exporter.load import load_model
+    from convattn.exporter.precision import cast_graph
     from convattn.exporter.validate import validate
 
     _check_options(o)
@@ -180,18 +181,20 @@ def _run(o: Options) -> int:
 
         profile = parse_profiles(exported.input_names, input_shapes, o.min_shape, o.opt_shape, o.max_shape)
     with stage("fuse"):
-        fusion = fuse_attention(exported.model, input_shapes, attention=o.attention, dtype=o.dtype)
+        fusion = fuse_attention(exported.model, input_shapes, attention=o.attention, dtype=o.dtype,
+                                plugin_mode=o.plugin_mode)
+    unfused, fused = (cast_graph(m, o.dtype) for m in (exported.model, fusion.model))
     native = sum(b.path == "native" for b in fusion.blocks)
     out.print(f"  [dim]{len(fusion.fused)} of {len(fusion.blocks)} attention blocks fused into FlashAttention"
               + (f", {native} left to TensorRT's own fusion" if native else "") + "[/]")
     if not fusion.blocks:
         raise ModelError("no attention block found in the graph (no Softmax after a MatMul/Einsum, no Attention op)")
     with stage(f"validate ({o.dtype})"):
-        result = validate(loaded.module, exported.model, fusion.model, input_shapes, dtype=o.dtype,
+        result = validate(loaded.module, unfused, fused, input_shapes, dtype=o.dtype,
                           blocks=fusion.blocks, seed=o.seed)
     if o.onnx_path:
-        write_atomic(o.onnx_path, exported.model.SerializeToString())
-    write_atomic(fused_onnx, fusion.model.SerializeToString())
+        write_atomic(o.onnx_path, unfused.SerializeToString())
+    write_atomic(fused_onnx, fused.SerializeToString())
     warnings = loaded.warnings + exported.warnings
     _print_summary(fusion, result, warnings, fused_onnx, o.onnx_path)
     doc = {
@@ -206,8 +209,8 @@ def _run(o: Options) -> int:
     code = 0 if result.passed else ParityError.exit_code
     if o.engine is not None:
         try:
-            doc["engine"] = _engine_stage(o, fusion.model, profile, exported.input_names, input_shapes,
-                                          loaded.sha256, loaded.module, exported.model, fusion.blocks)
+            doc["engine"] = _engine_stage(o, fused, profile, exported.input_names, input_shapes,
+                                          loaded.sha256, loaded.module, unfused, fusion.blocks)
             doc["outputs"]["engine"] = str(o.engine)
             if not doc["engine"].get("validation", {}).get("passed", True):
                 code = ParityError.exit_code
@@ -224,7 +227,7 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
     from convattn.exporter.engine import build_engine, triton_repository
 
     with stage(f"engine ({o.plugin_mode}, {o.dtype})"):
-        built = build_engine(fused, o.engine, profile, dtype=o.dtype, plugin_mode=o.plugin_mode,
+        built = build_engine(fused, o.engine, profile, plugin_mode=o.plugin_mode,
                              workspace_bytes=o.workspace_mib * 2**20 if o.workspace_mib else None,
                              timing_cache=o.timing_cache, model_sha256=sha256)
     if built.sidecar.get("device_memory_bytes"):
@@ -306,7 +309,7 @@ def _compare_paths(o: Options, built, unfused, profile, names) -> dict:
     result = {"plugin": {"ms": time_engine(built.plan, feeds),
                          "device_memory_bytes": built.sidecar.get("device_memory_bytes")}}
     with tempfile.TemporaryDirectory() as tmp, stage("engine (TensorRT's own attention, for comparison)"):
-        native = build_engine(unfused, Path(tmp) / "native.plan", profile, dtype=o.dtype)
+        native = build_engine(unfused, Path(tmp) / "native.plan", profile)
         result["native"] = {"ms": time_engine(native.plan, feeds),
                             "device_memory_bytes": native.sidecar.get("device_memory_bytes")}
     table = Table(title="attention path comparison (opt shape, median of 20)", title_justify="left")

@@ -19,11 +19,13 @@ from pathlib import Path
 import onnx
 
 import convattn
-from convattn.errors import EngineBuildError, InputError, TensorRTUnavailable
+from convattn.errors import ConvattnError, EngineBuildError, InputError, TensorRTUnavailable
+from convattn.plugins.op import PLUGIN_MODES
 
 from .files import write_atomic
+from .fuse import set_plugin_mode
+from .precision import graph_precision
 
-PLUGIN_MODES = ("aot", "jit")
 _TRT_DTYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16"}
 
 
@@ -177,7 +179,20 @@ def _trt():
 class EngineResult:
     plan: Path
     sidecar: dict
-    log: list[str]
+
+
+def network_flags(trt, plugin_mode: str) -> int:
+    """The one place that knows TensorRT versions apart. Precision lives in the graph: TensorRT 11
+    builds strongly typed networks only (no STRONGLY_TYPED flag, no BuilderFlag.FP16/BF16); on 10.x
+    strong typing is a creation flag. The PREFER_* flag names the implementation for plugins
+    whose node does not say (ours do: their `aot` attribute)."""
+    names = []
+    if int(trt.__version__.split(".")[0]) < 11:
+        names.append("STRONGLY_TYPED")
+    prefer = f"PREFER_{plugin_mode.upper()}_PYTHON_PLUGINS"
+    if hasattr(trt.NetworkDefinitionCreationFlag, prefer):
+        names.append(prefer)
+    return sum(1 << int(getattr(trt.NetworkDefinitionCreationFlag, n)) for n in names)
 
 
 def build_engine(
@@ -185,50 +200,52 @@ def build_engine(
     plan_path: str | Path,
     profile: Profile,
     *,
-    dtype: str = "fp32",
     plugin_mode: str = "aot",
     workspace_bytes: int | None = None,
     timing_cache: str | Path | None = None,
     model_sha256: str | None = None,
 ) -> EngineResult:
-    """Build a TensorRT engine from the fused graph; write the plan and its sidecar atomically.
+    """Build a strongly typed TensorRT engine from the fused graph; write the plan and its sidecar atomically.
+
+    The engine computes in the graph's types (`precision.cast_graph`); the sidecar records them.
 
     Args:
         profile: min/opt/max shapes per input (`parse_profiles`).
-        dtype: "fp32", "fp16" or "bf16" (builder precision flag; the graph is fp32).
-        plugin_mode: "aot" (default: the engine carries our PTX, no Python needed to serve it) or "jit".
+        plugin_mode: "aot" (default: the engine carries our PTX, no Python needed to serve it) or
+            "jit". Written on every FlashAttention node (`fuse.set_plugin_mode`), which is what
+            TensorRT's ONNX parser obeys.
         workspace_bytes: builder workspace limit. Defaults to TensorRT's.
         timing_cache: read if present, written after the build.
+
+    Raises:
+        EngineBuildError: anything TensorRT or the plugin refused, as one line (exit code 4).
     """
     if plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     trt = _trt()
+    try:
+        return _build(trt, set_plugin_mode(fused, plugin_mode), Path(plan_path), profile, plugin_mode,
+                      workspace_bytes, timing_cache, model_sha256)
+    except ConvattnError:
+        raise
+    except Exception as e:  # the TensorRT path raises ValueError, TypeError, RuntimeError, ...
+        raise EngineBuildError(f"TensorRT {trt.__version__}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, timing_cache, model_sha256):
     from convattn.plugins.trt_plugin import register_plugin
 
-    has_aot = register_plugin()
-    if plugin_mode == "aot" and not has_aot:
-        plugin_mode = "jit"
+    if not register_plugin() and plugin_mode == "aot":
+        raise EngineBuildError(f"TensorRT {trt.__version__} has no AOT Python plugins (tensorrt.plugin.aot_impl, "
+                               "TensorRT >= 10.12): pass --plugin-mode jit, or use a newer TensorRT")
     log = _Log(trt)
     builder = trt.Builder(log)
-    flag = (trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS if plugin_mode == "aot"
-            else trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS)
-    network = builder.create_network(1 << int(flag))
+    network = builder.create_network(network_flags(trt, plugin_mode))
     parser = trt.OnnxParser(network, log)
     if not parser.parse(fused.SerializeToString()):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError("TensorRT's ONNX parser refused the fused graph: " + "; ".join(errors))
-    config = builder.create_builder_config()
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer information for the report
-    if workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if dtype == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif dtype == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    opt = builder.create_optimization_profile()
-    for name, (lo, mid, hi) in profile.shapes.items():
-        opt.set_shape(name, lo, mid, hi)
-    config.add_optimization_profile(opt)
+    config = _builder_config(trt, builder, profile, workspace_bytes)
     cache = None
     if timing_cache:
         data = Path(timing_cache).read_bytes() if Path(timing_cache).exists() else b""
@@ -236,23 +253,46 @@ def build_engine(
         config.set_timing_cache(cache, ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineBuildError("TensorRT could not build the engine:\n" + "\n".join(log.messages[-30:]))
+        raise EngineBuildError("TensorRT could not build the engine: " + " | ".join(log.messages[-10:]))
     engine = trt.Runtime(log).deserialize_cuda_engine(plan)
     memory = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
-    import torch
-
-    major, minor = torch.cuda.get_device_capability()
-    meta = sidecar(trt_version=trt.__version__, gpu=torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}",
-                   profile=profile, plugin_mode=plugin_mode, dtype=dtype, model_sha256=model_sha256,
+    gpu, capability = gpu_identity()
+    meta = sidecar(trt_version=trt.__version__, gpu=gpu, compute_capability=capability, profile=profile,
+                   plugin_mode=plugin_mode, dtype=graph_precision(fused), model_sha256=model_sha256,
                    device_memory_bytes=int(memory) if memory is not None else None)
     meta["attention_layers"] = attention_layers(info)
-    plan_path = Path(plan_path)
     write_atomic(plan_path, bytes(plan))
     write_atomic(sidecar_path(plan_path), (json.dumps(meta, indent=2) + "\n").encode())
     if cache is not None:
         write_atomic(Path(timing_cache), bytes(cache.serialize()))
-    return EngineResult(plan_path, meta, log.messages)
+    return EngineResult(plan_path, meta)
+
+
+def _builder_config(trt, builder, profile: Profile, workspace_bytes):
+    """No precision flags: the graph's types are the engine's (TF32 stays TensorRT's default for fp32)."""
+    config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer information for the report
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    opt = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile.shapes.items():
+        opt.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(opt)
+    return config
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(name, "major.minor") of the GPU the engine is built for: a plan runs on that family only."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), f"{major}.{minor}"
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _bound(plan: str | Path, feeds: dict):

@@ -27,7 +27,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from convattn.errors import InputError, ModelError
-from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs, native_attention_applies
+from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute,
+                                 native_attention_applies)
 
 SHAPES_METADATA_KEY = "convattn.input_shapes"
 
@@ -594,7 +595,7 @@ ATTENTION_PATHS = ("plugin", "native", "auto")
 
 
 def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str = "plugin",
-                   dtype: str = "fp32") -> FusionResult:
+                   dtype: str = "fp32", plugin_mode: str = "aot") -> FusionResult:
     """Replace each spatial attention subgraph of `model` with one FlashAttention node.
 
     Args:
@@ -605,12 +606,16 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
             every block to TensorRT's own attention fusion) or "auto" (our node exactly where
             TensorRT's fusion does not apply: `native_attention_applies(dtype, head_dim)`).
         dtype: the engine precision "auto" decides for. Defaults to fp32.
+        plugin_mode: "aot" (default) or "jit": the nodes' `aot` attribute, which decides the
+            implementation TensorRT's ONNX parser asks for (`set_plugin_mode`).
 
     Returns:
         FusionResult: the fused model (checked by onnx.checker) and a report per subgraph.
     """
     if attention not in ATTENTION_PATHS:
         raise InputError(f"--attention: expected one of {ATTENTION_PATHS}, got {attention!r}")
+    if plugin_mode not in PLUGIN_MODES:
+        raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     graph = gs.import_onnx(model)
     g = _Graph(graph, _probe(model, input_shapes))
     blocks, rewrites = [], []
@@ -640,13 +645,35 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     for name, attrs, inputs, out in rewrites:
         out.inputs.clear()  # detach the old producer; cleanup() drops what no longer feeds an output
         graph.nodes.append(
-            gs.Node(OP_TYPE, f"{name}/FlashAttention", attrs.onnx_attributes(), list(inputs), [out], domain=DOMAIN)
+            gs.Node(OP_TYPE, f"{name}/FlashAttention", attrs.onnx_attributes(plugin_mode), list(inputs), [out],
+                    domain=DOMAIN)
         )
     graph.cleanup().toposort()
     fused = gs.export_onnx(graph)
     fused.metadata_props.extend(model.metadata_props)
     onnx.checker.check_model(fused)
     return FusionResult(fused, blocks)
+
+
+def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto:
+    """A copy of `model` whose FlashAttention nodes ask TensorRT for `plugin_mode` ("aot" or "jit"):
+    onnx-tensorrt turns the node's `aot` attribute into STRICT_AOT/STRICT_JIT, over any network flag."""
+    value = aot_attribute(plugin_mode)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+            kept = [a for a in node.attribute if a.name != "aot"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, onnx.helper.make_attribute("aot", value)])
+    return out
+
+
+def plugin_modes(model: onnx.ModelProto) -> set[str]:
+    """The implementations the FlashAttention nodes of `model` ask TensorRT for."""
+    return {("aot" if onnx.helper.get_attribute_value(a) else "jit")
+            for node in model.graph.node if node.op_type == OP_TYPE and node.domain == DOMAIN
+            for a in node.attribute if a.name == "aot"}
 
 
 def _pattern_of(node) -> str:

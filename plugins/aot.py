@@ -16,11 +16,14 @@ this PTX computes. The cubin keeps Triton's signature (hidden parameters include
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
-from .op import FlashAttentionAttrs, logical_shape, output_shape
+from .op import FlashAttentionAttrs, layout_strides, logical_shape, output_shape, unit_axis
 
 DTYPES = ("fp16", "bf16", "fp32")  # also Triton's pointer type names
 _STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
@@ -30,31 +33,6 @@ PTX_ISA_DRIVER = {
     "8.4": ("12.4", "550.54"), "8.5": ("12.5", "555.42"), "8.6": ("12.6", "560.28"), "8.7": ("12.8", "570.26"),
     "8.8": ("12.9", "575.51"), "9.0": ("13.0", "580.65"),
 }
-
-
-def layout_strides(shape, layout: str, heads: int):
-    """(b, h, s, d) element strides of a contiguous tensor of `shape` in `layout`.
-
-    Works on ints and on anything that multiplies like them (TensorRT's symbolic shape
-    expressions), so the plugin computes its extra arguments with this same formula."""
-    if layout == "BSC":  # (B, S, heads*D): token-major, channel = head*D + d
-        b, s, c = shape
-        return (s * c, c // heads, c, 1)
-    b, a1, a2, a3 = shape
-    if layout == "NCHW":  # (B, heads*D, H, W): channel = head*D + d, pixel = y*W + x
-        s = a2 * a3
-        d = a1 // heads
-        return (a1 * s, d * s, 1, s)
-    if layout == "BHSD":
-        return (a1 * a2 * a3, a2 * a3, a3, 1)
-    if layout == "BHDS":
-        return (a1 * a2 * a3, a2 * a3, 1, a2)
-    raise ValueError(f"layout: expected NCHW, BHSD, BHDS or BSC, got {layout!r}")
-
-
-def unit_strides(layout: str) -> tuple[str, str]:
-    """Which of (s, d) has stride 1 in `layout`: compiled in as a constant."""
-    return ("s",) if layout in ("NCHW", "BHDS") else ("d",)  # BHSD and BSC: d is contiguous
 
 
 @dataclass
@@ -79,6 +57,7 @@ class AotArtifact:
     triton_version: str
     hidden_params_removed: int
     arg_order: list[str] = field(default_factory=list)
+    constants: dict = field(default_factory=dict)  # compiled in: unit strides, scale, tile sizes
 
     def grid(self, batch, heads, seq_q, cdiv=lambda a, b: -(-a // b)) -> tuple:
         """(x, y, z) for concrete sizes, or symbolic ones with TensorRT's `cdiv`."""
@@ -112,6 +91,7 @@ def _out_shape(q_shape, v_shape, art: AotArtifact):
     return output_shape(q_shape, v_shape, FlashAttentionAttrs(art.num_heads, art.scale, *art.layouts))
 
 
+@functools.cache
 def compile_artifact(
     *,
     head_dim: int,
@@ -124,7 +104,11 @@ def compile_artifact(
     head_dim_v: int | None = None,
 ) -> AotArtifact:
     """Compile the kernel ahead of time for one variant. `arch` is the compute capability
-    (80, 89, 90, ...); 90 compiles for sm_90a, Hopper only. No GPU needed."""
+    (80, 89, 90, ...); 90 compiles for sm_90a, Hopper only. No GPU needed. Cached per variant
+    (TensorRT asks for every tactic of every node, some alike)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, config=config, scale=scale,
+                                      arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -137,11 +121,10 @@ def compile_artifact(
         "QK_SCALE": qk_scale(scale), "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
         "BLOCK_D": block_dim(head_dim), "BLOCK_DV": config.dv_block(head_dim_v),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32",
-        **unit_flags({f"{t}{a}" for t, layout in zip("qkvo", layouts) for a in unit_strides(layout)}),
+        **unit_flags({f"{t}{unit_axis(layout)}" for t, layout in zip("qkvo", layouts)}),
     }
     for t, layout in zip("qkvo", layouts):
-        for axis in unit_strides(layout):
-            constants[f"stride_{t}{axis}"] = 1
+        constants[f"stride_{t}{unit_axis(layout)}"] = 1
     signature = {}
     for name in _attn_fwd.arg_names:
         if name in constants:
@@ -157,7 +140,7 @@ def compile_artifact(
     if _ASSUME_ALIGNED_SHAPES:
         attrs.update({(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names)
                       if signature[n] == "i32" and n != "num_heads"})
-    src = ASTSource(fn=_jit_function(), signature=signature, constexprs=constants, attrs=attrs)
+    src = ASTSource(fn=_attn_fwd, signature=signature, constexprs=constants, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg:
@@ -175,18 +158,28 @@ def compile_artifact(
         head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype, scale=scale,
         scalar_arg_names=scalar_names, ptx_isa=isa, min_driver=PTX_ISA_DRIVER.get(isa, ("?", "unknown"))[1],
         triton_version=triton.__version__, hidden_params_removed=removed,
-        arg_order=["Q", "K", "V", *scalar_names, "Out"],
+        arg_order=["Q", "K", "V", *scalar_names, "Out"], constants=constants,
     )
 
 
 _ASSUME_ALIGNED_SHAPES = False
 
 
-def _jit_function():
-    """The compilable kernel, also when TRITON_INTERPRET=1 made `_attn_fwd` an interpreted one."""
-    from triton.runtime.jit import JITFunction
+def _compile_in_child(kwargs: dict) -> "AotArtifact":
+    """`compile_artifact` in a child process without TRITON_INTERPRET: under the interpreter (the
+    CPU tests) every @triton.jit function of this process is an interpreted one, and
+    `triton.compile` needs the real ones."""
+    import os
+    import pickle
+    import subprocess
 
-    return _attn_fwd if isinstance(_attn_fwd, JITFunction) else JITFunction(_attn_fwd.fn)
+    code = ("import pickle, sys; from convattn.plugins.aot import compile_artifact; "
+            "sys.stdout.buffer.write(pickle.dumps(compile_artifact(**pickle.loads(sys.stdin.buffer.read()))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(kwargs), env=env, capture_output=True)
+    if done.returncode:
+        raise RuntimeError(f"compiling the AOT kernel failed: {done.stderr.decode(errors='replace').strip()[-2000:]}")
+    return pickle.loads(done.stdout)
 
 
 def strip_hidden_params(ptx: str, name: str, n_user: int) -> tuple[str, int]:

@@ -35,7 +35,69 @@ ORT_DOMAIN = "ai.onnx.contrib"
 PLUGIN_NAMESPACE = "convattn"
 PLUGIN_VERSION = "1"
 LAYOUTS = ("NCHW", "BHSD", "BHDS", "BSC")
-RANKS = {"NCHW": 4, "BHSD": 4, "BHDS": 4, "BSC": 3}
+
+
+def _nchw(shape, heads):  # (B, heads*D, H, W): channel = head*D + d, pixel = y*W + x
+    b, c, y, x = shape
+    s, d = y * x, c // heads
+    return (b, heads, s, d), (c * s, d * s, 1, s)
+
+
+def _bhsd(shape, heads):
+    b, h, s, d = shape
+    return (b, h, s, d), (h * s * d, s * d, d, 1)
+
+
+def _bhds(shape, heads):
+    b, h, d, s = shape
+    return (b, h, s, d), (h * d * s, d * s, 1, s)
+
+
+def _bsc(shape, heads):  # (B, S, heads*D): token-major, channel = head*D + d
+    b, s, c = shape
+    return (b, heads, s, c // heads), (s * c, c // heads, c, 1)
+
+
+# THE definition of each layout: rank, which of (s, d) is contiguous, and, for a contiguous tensor
+# of `shape`, its logical (B, heads, S, D) sizes and element strides. Everything else derives from
+# this table: the shape rule, the CPU reference's views, the kernel's views in the TensorRT plugin,
+# the AOT int32 extras, and the fusion pass's views. Written for ints and for TensorRT's shape
+# expressions alike: every product and quotient has a shape-derived operand on the left (TensorRT's
+# expressions have no reflected operators); `heads` (an int attribute) is only ever a divisor.
+_LAYOUT_RULES = {"NCHW": (4, "s", _nchw), "BHSD": (4, "d", _bhsd), "BHDS": (4, "s", _bhds), "BSC": (3, "d", _bsc)}
+
+
+def layout_view(shape, layout: str, num_heads: int):
+    """(sizes, element strides) of the (B, heads, S, D) view of a contiguous tensor of `shape` in `layout`."""
+    if layout not in _LAYOUT_RULES:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    rank, _, rule = _LAYOUT_RULES[layout]
+    if len(shape) != rank:
+        raise ValueError(f"expected a {rank}-D input for layout {layout}, got {len(shape)} dims")
+    if layout in ("NCHW", "BSC"):
+        c = shape[1] if layout == "NCHW" else shape[2]
+        if isinstance(c, int) and c % num_heads:
+            raise ValueError(f"channels must be divisible by num_heads={num_heads}, got {c}")
+    return rule(tuple(shape), num_heads)
+
+
+def rank(layout: str) -> int:
+    return _LAYOUT_RULES[layout][0]
+
+
+def unit_axis(layout: str) -> str:
+    """"s" or "d": the logical axis with stride 1 in `layout` (compiled into AOT kernels as 1)."""
+    return _LAYOUT_RULES[layout][1]
+
+
+def logical_shape(shape, layout: str, num_heads: int) -> tuple:
+    """(B, heads, S, D) of a tensor of `shape` given in `layout`."""
+    return layout_view(shape, layout, num_heads)[0]
+
+
+def layout_strides(shape, layout: str, num_heads: int) -> tuple:
+    """(b, h, s, d) element strides of a contiguous tensor of `shape` in `layout`."""
+    return layout_view(shape, layout, num_heads)[1]
 
 
 @dataclass(frozen=True)
@@ -60,60 +122,49 @@ class FlashAttentionAttrs:
         if self.out_layout == "NCHW" and self.q_layout != "NCHW":
             raise ValueError("out_layout 'NCHW' takes H and W from the query map: expected q_layout 'NCHW'")
 
-    def onnx_attributes(self) -> dict:
-        """Node attributes: ours plus those TensorRT's parser uses to find the plugin."""
-        return {
-            **asdict(self),
-            "plugin_namespace": PLUGIN_NAMESPACE,
-            "plugin_version": PLUGIN_VERSION,
-            "aot": 1,
-        }
+    def onnx_attributes(self, plugin_mode: str = "aot") -> dict:
+        """Node attributes: ours plus those TensorRT's parser uses to find the plugin. `aot`
+        decides the implementation: onnx-tensorrt turns it into STRICT_AOT (1) or STRICT_JIT (0),
+        over the network's PREFER_* flags."""
+        return {**asdict(self), "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION,
+                "aot": aot_attribute(plugin_mode)}
 
     @classmethod
     def from_attributes(cls, attrs: dict) -> "FlashAttentionAttrs":
-        """Inverse of `onnx_attributes`; ignores the TensorRT lookup attributes."""
-        return cls(**{k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs})
+        """Inverse of `onnx_attributes`; ignores the TensorRT lookup attributes. Strings may end in
+        NUL: TensorRT's ONNX parser passes a STRING attribute as chars counting the trailing NUL,
+        and `tensorrt.plugin` decodes all of them."""
+        return cls(**{k: attrs[k].rstrip("\0") if isinstance(attrs[k], str) else attrs[k]
+                      for k in cls.__dataclass_fields__ if k in attrs})
 
 
-def logical_shape(shape, layout: str, num_heads: int) -> tuple:
-    """(B, heads, S, D) of an input of `shape` given in `layout`."""
-    if len(shape) != RANKS[layout]:
-        raise ValueError(f"expected a {RANKS[layout]}-D input for layout {layout}, got {len(shape)} dims")
-    if layout == "BSC":
-        b, s, c = shape
-        if isinstance(c, int) and c % num_heads:
-            raise ValueError(f"channels must be divisible by num_heads={num_heads}, got {c}")
-        return b, num_heads, s, c // num_heads
-    b, a1, a2, a3 = shape
-    if layout == "NCHW":
-        if isinstance(a1, int) and a1 % num_heads:
-            raise ValueError(f"channels must be divisible by num_heads={num_heads}, got {a1}")
-        return b, num_heads, a2 * a3, a1 // num_heads
-    if layout == "BHSD":
-        return b, a1, a2, a3
-    return b, a1, a3, a2
+PLUGIN_MODES = ("aot", "jit")
+
+
+def aot_attribute(plugin_mode: str) -> int:
+    """The node's `aot` attribute for a plugin mode: 1 (AOT: the engine carries the PTX) or 0 (JIT)."""
+    if plugin_mode not in PLUGIN_MODES:
+        raise ValueError(f"plugin mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
+    return int(plugin_mode == "aot")
 
 
 def bhsd_view(t, layout: str, num_heads: int):
-    """The kernel's (B, heads, S, D) view of a tensor given in `layout` (a view: no copy; any
-    array with torch's view/transpose, so the TensorRT plugin and the tests share it)."""
-    b, h, s, d = logical_shape(tuple(t.shape), layout, num_heads)
-    if layout == "NCHW":
-        return t.view(b, h, d, s).transpose(-1, -2)
-    if layout == "BSC":
-        return t.view(b, s, h, d).transpose(1, 2)
-    return t.transpose(-1, -2) if layout == "BHDS" else t
+    """The kernel's (B, heads, S, D) view of a contiguous torch tensor given in `layout` (no copy)."""
+    if not t.is_contiguous():
+        raise ValueError(f"bhsd_view: expected a contiguous tensor in layout {layout}, got strides {t.stride()}")
+    sizes, strides = layout_view(tuple(t.shape), layout, num_heads)
+    return t.as_strided(sizes, strides, t.storage_offset())
 
 
 def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple:
-    """Shape of the node's output: for concrete shapes, or symbolic ones (TensorRT's shape
-    expressions support the same * and // ), so the plugin's shape rule is this function."""
+    """Shape of the node's output, for concrete shapes or TensorRT's shape expressions: the
+    plugin's shape rule is this function."""
     b, h, s_q, _ = logical_shape(q_shape, attrs.q_layout, attrs.num_heads)
     d_v = logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]
     if attrs.out_layout == "NCHW":
-        return (b, h * d_v, q_shape[2], q_shape[3])
+        return (b, d_v * h, q_shape[2], q_shape[3])
     if attrs.out_layout == "BSC":
-        return (b, s_q, h * d_v)
+        return (b, s_q, d_v * h)
     if attrs.out_layout == "BHSD":
         return (b, h, s_q, d_v)
     return (b, h, d_v, s_q)

@@ -16,16 +16,43 @@ from .op import DOMAIN, OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs
 
 
 def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose FlashAttention nodes are in ONNX Runtime's custom-op domain."""
+    """A copy of `model` whose FlashAttention nodes are in ONNX Runtime's custom-op domain.
+
+    ONNX Runtime's Python custom ops take float32 only: a node of an fp16/bf16 graph reads its
+    inputs through Casts to fp32 and its output goes back through a Cast, so the graph runs with
+    the node's inputs and output rounded as the kernel's are (the kernel accumulates in fp32)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    types = _elem_types(out)
+    nodes = []
     for node in out.graph.node:
         if node.op_type == OP_TYPE and node.domain == DOMAIN:
             node.domain = ORT_DOMAIN
+            low = types.get(node.input[0], onnx.TensorProto.FLOAT)
+            if low != onnx.TensorProto.FLOAT:
+                for i, name in enumerate(node.input):
+                    nodes.append(onnx.helper.make_node("Cast", [name], [f"{name}/fp32"], to=onnx.TensorProto.FLOAT))
+                    node.input[i] = f"{name}/fp32"
+                result = node.output[0]
+                node.output[0] = f"{result}/fp32"
+                nodes += [node, onnx.helper.make_node("Cast", [node.output[0]], [result], to=low)]
+                continue
+        nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
     domains = {o.domain for o in out.opset_import}
     if ORT_DOMAIN not in domains:
         out.opset_import.append(onnx.helper.make_opsetid(ORT_DOMAIN, 1))
     return out
+
+
+def _elem_types(model: onnx.ModelProto) -> dict:
+    """Element type of each tensor whose type the graph or ONNX shape inference knows."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
 
 
 @functools.cache

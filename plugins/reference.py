@@ -10,35 +10,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .op import FlashAttentionAttrs, logical_shape
+from .op import FlashAttentionAttrs, layout_view, output_shape
 
 BLOCK_K = 128
 
 
 def to_bhsd(x: np.ndarray, layout: str, num_heads: int) -> np.ndarray:
-    """A (B, heads, S, D) view of `x` given in `layout` (no copy)."""
-    b, h, s, d = logical_shape(x.shape, layout, num_heads)
-    if layout == "NCHW":
-        return x.reshape(b, h, d, s).transpose(0, 1, 3, 2)
-    if layout == "BHDS":
-        return x.transpose(0, 1, 3, 2)
-    if layout == "BSC":
-        return x.reshape(b, s, h, d).transpose(0, 2, 1, 3)
-    return x
+    """A (B, heads, S, D) view of `x` given in `layout` (a copy only if `x` is not contiguous)."""
+    x = np.ascontiguousarray(x)
+    sizes, strides = layout_view(x.shape, layout, num_heads)
+    return np.lib.stride_tricks.as_strided(x, sizes, [st * x.itemsize for st in strides], writeable=False)
 
 
-def from_bhsd(o: np.ndarray, layout: str, q_shape) -> np.ndarray:
-    """`o` (B, heads, S_q, D_v) rearranged into `layout`; "NCHW" takes H, W from `q_shape`."""
-    if layout == "BHSD":
-        return o
-    if layout == "BSC":
-        b, h, s, d = o.shape
-        return o.transpose(0, 2, 1, 3).reshape(b, s, h * d)
-    o = o.transpose(0, 1, 3, 2)
-    if layout == "BHDS":
-        return o
-    b, h, d, _ = o.shape
-    return o.reshape(b, h * d, q_shape[2], q_shape[3])
+def from_bhsd(o: np.ndarray, layout: str, out_shape, num_heads: int) -> np.ndarray:
+    """A contiguous array of `out_shape` in `layout` holding `o` (B, heads, S_q, D_v)."""
+    out = np.empty(out_shape, o.dtype)
+    sizes, strides = layout_view(out_shape, layout, num_heads)
+    np.lib.stride_tricks.as_strided(out, sizes, [st * out.itemsize for st in strides])[...] = o
+    return out
 
 
 def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, block_k: int = BLOCK_K) -> np.ndarray:
@@ -72,7 +61,7 @@ def flash_attention_reference(q, k, v, attrs: FlashAttentionAttrs, block_k: int 
         attrs.scale,
         block_k,
     )
-    return np.ascontiguousarray(from_bhsd(o, attrs.out_layout, q.shape))
+    return from_bhsd(o, attrs.out_layout, output_shape(q.shape, v.shape, attrs), attrs.num_heads)
 
 
 def reference_attention_torch(q, k, v, scale: float, out=None):

@@ -5,22 +5,23 @@ register (shape and dtype), autotune (formats, dtypes, our kernel configs as tac
 parameters and int32 extras of `convattn.plugins.aot`, so the engine carries the kernel and runs
 in a C++ server with no Python) sit together here, as in NVIDIA's qdp_defs.py sample.
 
-The TensorRT-touching code is thin on purpose: every value it hands to TensorRT comes from a
-pure function tested without TensorRT (`op.output_shape`, `tactic_configs`,
-`AotArtifact.launch_for`), and the PTX with that argument list was launched on an H100
-through the driver API (`tests/test_kernel_gpu.py`). The ONNX parser maps the fused node here
-by op_type `FlashAttention` + attribute `plugin_namespace="convattn"`; it passes only the
-fields declared below (num_heads, scale, the four layouts), so the node's `aot` and
-`plugin_*` attributes never reach `create_plugin`.
+What TensorRT hands these functions, and how they answer, is tested by running NVIDIA's own
+`tensorrt.plugin` code (bindings wheels 11.4 and 10.16) over a stand-in of its compiled core,
+driven as TensorRT's ONNX parser and builder drive it (`tests/trt_harness.py`):
+- the parser looks the creator up by op_type `FlashAttention`, `plugin_version` and
+  `plugin_namespace`, passes only the fields declared here, INT as int32, FLOAT as float32 and
+  STRING as chars ending in NUL (`FlashAttentionAttrs.from_attributes` strips it);
+- the node's `aot` attribute makes it STRICT_AOT or STRICT_JIT;
+- shape expressions have no reflected operators: `op.output_shape` and `op.layout_view` keep the
+  shape-derived operand on the left.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
 # annotations with inspect.signature and needs real classes (trtp.TensorDesc, int, ...), not strings.
 import functools
-import warnings
 
 from .kernel import KernelConfig, candidate_configs, default_config, smem_limit
-from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, output_shape
+from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out: one dtype
@@ -45,30 +46,51 @@ def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> tuple[Kern
     return (first, *(c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first))
 
 
+def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int) -> KernelConfig:
+    """The config of a tactic TensorRT chose (0, its default, is the first one); bf16 shares fp16's list
+    (one AutoTuneCombination serves both 16-bit types)."""
+    return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch)[max(tactic, 1) - 1]
+
+
+def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout) -> FlashAttentionAttrs:
+    """The node's attributes as `tensorrt.plugin` hands them over (strings may end in NUL)."""
+    return FlashAttentionAttrs.from_attributes(dict(num_heads=num_heads, scale=scale, q_layout=q_layout,
+                                                    k_layout=k_layout, v_layout=v_layout, out_layout=out_layout))
+
+
 @functools.cache
 def register_plugin() -> bool:
     """Define the plugin in this process (idempotent). Returns True if an AOT implementation
-    was registered, False if this TensorRT has no `aot_impl` (JIT only, said with a warning)."""
+    was registered, False if this TensorRT has no `aot_impl` (then only JIT engines build)."""
     import tensorrt as trt
     import tensorrt.plugin as trtp
-    import torch
 
-    def dtype_name(desc) -> str:
-        return {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[desc.dtype]
+    _register(trtp)
+    # AOT plugins need both the decorator and the core's QuickPluginCreationRequest (10.12+):
+    # without it `tensorrt.plugin` creates JIT plugins whatever is registered.
+    if not (hasattr(trtp, "aot_impl") and hasattr(trt, "QuickPluginCreationRequest")):
+        return False
+    _register_aot(trtp)
+    return True
+
+
+def _register(trtp) -> None:
+    """register (shape rule), autotune (tactics) and impl (JIT)."""
 
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int, scale: float,
               q_layout: str, k_layout: str, v_layout: str, out_layout: str) -> trtp.TensorDesc:
         out = q.like()
-        attrs = FlashAttentionAttrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
         out.shape_expr = trtp.ShapeExprs.from_tuple(output_shape(tuple(q.shape_expr), tuple(v.shape_expr), attrs))
         return out
 
     @trtp.autotune(PLUGIN_ID)
     def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int, scale: float,
-                  q_layout: str, k_layout: str, v_layout: str, out_layout: str, outputs) -> list:
-        head_dim = _head_dim(q, q_layout, num_heads)
-        arch = _arch()
+                  q_layout: str, k_layout: str, v_layout: str, out_layout: str,
+                  outputs) -> list[trtp.AutoTuneCombination]:
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        head_dim, arch = static_head_dim(q, attrs.q_layout, num_heads), _arch()
         # One combination per element size: the tactic lists differ (fp32 tiles fit less SMEM).
         return [
             trtp.AutoTuneCombination(types, "LINEAR", list(range(1, len(tactic_configs(head_dim, dtype, arch)) + 1)))
@@ -78,38 +100,38 @@ def register_plugin() -> bool:
     @trtp.impl(PLUGIN_ID)
     def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: int, scale: float, q_layout: str,
               k_layout: str, v_layout: str, out_layout: str, outputs, stream: int, tactic: int) -> None:
+        import torch
+
         from .flash import flash_attention
 
-        attrs = FlashAttentionAttrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
-        tensors = [torch.as_tensor(t, device="cuda") for t in (q, k, v, outputs[0])]
-        views = [bhsd_view(t, layout, num_heads) for t, layout in
-                 zip(tensors, (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout), strict=True)]
-        # bf16 shares fp16's tactic list (one AutoTuneCombination for both 16-bit types).
-        family = "fp32" if tensors[0].dtype == torch.float32 else "fp16"
-        config = tactic_configs(views[0].shape[-1], family, _arch())[max(tactic, 1) - 1]
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
+        views = [bhsd_view(torch_tensor(t), layout, attrs.num_heads) for t, layout in zip((q, k, v, outputs[0]), layouts)]
+        dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[views[0].dtype]
+        config = tactic_config(views[0].shape[-1], dtype, _arch(), tactic)
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            flash_attention(*views[:3], scale=scale, out=views[3], config=config)
+            flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config)
 
-    if not hasattr(trtp, "aot_impl"):
-        warnings.warn(
-            f"this TensorRT ({trt.__version__}) has no tensorrt.plugin.aot_impl: {PLUGIN_ID} is registered JIT only; "
-            "engines built with it need this Python plugin registered in the serving process",
-            stacklevel=2,
-        )
-        return False
+
+def _register_aot(trtp) -> None:
+    """aot_impl: the engine carries the PTX, its launch parameters and int32 extras."""
+    import tensorrt as trt
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int, scale: float, q_layout: str,
-             k_layout: str, v_layout: str, out_layout: str, outputs, tactic: int):
+             k_layout: str, v_layout: str, out_layout: str, outputs,
+             tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         from .aot import compile_artifact
 
-        dtype, arch = dtype_name(q), _arch()
-        head_dim = _head_dim(q, q_layout, num_heads)
-        head_dim_v = _head_dim(v, v_layout, num_heads)
-        config = tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch)[max(tactic, 1) - 1]
-        art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype,
-                               config=config, scale=scale, arch=int(arch[3:]),
-                               layouts=(q_layout, k_layout, v_layout, out_layout))
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
+        dtype = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[q.dtype]
+        arch = _arch()
+        head_dim = static_head_dim(q, attrs.q_layout, num_heads)
+        config = tactic_config(head_dim, dtype, arch, tactic)
+        art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, num_heads),
+                               num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
+                               arch=int(arch[3:]), layouts=layouts)
         (gx, gy, gz), threads, smem, extras = art.launch_for(
             tuple(q.shape_expr), tuple(k.shape_expr), tuple(v.shape_expr), cdiv=trtp.cdiv)
         launch = trtp.KernelLaunchParams()
@@ -121,8 +143,6 @@ def register_plugin() -> bool:
             extra_args[i] = trtp.SymInt32(value)
         return art.kernel_name, art.ptx, launch, extra_args
 
-    return True
-
 
 def _arch() -> str:
     """The current GPU's "sm_XY", as the JIT path's config lookup names it (asked once)."""
@@ -133,12 +153,37 @@ def _arch() -> str:
     return device_arch(torch.device("cuda"))[0]
 
 
-def _head_dim(desc, layout: str, num_heads: int) -> int:
-    """Head dim from the input's static dims (the channel count of an NCHW map is static)."""
-    shape = desc.shape_expr
-    dims = [shape[i].constant_value() if shape[i].is_constant else None for i in range(len(shape))]
-    if layout == "NCHW":
-        return dims[1] // num_heads
-    if layout == "BSC":
-        return dims[2] // num_heads
-    return dims[3] if layout == "BHSD" else dims[2]
+def static_head_dim(desc, layout: str, num_heads: int) -> int:
+    """A head dim from a TensorDesc's shape expressions: it must be a build-time constant (the
+    kernel is compiled for it), as the channel count of an NCHW map or BSC tokens is."""
+    # Dynamic dims as 0: outside get_output_shapes/get_launch_params there is no expression
+    # builder, so no arithmetic on them; a head dim that depends on one comes out 0.
+    dims = tuple(e.constant_value() if e.is_constant else 0 for e in desc.shape_expr)
+    head_dim = logical_shape(dims, layout, num_heads)[3]
+    if head_dim < 1:
+        raise ValueError(f"the head dim of a {layout} input must be a static dimension, got shape {dims} (0: dynamic)")
+    return head_dim
+
+
+_TORCH_CARRIERS = {"FLOAT": ("<f4", "float32"), "HALF": ("<f2", "float16"), "BF16": ("<i2", "bfloat16")}
+
+
+class _CudaArray:
+    """A `__cuda_array_interface__` for a TensorRT tensor of any float dtype. NVIDIA's refuses BF16
+    (NumPy has no bf16), so bf16 travels as int16 and is viewed back as bfloat16."""
+
+    def __init__(self, t):
+        typestr, self.torch_dtype = _TORCH_CARRIERS[t.dtype.name]
+        itemsize = int(typestr[2:])
+        self.__cuda_array_interface__ = {
+            "shape": tuple(t.shape), "typestr": typestr, "data": (t.data_ptr, False), "version": 3,
+            "strides": tuple(s * itemsize for s in t.strides),
+        }
+
+
+def torch_tensor(t):
+    """A CUDA torch tensor on a `tensorrt.plugin.Tensor`'s memory (no copy), fp32, fp16 or bf16."""
+    import torch
+
+    array = _CudaArray(t)
+    return torch.as_tensor(array, device="cuda").view(getattr(torch, array.torch_dtype))

@@ -7,7 +7,7 @@ import pytest
 
 from convattn.errors import InputError
 from convattn.exporter.engine import parse_profiles, sidecar, sidecar_path, triton_repository
-from convattn.plugins.op import FlashAttentionAttrs, native_attention_applies, output_shape
+from convattn.plugins.op import native_attention_applies
 
 NAMES = ["input_0", "input_1"]
 EXPORT = [(1, 64, 32, 32), (1, 64, 16, 16)]
@@ -82,45 +82,6 @@ def test_attention_layers_are_read_from_the_engine_information():
     assert attention_layers("") == []
 
 
-class Sym:
-    """A stand-in for TensorRT's shape expressions: only * and // (what the plugin may use)."""
-
-    def __init__(self, text):
-        self.text = text
-
-    def __mul__(self, other):
-        return Sym(f"({self.text}*{getattr(other, 'text', other)})")
-
-    __rmul__ = __mul__
-
-    def __floordiv__(self, other):
-        return Sym(f"({self.text}//{getattr(other, 'text', other)})")
-
-
-def test_shape_rule_and_aot_launch_work_on_symbolic_shapes():
-    """register() and aot_impl() hand TensorRT expressions built by these functions."""
-    from convattn.plugins.aot import AotArtifact
-    from convattn.plugins.kernel import KernelConfig
-
-    q = (Sym("B"), 64, Sym("H"), Sym("W"))
-    kv = (Sym("B"), 64, Sym("H2"), Sym("W2"))
-    shape = output_shape(q, kv, FlashAttentionAttrs(8, 0.35))
-    assert [getattr(d, "text", d) for d in shape] == ["B", 64, "H", "W"]
-    art = AotArtifact(
-        kernel_name="_attn_fwd", ptx="", cubin=b"", shared_mem=4096, num_warps=4, threads_per_block=128,
-        config=KernelConfig(64, 128, 4, 3), arch="sm_90", layouts=("NCHW",) * 4, head_dim=8, head_dim_v=8,
-        num_heads=8, dtype="fp16", scale=0.35, ptx_isa="8.7", min_driver="", triton_version="", hidden_params_removed=2,
-        scalar_arg_names=[f"stride_{t}{a}" for t in "qkvo" for a in "bhd"] + ["num_heads", "seq_q", "seq_kv"],
-    )
-    (gx, gy, gz), threads, smem, extras = art.launch_for(q, kv, kv, cdiv=lambda a, b: f"cdiv({a.text}, {b})")
-    assert (gx, gy.text, gz, threads, smem) == ("cdiv((H*W), 64)", "(B*8)", 1, 128, 4096)
-    named = dict(zip(art.scalar_arg_names, (getattr(e, "text", e) for e in extras)))
-    assert named["stride_kd"] == "(H2*W2)" and named["seq_kv"] == "(H2*W2)" and named["num_heads"] == 8
-    # The same function on ints is what launch_artifact passed on the H100.
-    _, _, _, ints = art.launch_for((2, 64, 5, 3), (2, 64, 4, 4), (2, 64, 4, 4))
-    assert dict(zip(art.scalar_arg_names, ints))["stride_qh"] == 8 * 15
-
-
 def test_tactics_start_with_the_recorded_config():
     from convattn.plugins.flash import _recorded
     from convattn.plugins.kernel import KernelConfig
@@ -174,7 +135,7 @@ def test_engine_builds_runs_and_matches_pytorch(tmp_path):
     exported = export_onnx(model, [(1, 64, 32, 32)])
     fusion = fuse_attention(exported.model)
     profile = parse_profiles(exported.input_names, [(1, 64, 32, 32)], max_shape="2x64x48x48")
-    built = build_engine(fusion.model, tmp_path / "m.plan", profile, dtype="fp32")
+    built = build_engine(fusion.model, tmp_path / "m.plan", profile)
     assert built.sidecar["tensorrt"] == trt.__version__
     x = torch.randn(2, 64, 40, 36, device="cuda")
     (out,) = run_engine(built.plan, {exported.input_names[0]: x})

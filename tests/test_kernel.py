@@ -8,7 +8,8 @@ import torch
 
 triton = pytest.importorskip("triton", reason="the kernel tests need triton (pip install -e '.[test]')")
 
-from convattn.plugins.aot import PTX_ISA_DRIVER, layout_strides  # noqa: E402
+from convattn.plugins.aot import PTX_ISA_DRIVER  # noqa: E402
+from convattn.plugins.op import layout_strides  # noqa: E402
 from convattn.plugins.flash import flash_attention  # noqa: E402
 from convattn.plugins.kernel import KernelConfig, candidate_configs  # noqa: E402
 

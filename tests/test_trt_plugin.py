@@ -1,0 +1,364 @@
+"""The TensorRT plugin, run through NVIDIA's own `tensorrt.plugin` (bindings 11.4 and 10.16) over a
+stand-in of the compiled core, driven as onnx-tensorrt and the builder drive it (`trt_harness`).
+
+Each defect TensorRT's own code found is a test here; the mutation each was checked against is in
+its docstring. What only a machine with TensorRT can show is listed in the README."""
+
+import re
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import trt_harness as h
+from convattn.errors import EngineBuildError
+from convattn.plugins import trt_plugin
+from convattn.plugins.op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs
+
+VERSIONS = list(h.WHEELS)
+# Symbolic input shapes per layout (strings: dynamic dims), the env they are evaluated at, and the
+# concrete shapes. heads 2, head_dim 8 (D_v 8), S_q = 5*7 = 35 (or 35), S_kv = 4*6 = 24.
+HEADS, D = 2, 8
+SHAPES = {
+    "NCHW": ([("B", 16, "H", "W"), ("B", 16, "H2", "W2")], {"B": 3, "H": 5, "W": 7, "H2": 4, "W2": 6}),
+    "BHSD": ([("B", 2, "S", 8), ("B", 2, "S2", 8)], {"B": 3, "S": 35, "S2": 24}),
+    "BHDS": ([("B", 2, 8, "S"), ("B", 2, 8, "S2")], {"B": 3, "S": 35, "S2": 24}),
+    "BSC": ([("B", "S", 16), ("B", "S2", 16)], {"B": 3, "S": 35, "S2": 24}),
+}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@pytest.fixture(params=VERSIONS)
+def trt(request, monkeypatch):
+    """(core, tensorrt.plugin, version) with our plugin registered; the GPU query is what cannot run here."""
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    with h.tensorrt(request.param) as (core, trtp):
+        yield core, trtp, request.param
+
+
+def node(layout="NCHW", out_layout=None, plugin_mode="aot", heads=HEADS, scale=D**-0.5):
+    out_layout = out_layout or layout
+    attrs = FlashAttentionAttrs(heads, scale, layout, layout, layout, out_layout)
+    return onnx.helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], "n", domain=DOMAIN, **attrs.onnx_attributes(plugin_mode))
+
+
+def concrete(shape, env):
+    return tuple(d if isinstance(d, int) else env[d] for d in shape)
+
+
+def test_plugin_registers_with_aot_and_jit(trt):
+    """Mutations: `_autotune(...) -> list`, `_aot` without a return annotation: both refused by
+    NVIDIA's decorators (ValueError) before any engine is built."""
+    core, trtp, _ = trt
+    assert trt_plugin.register_plugin() is True
+    assert core.get_plugin_registry().get_creator(OP_TYPE, "1", "convattn") is not None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shape_rule_on_tensorrt_expressions(trt, layout):
+    """Output shapes: symbolic through NVIDIA's ShapeExpr (no reflected operators: `h * d_v` with an
+    int on the left is a TypeError), evaluated, against the CPU reference's actual output shape.
+    Mutation: `h * d_v` in op.output_shape fails NCHW and BSC."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    (q_shape, kv_shape), env = SHAPES[layout]
+    plugin = h.parse_node(core, node(layout))
+    built = h.build_node(core, plugin, [core.float32] * 3, [q_shape, kv_shape, kv_shape], env, tactics=[])
+    from convattn.plugins.reference import flash_attention_reference
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(concrete(s, env)).astype(np.float32) for s in (q_shape, kv_shape, kv_shape)]
+    out = flash_attention_reference(*arrays, FlashAttentionAttrs(HEADS, 0.3, layout, layout, layout, layout))
+    assert built.output_shape == out.shape
+    assert built.output_dtypes == [core.float32]
+
+
+def test_string_attributes_arrive_with_a_nul_and_work(trt):
+    """onnx-tensorrt passes STRING attributes as chars counting the NUL; `tensorrt.plugin` keeps it.
+    Mutation: drop the rstrip in FlashAttentionAttrs.from_attributes: 'NCHW\\x00' is refused."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    fields = h.load_fields(core, core.get_plugin_registry().get_creator(OP_TYPE, "1", "convattn").field_names, node())
+    layout_field = next(f for f in fields if f.name == "q_layout")
+    assert layout_field.data.tobytes() == b"NCHW\0" and layout_field.type == core.PluginFieldType.CHAR
+    assert {f.name for f in fields} == {"num_heads", "scale", "q_layout", "k_layout", "v_layout", "out_layout"}
+    plugin = h.parse_node(core, node())
+    assert plugin.attrs["q_layout"] == "NCHW\0"  # what NVIDIA's create_plugin hands us
+    (q_shape, kv_shape), env = SHAPES["NCHW"]
+    h.build_node(core, plugin, [core.float16] * 3, [q_shape, kv_shape, kv_shape], env, tactics=[1])
+
+
+@pytest.mark.parametrize("plugin_mode", ["aot", "jit"])
+@pytest.mark.parametrize("prefer", ["aot", "jit", None])
+def test_the_nodes_aot_attribute_decides_the_implementation(trt, plugin_mode, prefer):
+    """The node's `aot` wins over the network's PREFER_* flag. Mutation: a fixed `aot: 1` in
+    onnx_attributes makes every --plugin-mode jit node STRICT_AOT."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    plugin = h.parse_node(core, node(plugin_mode=plugin_mode), prefer=prefer)
+    assert isinstance(plugin, core.IPluginV3QuickAOTBuild) is (plugin_mode == "aot")
+    assert isinstance(plugin, core.IPluginV3QuickRuntime) is (plugin_mode == "jit")
+
+
+def _expected_extras(layout, shapes, names):
+    """The int32 extras, from torch's own strides of the views the JIT path takes (written out here,
+    independently of the layout table)."""
+    q_shape, kv_shape = shapes
+    out_shape = {"NCHW": q_shape, "BSC": q_shape}.get(layout, q_shape)
+
+    def view(shape):
+        t = torch.empty(shape)
+        if layout == "NCHW":
+            b, c, y, x = shape
+            return t.view(b, HEADS, c // HEADS, y * x).transpose(-1, -2)
+        if layout == "BSC":
+            b, s, c = shape
+            return t.view(b, s, HEADS, c // HEADS).transpose(1, 2)
+        return t.transpose(-1, -2) if layout == "BHDS" else t
+
+    views = dict(zip("qkvo", (view(q_shape), view(kv_shape), view(kv_shape), view(out_shape))))
+    values = {f"stride_{t}{a}": views[t].stride(i) for t in "qkvo" for i, a in enumerate("bhsd")}
+    values.update(num_heads=HEADS, seq_q=views["q"].shape[2], seq_kv=views["k"].shape[2])
+    return [values[n] for n in names]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_aot_launch_for_every_layout_and_dtype(trt, layout, dtype):
+    """get_launch_params + get_kernel through NVIDIA's AOT plugin class: the PTX entry takes exactly
+    inputs, int32 extras, output; the extras equal torch's strides of the kernel's views.
+    Mutation: BHDS's d-stride D instead of S (the bug of 5b1ec6e) fails BHDS."""
+    core, _, version = trt
+    trt_plugin.register_plugin()
+    (q_shape, kv_shape), env = SHAPES[layout]
+    trt_dtype = {"fp32": core.float32, "fp16": core.float16, "bf16": core.bfloat16}[dtype]
+    plugin = h.parse_node(core, node(layout))
+    built = h.build_node(core, plugin, [trt_dtype] * 3, [q_shape, kv_shape, kv_shape], env, tactics=[1])
+    assert built.mode == "aot" and len(built.tactics) >= 2
+    launch = built.launches[1]
+    entry = re.search(rf"\.entry\s+{launch.kernel_name}\s*\((.*?)\)", launch.ptx, re.S).group(1)
+    params = [p.strip() for p in entry.split(",") if p.strip()]
+    assert [".u64" in p for p in params] == [True] * 3 + [False] * len(launch.extras) + [True]
+    from convattn.plugins.aot import compile_artifact
+
+    art = compile_artifact(head_dim=D, head_dim_v=D, num_heads=HEADS, dtype=dtype,
+                           config=trt_plugin.tactic_config(D, dtype, "sm_90", 1), scale=plugin.attrs["scale"],
+                           arch=90, layouts=(layout,) * 4)
+    shapes = (concrete(q_shape, env), concrete(kv_shape, env))
+    assert launch.extras == _expected_extras(layout, shapes, art.scalar_arg_names)
+    assert launch.grid == (-(-shapes_seq(layout, shapes[0]) // art.config.block_m), env["B"] * HEADS, 1)
+    assert launch.block == (art.threads_per_block, 1, 1) and launch.shared_mem == art.shared_mem
+
+
+def shapes_seq(layout, shape):
+    return {"NCHW": lambda: shape[2] * shape[3], "BSC": lambda: shape[1], "BHSD": lambda: shape[2],
+            "BHDS": lambda: shape[3]}[layout]()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_aot_argument_list_replayed_through_the_kernel(monkeypatch, layout):
+    """What an engine would compute: the kernel run (Triton's interpreter) with exactly the grid and
+    the int32 extras TensorRT received, the unit strides and constants compiled in, against float64.
+    Mutation: BHDS's d-stride D instead of S: error 1.5 (5b1ec6e)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("replays in Triton's CPU interpreter (the GPU test launches the PTX instead)")
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    with h.tensorrt(VERSIONS[0]) as (core, _):
+        trt_plugin.register_plugin()
+        _replay(core, layout)
+
+
+def _replay(core, layout):
+    (q_shape, kv_shape), env = SHAPES[layout]
+    plugin = h.parse_node(core, node(layout))
+    launch = h.build_node(core, plugin, [core.float32] * 3, [q_shape, kv_shape, kv_shape], env, tactics=[1]).launches[1]
+    from convattn.plugins.aot import compile_artifact
+    from convattn.plugins.kernel import _attn_fwd
+
+    art = compile_artifact(head_dim=D, head_dim_v=D, num_heads=HEADS, dtype="fp32",
+                           config=trt_plugin.tactic_config(D, "fp32", "sm_90", 1), scale=plugin.attrs["scale"],
+                           arch=90, layouts=(layout,) * 4)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(concrete(s, env)) for s in (q_shape, kv_shape, kv_shape))
+    out = torch.full(q.shape, float("nan"))
+    kwargs = {**dict(zip(art.scalar_arg_names, launch.extras)), **art.constants}
+    _attn_fwd[launch.grid](q, k, v, Out=out, num_warps=art.num_warps, **kwargs)
+    ref = _reference(q.double(), k.double(), v.double(), layout, plugin.attrs["scale"])
+    assert (out.double() - ref).abs().max() <= 1e-5
+
+
+def _reference(q, k, v, layout, scale):
+    """float64 attention in `layout`, written out independently of the layout table."""
+    def to_bhsd(t):
+        if layout == "NCHW":
+            b, c, y, x = t.shape
+            return t.reshape(b, HEADS, c // HEADS, y * x).transpose(-1, -2)
+        if layout == "BSC":
+            b, s, c = t.shape
+            return t.reshape(b, s, HEADS, c // HEADS).transpose(1, 2)
+        return t.transpose(-1, -2) if layout == "BHDS" else t
+
+    o = torch.softmax(to_bhsd(q) @ to_bhsd(k).transpose(-1, -2) * scale, -1) @ to_bhsd(v)
+    if layout == "NCHW":
+        return o.transpose(-1, -2).reshape(q.shape)
+    if layout == "BSC":
+        return o.transpose(1, 2).reshape(q.shape)
+    return o.transpose(-1, -2) if layout == "BHDS" else o
+
+
+def test_jit_tensors_of_every_dtype_become_torch_views(trt):
+    """NVIDIA's Tensor refuses BF16 in __cuda_array_interface__; ours carries it as int16.
+    Mutation: torch.as_tensor(t) on the trtp.Tensor raises ValueError for BF16."""
+    core, trtp, _ = trt
+    for dtype, typestr in ((core.float32, "<f4"), (core.float16, "<f2"), (core.bfloat16, "<i2")):
+        t = trtp.Tensor()
+        t.dtype, t.shape, t.strides, t.data_ptr = dtype, trtp.Shape((2, 3)), (3, 1), 4096
+        face = trt_plugin._CudaArray(t).__cuda_array_interface__
+        size = int(typestr[2:])
+        assert face["typestr"] == typestr and face["strides"] == (3 * size, size) and face["data"] == (4096, False)
+    with pytest.raises(ValueError, match="BF16"):
+        bf = trtp.Tensor()
+        bf.dtype, bf.shape, bf.strides = core.bfloat16, trtp.Shape((2,)), (1,)
+        bf.__cuda_array_interface__
+
+
+def test_tensorrt_without_aot_impl_gets_a_clear_error(monkeypatch, fused_demo):
+    """A TensorRT whose plugin layer has no AOT (before 10.12): JIT registers; an AOT build says so."""
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    with h.tensorrt(VERSIONS[1], aot=False) as (core, trtp):
+        assert trt_plugin.register_plugin() is False
+        from convattn.exporter.engine import build_engine, parse_profiles
+
+        with pytest.raises(EngineBuildError, match="--plugin-mode jit"):
+            build_engine(_typed(fused_demo), "/nonexistent/x.plan", parse_profiles(["input"], [(1, 64, 8, 8)]))
+
+
+@pytest.fixture(scope="session")
+def fused_demo():
+    """A fused ConvMHAttn(16, 16, 2) graph, exported before any harness replaces `tensorrt`."""
+    from conftest import cached
+
+    return cached(("einsum", "dynamo", 18))[3].model
+
+
+def _typed(fused, plugin_mode="aot", dtype="fp32"):
+    from convattn.exporter.fuse import set_plugin_mode
+    from convattn.exporter.precision import cast_graph
+
+    return cast_graph(set_plugin_mode(fused, plugin_mode), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("plugin_mode", ["aot", "jit"])
+def test_build_engine_is_strongly_typed_and_says_its_mode(fused_demo, trt, tmp_path, monkeypatch, dtype, plugin_mode):
+    """build_engine over the stand-in builder: no precision flags (TensorRT 11 has none), strong
+    typing as 10.x's creation flag, the sidecar's mode is what every node asks for.
+    Mutations: config.set_flag(BuilderFlag.FP16) (AttributeError -> exit 4 on 11.x); a fixed aot=1."""
+    core, _, version = trt
+    from convattn.exporter import engine
+
+    monkeypatch.setattr(engine, "gpu_identity", lambda: ("stand-in", "9.0"))
+    profile = engine.parse_profiles(["input"], [(1, 16, 7, 9)], max_shape="2x16x9x9")
+    built = engine.build_engine(_typed(fused_demo, plugin_mode, dtype), tmp_path / "m.plan", profile, plugin_mode=plugin_mode)
+    plan = __import__("json").loads((tmp_path / "m.plan").read_bytes())
+    assert plan["builder_flags"] == []
+    assert ("STRONGLY_TYPED" in plan["flags"]) is version.startswith("10.")
+    assert [layer["mode"] for layer in plan["Layers"]] == [plugin_mode]
+    assert built.sidecar["plugin_mode"] == plugin_mode and built.sidecar["precision"] == dtype
+    assert built.sidecar["needs_python_plugin"] is (plugin_mode == "jit")
+
+
+def test_errors_inside_tensorrt_are_one_line_exit_4(fused_demo, trt, tmp_path, monkeypatch):
+    """A plugin error TensorRT reports (here: an unknown layout) is EngineBuildError, exit code 4."""
+    core, _, _ = trt
+    from convattn.exporter import engine
+
+    monkeypatch.setattr(engine, "gpu_identity", lambda: ("stand-in", "9.0"))
+    bad = _typed(fused_demo)
+    for n in bad.graph.node:
+        for a in n.attribute:
+            if a.name == "q_layout":
+                a.s = b"NHWC"
+    profile = engine.parse_profiles(["input"], [(1, 16, 7, 9)])
+    with pytest.raises(EngineBuildError) as e:
+        engine.build_engine(bad, tmp_path / "m.plan", profile)
+    assert e.value.exit_code == 4 and "\n" not in str(e.value) and "q_layout" in str(e.value)
+    assert not (tmp_path / "m.plan").exists()
+
+
+# ------------------------------------------------------------------- on the GPU: what TensorRT would run
+
+
+def _gpu_tensors(layout, env, dtype, seed):
+    (q_shape, kv_shape), _ = SHAPES[layout]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(concrete(s, env), generator=gen).to(getattr(torch, DTYPES[dtype])).cuda()
+               for s in (q_shape, kv_shape, kv_shape))
+    return q, k, v, torch.full_like(q, float("nan"))
+
+
+TOL = {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_aot_launch_as_tensorrt_passes_it(trt, layout, dtype):
+    """The PTX TensorRT got from get_kernel, launched through the CUDA driver with exactly the grid,
+    block, shared memory and int32 extras it got from get_launch_params, against float64."""
+    core, _, _ = trt
+    import ctypes
+
+    from convattn.plugins.aot import _check, _driver, _load_module
+
+    trt_plugin.register_plugin()
+    (q_shape, kv_shape), env = SHAPES[layout]
+    trt_dtype = {"fp32": core.float32, "fp16": core.float16, "bf16": core.bfloat16}[dtype]
+    plugin = h.parse_node(core, node(layout))
+    launch = h.build_node(core, plugin, [trt_dtype] * 3, [q_shape, kv_shape, kv_shape], env, tactics=[1]).launches[1]
+    q, k, v, out = _gpu_tensors(layout, env, dtype, seed=len(layout))
+    drv = _driver()
+    func = _check(drv.cuModuleGetFunction(_load_module(launch.ptx), launch.kernel_name.encode()))
+    if launch.shared_mem > 48 * 1024:
+        _check(drv.cuFuncSetAttribute(func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                      launch.shared_mem))
+    values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *launch.extras, out.data_ptr()]
+    types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(launch.extras) + [ctypes.c_void_p]
+    _check(drv.cuLaunchKernel(func, *launch.grid, *launch.block, launch.shared_mem,
+                              torch.cuda.current_stream().cuda_stream, (tuple(values), tuple(types)), 0))
+    torch.cuda.synchronize()
+    ref = _reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, plugin.attrs["scale"])
+    assert (out.double().cpu() - ref).abs().max() <= TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gpu_jit_enqueue_as_tensorrt_calls_it(trt, layout, dtype, monkeypatch):
+    """NVIDIA's JIT plugin `enqueue` with real CUDA pointers: our `impl` turns TensorRT's tensors
+    (bf16 included) into views and runs the kernel on TensorRT's stream, against float64."""
+    core, _, _ = trt
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    trt_plugin.register_plugin()
+    (q_shape, kv_shape), env = SHAPES[layout]
+    trt_dtype = {"fp32": core.float32, "fp16": core.float16, "bf16": core.bfloat16}[dtype]
+    plugin = h.parse_node(core, node(layout, plugin_mode="jit"))
+    built = h.build_node(core, plugin, [trt_dtype] * 3, [q_shape, kv_shape, kv_shape], env)
+    plugin.set_tactic(built.tactics[0])
+    tensors = _gpu_tensors(layout, env, dtype, seed=7)
+
+    def desc(t):
+        d = core.PluginTensorDesc()
+        d.dims, d.type, d.format = core.Dims(t.shape), trt_dtype, core.TensorFormat.LINEAR
+        return d
+
+    stream = torch.cuda.Stream()
+    plugin.enqueue([desc(t) for t in tensors[:3]], [desc(tensors[3])], [t.data_ptr() for t in tensors[:3]],
+                   [tensors[3].data_ptr()], [t.stride() for t in tensors[:3]], [tensors[3].stride()], stream.cuda_stream)
+    stream.synchronize()
+    q, k, v, out = tensors
+    ref = _reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, plugin.attrs["scale"])
+    assert (out.double().cpu() - ref).abs().max() <= TOL[dtype]
