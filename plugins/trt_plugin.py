@@ -20,6 +20,9 @@ driven as TensorRT's ONNX parser and builder drive it (`tests/trt_harness.py`):
 # annotations with inspect.signature and needs real classes (trtp.TensorDesc, int, ...), not strings.
 import functools
 
+import numpy as np
+import numpy.typing as npt
+
 from .kernel import KernelConfig, candidate_configs, default_config, smem_limit
 from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape
 
@@ -52,10 +55,20 @@ def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int) -> KernelCo
     return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch)[max(tactic, 1) - 1]
 
 
+# The numeric attributes are declared as 1-element arrays. TensorRT's ONNX parser passes an INT as
+# one int32 and a FLOAT as one float32 whatever a plugin declares, and TensorRT 10's create_plugin
+# converts a declared int/float with int(array)/float(array), which NumPy >= 2.4 refuses; a declared
+# array is taken with astype on every version.
+Int32 = npt.NDArray[np.int32]
+Float32 = npt.NDArray[np.float32]
+
+
 def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout) -> FlashAttentionAttrs:
-    """The node's attributes as `tensorrt.plugin` hands them over (strings may end in NUL)."""
-    return FlashAttentionAttrs.from_attributes(dict(num_heads=num_heads, scale=scale, q_layout=q_layout,
-                                                    k_layout=k_layout, v_layout=v_layout, out_layout=out_layout))
+    """The node's attributes as `tensorrt.plugin` hands them over: numbers as 1-element arrays,
+    strings possibly ending in NUL (the parser counts it)."""
+    return FlashAttentionAttrs.from_attributes(dict(
+        num_heads=int(np.asarray(num_heads).reshape(-1)[0]), scale=float(np.asarray(scale).reshape(-1)[0]),
+        q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, out_layout=out_layout))
 
 
 @functools.cache
@@ -78,7 +91,7 @@ def _register(trtp) -> None:
     """register (shape rule), autotune (tactics) and impl (JIT)."""
 
     @trtp.register(PLUGIN_ID)
-    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int, scale: float,
+    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: Int32, scale: Float32,
               q_layout: str, k_layout: str, v_layout: str, out_layout: str) -> trtp.TensorDesc:
         out = q.like()
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
@@ -86,11 +99,11 @@ def _register(trtp) -> None:
         return out
 
     @trtp.autotune(PLUGIN_ID)
-    def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int, scale: float,
+    def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: Int32, scale: Float32,
                   q_layout: str, k_layout: str, v_layout: str, out_layout: str,
                   outputs) -> list[trtp.AutoTuneCombination]:
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
-        head_dim, arch = static_head_dim(q, attrs.q_layout, num_heads), _arch()
+        head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
         # One combination per element size: the tactic lists differ (fp32 tiles fit less SMEM).
         return [
             trtp.AutoTuneCombination(types, "LINEAR", list(range(1, len(tactic_configs(head_dim, dtype, arch)) + 1)))
@@ -98,7 +111,7 @@ def _register(trtp) -> None:
         ]
 
     @trtp.impl(PLUGIN_ID)
-    def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: int, scale: float, q_layout: str,
+    def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: Int32, scale: Float32, q_layout: str,
               k_layout: str, v_layout: str, out_layout: str, outputs, stream: int, tactic: int) -> None:
         import torch
 
@@ -118,7 +131,7 @@ def _register_aot(trtp) -> None:
     import tensorrt as trt
 
     @trtp.aot_impl(PLUGIN_ID)
-    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: int, scale: float, q_layout: str,
+    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: Int32, scale: Float32, q_layout: str,
              k_layout: str, v_layout: str, out_layout: str, outputs,
              tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         from .aot import compile_artifact
@@ -127,9 +140,9 @@ def _register_aot(trtp) -> None:
         layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
         dtype = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[q.dtype]
         arch = _arch()
-        head_dim = static_head_dim(q, attrs.q_layout, num_heads)
+        head_dim = static_head_dim(q, attrs.q_layout, attrs.num_heads)
         config = tactic_config(head_dim, dtype, arch, tactic)
-        art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, num_heads),
+        art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, attrs.num_heads),
                                num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
                                arch=int(arch[3:]), layouts=layouts)
         (gx, gy, gz), threads, smem, extras = art.launch_for(

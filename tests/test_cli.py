@@ -156,3 +156,38 @@ def test_attention_auto_reports_the_path_per_block(tmp_path):
     assert r.exit_code == 0, r.output
     [block] = json.loads(report.read_text())["blocks"]
     assert block["path"] == "plugin" and block["head_dim"] == 8  # TensorRT does not fuse head_dim 8 itself
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_dtype_types_the_fused_graph(tmp_path, dtype):
+    """--dtype puts the precision in the graph (TensorRT 11 engines are strongly typed): the
+    FlashAttention node reads and writes fp16/bf16, the graph's IO stays fp32, and validation runs
+    in that precision (ONNX Runtime for fp16; bf16 on PyTorch, with a note that says why).
+    Mutation: skipping cast_graph leaves the node fp32 and fails the element-type check."""
+    import onnx
+
+    fused, report = tmp_path / "f.onnx", tmp_path / "r.json"
+    r = cli("--demo", "--dtype", dtype, "--fused-onnx", fused, "--report", report)
+    assert r.exit_code == 0, r.output
+    model = onnx.shape_inference.infer_shapes(onnx.load(fused))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}
+    [node] = [n for n in model.graph.node if n.op_type == "FlashAttention"]
+    expected = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[dtype]
+    assert [types[i] for i in node.input] == [expected] * 3
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [onnx.TensorProto.FLOAT]
+    doc = json.loads(report.read_text())["validation"]
+    assert {c["dtype"] for c in doc["comparisons"]} == {dtype}
+    paths = {c["path"] for c in doc["comparisons"]}
+    if dtype == "fp16":
+        assert {"onnxruntime unfused", "onnxruntime fused"} <= paths
+    else:
+        assert not any(p.startswith("onnxruntime") for p in paths) and any("no bf16" in n for n in doc["notes"])
+
+
+def test_plugin_mode_is_written_on_the_nodes(tmp_path):
+    import onnx
+
+    fused = tmp_path / "f.onnx"
+    assert cli("--demo", "--plugin-mode", "jit", "--fused-onnx", fused).exit_code == 0
+    [node] = [n for n in onnx.load(fused).graph.node if n.op_type == "FlashAttention"]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["aot"] == 0

@@ -142,3 +142,13 @@ def test_engine_builds_runs_and_matches_pytorch(tmp_path):
     with torch.no_grad():
         ref = model.cuda().double()(x.double())
     assert (out.double() - ref).abs().max() <= 1e-4
+
+
+def test_readme_and_serving_readme_carry_the_same_proof_table():
+    """The table of what is proven where is written twice (the README, serving/README.md): one text."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tables = [re.search(r"<!-- trt-proof-table.*?\n((?:\|.*\n)+)", (root / name).read_text()).group(1)
+              for name in ("README.md", "serving/README.md")]
+    assert tables[0] == tables[1] and tables[0].count("\n") >= 8

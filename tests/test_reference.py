@@ -59,23 +59,32 @@ def test_attrs_reject_nonsense():
         FlashAttentionAttrs(2, 0.5, q_layout="BHSD", out_layout="NCHW")
 
 
-def test_onnxruntime_custom_op_runs_the_node():
+@pytest.mark.parametrize("elem", ["FLOAT", "FLOAT16"])
+def test_onnxruntime_custom_op_runs_the_node(elem):
+    """The node in ONNX Runtime against float64 attention written out here (not the reference the op
+    calls); an fp16 node runs through Casts (ORT's Python ops take fp32 only).
+    Mutation: a wrong NCHW stride in the layout table fails; so does dropping the output Cast (fp16)."""
     import onnx
     from onnx import TensorProto, helper
 
     from convattn.plugins.op import DOMAIN, OP_TYPE
 
+    kind = getattr(TensorProto, elem)
+    np_type = np.float16 if elem == "FLOAT16" else np.float32
     attrs = FlashAttentionAttrs(2, 0.25)
     node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], domain=DOMAIN, **attrs.onnx_attributes())
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", 8, "h", "w"]) for n in "qkv"]
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["b", 8, "h", "w"])])
+    inputs = [helper.make_tensor_value_info(n, kind, ["b", 8, "h", "w"]) for n in "qkv"]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", kind, ["b", 8, "h", "w"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
     onnx.checker.check_model(model)
     rng = np.random.default_rng(2)
-    q = rng.standard_normal((1, 8, 3, 5)).astype(np.float32)
-    k, v = (rng.standard_normal((1, 8, 2, 2)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, 8, 3, 5)).astype(np_type)
+    k, v = (rng.standard_normal((1, 8, 2, 2)).astype(np_type) for _ in range(2))
     (out,) = session(model).run(None, {"q": q, "k": k, "v": v})
-    np.testing.assert_array_equal(out, flash_attention_reference(q, k, v, attrs))
+    as_heads = lambda t: t.astype(np.float64).reshape(1, 2, 4, -1).transpose(0, 1, 3, 2)  # noqa: E731
+    expected = naive(as_heads(q), as_heads(k), as_heads(v), 0.25).transpose(0, 1, 3, 2).reshape(1, 8, 3, 5)
+    assert out.dtype == np_type
+    np.testing.assert_allclose(out.astype(np.float64), expected, atol=2e-6 if elem == "FLOAT" else 2e-3, rtol=0)
     assert model.graph.node[0].domain == DOMAIN  # the rewrite for ORT works on a copy
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,14 +129,18 @@ def parse_node(core, node: onnx.NodeProto, prefer: str | None = None):
     if creator is None:
         raise ParseError(f"no plugin creator for {node.op_type} version {version} namespace {namespace!r}")
     fields = core.PluginFieldCollection(load_fields(core, creator.field_names, node))
-    if not hasattr(core, "QuickPluginCreationRequest"):  # before 10.12: no AOT, no request
-        return creator.create_plugin(node.op_type, namespace, fields, core.TensorRTPhase.BUILD)
-    request = core.QuickPluginCreationRequest
-    if "aot" in attrs:
-        qpcr = request.STRICT_AOT if attrs["aot"] else request.STRICT_JIT
-    else:
-        qpcr = {"aot": request.PREFER_AOT, "jit": request.PREFER_JIT, None: request.UNKNOWN}[prefer]
-    return creator.create_plugin(node.op_type, namespace, fields, core.TensorRTPhase.BUILD, qpcr)
+    args = [node.op_type, namespace, fields, core.TensorRTPhase.BUILD]
+    if hasattr(core, "QuickPluginCreationRequest"):  # 10.12+: the request (before: no AOT)
+        request = core.QuickPluginCreationRequest
+        if "aot" in attrs:
+            args.append(request.STRICT_AOT if attrs["aot"] else request.STRICT_JIT)
+        else:
+            args.append({"aot": request.PREFER_AOT, "jit": request.PREFER_JIT, None: request.UNKNOWN}[prefer])
+    # NumPy >= 2.4 refuses int()/float() of a 1-element array, which TensorRT 10's create_plugin
+    # does for int and float attributes (11.x takes element 0); NumPy < 2.4 only warns: an error here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "Conversion of an array with ndim > 0", DeprecationWarning)
+        return creator.create_plugin(*args)
 
 
 # ------------------------------------------------------------------- the builder's calls
