@@ -27,7 +27,7 @@ The output layout is one of the same four; "NCHW" takes its H, W from the query 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 OP_TYPE = "FlashAttention"
 DOMAIN = "convattn"
@@ -125,17 +125,38 @@ class FlashAttentionAttrs:
     def onnx_attributes(self, plugin_mode: str = "aot") -> dict:
         """Node attributes: ours plus those TensorRT's parser uses to find the plugin. `aot`
         decides the implementation: onnx-tensorrt turns it into STRICT_AOT (1) or STRICT_JIT (0),
-        over the network's PREFER_* flags."""
-        return {**asdict(self), "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION,
+        over the network's PREFER_* flags.
+
+        Every attribute the plugin reads is an ONNX STRING, numbers too (num_heads "8", scale in
+        Python's shortest round-trip repr): the parser passes an INT as int32 and a FLOAT as float32
+        whatever the plugin declares, and TensorRT 10's `tensorrt.plugin` then fails on them with
+        NumPy >= 2.4 (int() of a 1-element array) and, for array annotations, on Python >= 3.12
+        (issubclass of a generic alias). Strings arrive as chars on every version; the scale also
+        keeps all its digits (a FLOAT would be rounded to float32)."""
+        return {"num_heads": str(self.num_heads), "scale": repr(float(self.scale)), "q_layout": self.q_layout,
+                "k_layout": self.k_layout, "v_layout": self.v_layout, "out_layout": self.out_layout,
+                "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION,
                 "aot": aot_attribute(plugin_mode)}
 
     @classmethod
     def from_attributes(cls, attrs: dict) -> "FlashAttentionAttrs":
-        """Inverse of `onnx_attributes`; ignores the TensorRT lookup attributes. Strings may end in
-        NUL: TensorRT's ONNX parser passes a STRING attribute as chars counting the trailing NUL,
-        and `tensorrt.plugin` decodes all of them."""
-        return cls(**{k: attrs[k].rstrip("\0") if isinstance(attrs[k], str) else attrs[k]
-                      for k in cls.__dataclass_fields__ if k in attrs})
+        """Inverse of `onnx_attributes` (strings, or bytes as ONNX hands them); ignores the TensorRT
+        lookup attributes. A string may end in NUL: TensorRT's ONNX parser passes a STRING attribute
+        as chars counting the trailing NUL, and `tensorrt.plugin` decodes all of them."""
+        def text(value) -> str:
+            value = value.decode() if isinstance(value, bytes) else str(value)
+            return value.rstrip("\0")
+
+        try:
+            values = {k: text(attrs[k]) for k in cls.__dataclass_fields__ if k in attrs}
+            if "num_heads" in values:
+                values["num_heads"] = int(values["num_heads"])
+            if "scale" in values:
+                values["scale"] = float(values["scale"])
+        except ValueError as e:
+            raise ValueError(f"FlashAttention attributes: expected num_heads an integer and scale a number, got "
+                             f"{attrs.get('num_heads')!r}, {attrs.get('scale')!r}") from e
+        return cls(**values)
 
 
 PLUGIN_MODES = ("aot", "jit")

@@ -62,11 +62,7 @@ def register() -> str:
 
     from .reference import flash_attention_reference
 
-    attr_types = {
-        "num_heads": PyCustomOpDef.dt_int64,
-        "scale": PyCustomOpDef.dt_float,
-        **{f"{n}_layout": PyCustomOpDef.dt_string for n in ("q", "k", "v", "out")},
-    }
+    attr_types = {n: PyCustomOpDef.dt_string for n in FlashAttentionAttrs.__dataclass_fields__}
 
     @onnx_op(op_type=OP_TYPE, inputs=[PyCustomOpDef.dt_float] * 3, outputs=[PyCustomOpDef.dt_float], attrs=attr_types)
     def _flash_attention(q, k, v, **attrs):

@@ -9,8 +9,8 @@ What TensorRT hands these functions, and how they answer, is tested by running N
 `tensorrt.plugin` code (bindings wheels 11.4 and 10.16) over a stand-in of its compiled core,
 driven as TensorRT's ONNX parser and builder drive it (`tests/trt_harness.py`):
 - the parser looks the creator up by op_type `FlashAttention`, `plugin_version` and
-  `plugin_namespace`, passes only the fields declared here, INT as int32, FLOAT as float32 and
-  STRING as chars ending in NUL (`FlashAttentionAttrs.from_attributes` strips it);
+  `plugin_namespace`, passes only the fields declared here, and a STRING as chars ending in NUL
+  (`FlashAttentionAttrs.from_attributes` strips it); every attribute we read is a STRING;
 - the node's `aot` attribute makes it STRICT_AOT or STRICT_JIT;
 - shape expressions have no reflected operators: `op.output_shape` and `op.layout_view` keep the
   shape-derived operand on the left.
@@ -19,9 +19,6 @@ driven as TensorRT's ONNX parser and builder drive it (`tests/trt_harness.py`):
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
 # annotations with inspect.signature and needs real classes (trtp.TensorDesc, int, ...), not strings.
 import functools
-
-import numpy as np
-import numpy.typing as npt
 
 from .kernel import KernelConfig, candidate_configs, default_config, smem_limit
 from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape
@@ -55,20 +52,11 @@ def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int) -> KernelCo
     return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch)[max(tactic, 1) - 1]
 
 
-# The numeric attributes are declared as 1-element arrays. TensorRT's ONNX parser passes an INT as
-# one int32 and a FLOAT as one float32 whatever a plugin declares, and TensorRT 10's create_plugin
-# converts a declared int/float with int(array)/float(array), which NumPy >= 2.4 refuses; a declared
-# array is taken with astype on every version.
-Int32 = npt.NDArray[np.int32]
-Float32 = npt.NDArray[np.float32]
-
-
 def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout) -> FlashAttentionAttrs:
-    """The node's attributes as `tensorrt.plugin` hands them over: numbers as 1-element arrays,
-    strings possibly ending in NUL (the parser counts it)."""
-    return FlashAttentionAttrs.from_attributes(dict(
-        num_heads=int(np.asarray(num_heads).reshape(-1)[0]), scale=float(np.asarray(scale).reshape(-1)[0]),
-        q_layout=q_layout, k_layout=k_layout, v_layout=v_layout, out_layout=out_layout))
+    """The node's attributes as `tensorrt.plugin` hands them over: strings, possibly ending in NUL
+    (numbers too: see `FlashAttentionAttrs.onnx_attributes` for why)."""
+    return FlashAttentionAttrs.from_attributes(dict(num_heads=num_heads, scale=scale, q_layout=q_layout,
+                                                    k_layout=k_layout, v_layout=v_layout, out_layout=out_layout))
 
 
 @functools.cache
@@ -91,7 +79,7 @@ def _register(trtp) -> None:
     """register (shape rule), autotune (tactics) and impl (JIT)."""
 
     @trtp.register(PLUGIN_ID)
-    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: Int32, scale: Float32,
+    def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
               q_layout: str, k_layout: str, v_layout: str, out_layout: str) -> trtp.TensorDesc:
         out = q.like()
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
@@ -99,7 +87,7 @@ def _register(trtp) -> None:
         return out
 
     @trtp.autotune(PLUGIN_ID)
-    def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: Int32, scale: Float32,
+    def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
                   q_layout: str, k_layout: str, v_layout: str, out_layout: str,
                   outputs) -> list[trtp.AutoTuneCombination]:
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
@@ -111,7 +99,7 @@ def _register(trtp) -> None:
         ]
 
     @trtp.impl(PLUGIN_ID)
-    def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: Int32, scale: Float32, q_layout: str,
+    def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: str, scale: str, q_layout: str,
               k_layout: str, v_layout: str, out_layout: str, outputs, stream: int, tactic: int) -> None:
         import torch
 
@@ -131,7 +119,7 @@ def _register_aot(trtp) -> None:
     import tensorrt as trt
 
     @trtp.aot_impl(PLUGIN_ID)
-    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: Int32, scale: Float32, q_layout: str,
+    def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str, q_layout: str,
              k_layout: str, v_layout: str, out_layout: str, outputs,
              tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         from .aot import compile_artifact

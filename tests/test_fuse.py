@@ -59,7 +59,7 @@ def test_fused_node_is_what_tensorrt_and_onnxruntime_look_up():
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert node.domain == DOMAIN
     assert attrs["plugin_namespace"] == b"convattn" and attrs["plugin_version"] == b"1" and attrs["aot"] == 1
-    assert attrs["num_heads"] == 2 and attrs["scale"] == pytest.approx(8**-0.5)
+    assert attrs["num_heads"] == b"2" and float(attrs["scale"]) == pytest.approx(8**-0.5)
     assert DOMAIN in {o.domain for o in fusion.model.opset_import}
 
 
