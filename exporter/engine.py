@@ -8,6 +8,7 @@ The builder, parser and runtime calls are thin; they need a machine with TensorR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -223,12 +224,20 @@ def build_engine(
     if plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     trt = _trt()
-    try:
+    with tensorrt_errors(trt):
         return _build(trt, set_plugin_mode(fused, plugin_mode), Path(plan_path), profile, plugin_mode,
                       workspace_bytes, timing_cache, model_sha256)
+
+
+@contextlib.contextmanager
+def tensorrt_errors(trt):
+    """Whatever the TensorRT path raises (ValueError, TypeError, RuntimeError, ...) as one line,
+    EngineBuildError (exit code 4); our own errors pass through."""
+    try:
+        yield
     except ConvattnError:
         raise
-    except Exception as e:  # the TensorRT path raises ValueError, TypeError, RuntimeError, ...
+    except Exception as e:
         raise EngineBuildError(f"TensorRT {trt.__version__}: {type(e).__name__}: {_first_line(e)}") from e
 
 
@@ -333,10 +342,11 @@ def run_engine(plan: str | Path, feeds: dict) -> list:
     """Run a plan once on CUDA torch tensors (name -> tensor); returns the outputs as tensors."""
     import torch
 
-    context, outputs, log = _bound(plan, feeds)
-    stream = torch.cuda.current_stream()
-    _execute(context, log, stream)
-    stream.synchronize()
+    with tensorrt_errors(_trt()):
+        context, outputs, log = _bound(plan, feeds)
+        stream = torch.cuda.current_stream()
+        _execute(context, log, stream)
+        stream.synchronize()
     return outputs
 
 
@@ -344,17 +354,18 @@ def time_engine(plan: str | Path, feeds: dict, repeat: int = 20) -> float:
     """Median ms of `repeat` runs (CUDA events), after one warm-up run."""
     import torch
 
-    context, _, log = _bound(plan, feeds)
-    stream = torch.cuda.current_stream()
-    _execute(context, log, stream)
     times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
+    with tensorrt_errors(_trt()):
+        context, _, log = _bound(plan, feeds)
+        stream = torch.cuda.current_stream()
         _execute(context, log, stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            _execute(context, log, stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
