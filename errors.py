@@ -53,3 +53,11 @@ class TensorRTUnavailable(ConvattnError):
     """An engine was asked for, but the `tensorrt` package cannot be imported here."""
 
     exit_code = 5
+
+
+def first_line(e: BaseException) -> str:
+    """The informative line of an exception from a library: the dynamo exporter's `<class ...>`
+    summary where there is one, else the first non-empty line, else the type's name."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    summary = [ln for ln in lines if ln.startswith("<class")]
+    return (summary or lines or [type(e).__name__])[0]

@@ -24,20 +24,10 @@ from rich.table import Table
 import convattn
 from convattn.errors import ConvattnError, InputError, ModelError, ParityError
 from convattn.exporter.files import check_output, write_atomic
+from convattn.exporter.graph import parse_shape
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.split("\n")[0])
 out = Console(stderr=True, highlight=False)
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1x64x32x32' -> (1, 64, 32, 32): a 4-D NCHW shape of positive ints."""
-    try:
-        shape = tuple(int(p) for p in text.lower().split("x"))
-    except ValueError:
-        raise InputError(f"--input-shape: expected BxCxHxW such as 1x64x32x32, got {text!r}") from None
-    if len(shape) != 4 or min(shape) < 1:
-        raise InputError(f"--input-shape: expected 4 positive dims BxCxHxW (NCHW), got {text!r}")
-    return shape
 
 
 @contextmanager
@@ -195,7 +185,7 @@ def _run(o: Options) -> int:
     if o.onnx_path:
         write_atomic(o.onnx_path, unfused.SerializeToString())
     write_atomic(fused_onnx, fused.SerializeToString())
-    warnings = loaded.warnings + exported.warnings
+    warnings = exported.warnings
     _print_summary(fusion, result, warnings, fused_onnx, o.onnx_path)
     doc = {
         "model": {"source": loaded.source, "kind": loaded.kind, "sha256": loaded.sha256},
@@ -245,7 +235,7 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
     import torch
 
     if torch.cuda.is_available():
-        from convattn.exporter.validate import validate_engine
+        from convattn.exporter.engine import validate_engine
 
         with stage("validate engine"):
             engine_report = validate_engine(o.engine, model_module, unfused, names, input_shapes, dtype=o.dtype,

@@ -9,23 +9,30 @@ The builder, parser and runtime calls are thin; they need a machine with TensorR
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import secrets
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
 import convattn
-from convattn.errors import ConvattnError, EngineBuildError, InputError, TensorRTUnavailable
+from convattn.errors import ConvattnError, EngineBuildError, InputError, TensorRTUnavailable, first_line
 from convattn.plugins.op import PLUGIN_MODES
 
 from .files import write_atomic
 from .fuse import set_plugin_mode
+from .graph import graph_inputs, parse_shape
 from .precision import graph_precision
+
+if TYPE_CHECKING:
+    from .validate import ValidationReport
 
 _TRT_DTYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16"}
 
@@ -48,13 +55,7 @@ def _parse_one(text: str, names: list[str], option: str) -> dict[str, tuple[int,
         name = name.strip() or (names[i] if i < len(names) else "")
         if name not in names:
             raise InputError(f"{option}: expected an input among {names}, got {name or part!r}")
-        try:
-            shape = tuple(int(x) for x in dims.lower().split("x"))
-        except ValueError:
-            raise InputError(f"{option}: expected NAME:BxCxHxW, got {part!r}") from None
-        if min(shape) < 1:
-            raise InputError(f"{option}: dims must be >= 1, got {part!r}")
-        out[name] = shape
+        out[name] = parse_shape(dims, f"{option} (NAME:BxCxHxW)", rank=None)
     if len(out) == 1 and len(names) > 1 and ":" not in text:
         out = {n: next(iter(out.values())) for n in names}  # one shape serves every input
     return out
@@ -115,15 +116,13 @@ def triton_repository(repo: str | Path, name: str, plan: str | Path, model: onnx
     target = Path(repo) / name
     if target.exists() and not force:
         raise InputError(f"{target}: exists; pass --force to overwrite")
-    init = {t.name for t in model.graph.initializer}
-
     def entry(vi, dims) -> str:
         dtype = _TRT_DTYPES.get(vi.type.tensor_type.elem_type)
         if dtype is None:
             raise InputError(f"{vi.name}: no Triton data type for ONNX elem_type {vi.type.tensor_type.elem_type}")
         return f'  {{\n    name: "{vi.name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
 
-    inputs = [i for i in model.graph.input if i.name not in init]
+    inputs = graph_inputs(model)
     in_entries = []
     for vi in inputs:
         lo, _, hi = profile.shapes[vi.name]
@@ -238,7 +237,7 @@ def tensorrt_errors(trt):
     except ConvattnError:
         raise
     except Exception as e:
-        raise EngineBuildError(f"TensorRT {trt.__version__}: {type(e).__name__}: {_first_line(e)}") from e
+        raise EngineBuildError(f"TensorRT {trt.__version__}: {type(e).__name__}: {first_line(e)}") from e
 
 
 def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, timing_cache, model_sha256):
@@ -297,11 +296,6 @@ def gpu_identity() -> tuple[str, str]:
 
     major, minor = torch.cuda.get_device_capability()
     return torch.cuda.get_device_name(), f"{major}.{minor}"
-
-
-def _first_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _bound(plan: str | Path, feeds: dict):
@@ -383,3 +377,59 @@ class _Log:
                     self.messages.append(f"[{severity.name}] {msg}")
 
         return Log()
+
+
+def validate_engine(
+    plan,
+    module,
+    unfused: onnx.ModelProto,
+    input_names: list[str],
+    input_shapes: list[tuple[int, ...]],
+    *,
+    dtype: str = "fp32",
+    blocks: list | None = None,
+    seed: int | None = None,
+) -> ValidationReport:
+    """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
+    the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
+    the same inputs x8 (large logits: where a naive fp16 softmax overflows). Needs CUDA and
+    TensorRT; memory notes give the engine's peak and where einsum would run out of memory."""
+    import numpy as np
+    import torch
+
+    from convattn.plugins.ort_op import session
+
+    from .validate import (DTYPES, ValidationReport, _block_memory, _compare, _run_torch, _variants,
+                           einsum_oom_side)
+
+    seed = secrets.randbits(31) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
+    comparisons, notes = [], []
+    for label, factor in (("", 1.0), (" (x8 inputs)", 8.0)):
+        inputs = [x * factor for x in base]
+        ref = _run_torch(module, inputs, torch.float64)
+        scale = max(1.0, float(np.abs(ref).max()))
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        (out,) = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
+        peak = torch.cuda.max_memory_allocated() - before
+        comparisons.append(_compare(f"tensorrt engine{label}", dtype, out.double().cpu().numpy(), ref, scale))
+        feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
+        comparisons.append(_compare(f"onnxruntime unfused{label}", "fp32", session(unfused).run(None, feeds)[0], ref, scale))
+        for name, variant in _variants(module).items():
+            gpu = copy.deepcopy(variant).cuda().to(DTYPES[dtype])
+            with torch.no_grad():
+                got = gpu(*(x.cuda().to(DTYPES[dtype]) for x in inputs)).double().cpu().numpy()
+            comparisons.append(_compare(f"{name} (cuda){label}", dtype, got, ref, scale))
+        if not label:
+            notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
+                         "(the engine's own activation memory is in the sidecar)")
+    _, total = torch.cuda.mem_get_info()
+    batch = input_shapes[0][0]
+    memory = _block_memory(blocks, batch, dtype)
+    for m in memory:
+        side = einsum_oom_side(batch, m.heads, total, dtype)
+        notes.append(f"block {m.block}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
+                     f"at {side}x{side} pixels (batch {batch})")
+    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)

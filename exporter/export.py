@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from convattn.errors import ExportError, InputError
+from convattn.errors import ExportError, InputError, first_line
 
-from .fuse import SHAPES_METADATA_KEY
+from .graph import record_shapes
 from .load import eval_mode
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -97,10 +97,10 @@ def export_onnx(
             # dims: export what it supports and say so.
             model = _export(module, args, names, exporter, opset, False)
             notes.append(f"exported with static shapes {_fmt(input_shapes)}: the model refuses dynamic batch/height/width "
-                         f"({_first_line(e)})")
+                         f"({first_line(e)})")
     except Exception as e:
-        raise ExportError(f"torch.onnx.export ({exporter}) failed: {_first_line(e)}") from e
-    onnx.helper.set_model_props(model, {SHAPES_METADATA_KEY: ";".join("x".join(map(str, s)) for s in input_shapes)})
+        raise ExportError(f"torch.onnx.export ({exporter}) failed: {first_line(e)}") from e
+    record_shapes(model, input_shapes)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
@@ -142,13 +142,6 @@ def _required_inputs(module) -> int:
         return 1
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return max(1, sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params))
-
-
-def _first_line(e: Exception) -> str:
-    """The informative line of an exporter error (the dynamo exporter's is under a summary)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    summary = [ln for ln in lines if ln.startswith("<class")]
-    return (summary or lines or [type(e).__name__])[0]
 
 
 def _fmt(shapes) -> str:

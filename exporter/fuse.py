@@ -26,11 +26,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .graph import graph_inputs, recorded_shapes
 from convattn.errors import InputError, ModelError
 from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute,
                                  native_attention_applies)
-
-SHAPES_METADATA_KEY = "convattn.input_shapes"
 
 # ---------------------------------------------------------------- views: atoms of a root tensor
 
@@ -165,17 +164,10 @@ class _NotFusable(Exception):
 # ---------------------------------------------------------------- probing shapes and scalars
 
 
-def parse_shapes_metadata(model: onnx.ModelProto):
-    for prop in model.metadata_props:
-        if prop.key == SHAPES_METADATA_KEY:
-            return [tuple(int(n) for n in s.split("x")) for s in prop.value.split(";")]
-    return None
-
-
 def _probe_shapes(model: onnx.ModelProto, input_shapes):
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    inputs = graph_inputs(model)
     if input_shapes is None:
-        input_shapes = parse_shapes_metadata(model)
+        input_shapes = recorded_shapes(model)
     shapes = {}
     for n, inp in enumerate(inputs):
         dims = inp.type.tensor_type.shape.dim

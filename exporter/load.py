@@ -13,13 +13,13 @@ import hashlib
 import importlib
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from convattn.errors import InputError, ModelError
+from convattn.errors import InputError, ModelError, first_line
 from convattn.models import ConvMHAttn
 
 DEMO_SPEC = (64, 64, 8)  # in_channels, out_channels, heads: head_dim 8, as in the README's figures
@@ -34,7 +34,6 @@ class LoadedModel:
     source: str
     sha256: str | None = None
     default_input_shapes: list[tuple[int, ...]] | None = None
-    warnings: list[str] = field(default_factory=list)
 
 
 def demo_model() -> ConvMHAttn:
@@ -114,12 +113,12 @@ def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"{path}: a {kind} archive that does not load: {_first_line(e)}") from e
+        raise InputError(f"{path}: a {kind} archive that does not load: {first_line(e)}") from e
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         if "Unsupported global" not in str(e):
-            raise InputError(f"{path}: not a PyTorch model file ({what}): {_first_line(e)}") from e
+            raise InputError(f"{path}: not a PyTorch model file ({what}): {first_line(e)}") from e
         if not trust_pickle:
             raise InputError(
                 f"{path}: contains pickled Python objects (a whole module), and unpickling runs code from the file. "
@@ -128,7 +127,7 @@ def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except Exception as e2:
-            raise InputError(f"{path}: the pickle does not load: {_first_line(e2)}; does --import name its module?") from e2
+            raise InputError(f"{path}: the pickle does not load: {first_line(e2)}; does --import name its module?") from e2
         if not isinstance(obj, nn.Module):
             raise InputError(f"{path}: expected a pickled nn.Module, got {type(obj).__name__}")
         return LoadedModel(eval_mode(obj), "pickle", str(path))
@@ -162,7 +161,7 @@ def _from_state_dict(path: Path, state: dict, heads, attention) -> LoadedModel:
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise InputError(f"{path}: the weights do not fit ConvMHAttn({c_in}, {c_out}, {heads}): {_first_line(e)}") from e
+        raise InputError(f"{path}: the weights do not fit ConvMHAttn({c_in}, {c_out}, {heads}): {first_line(e)}") from e
     return LoadedModel(module, "state_dict", str(path), default_input_shapes=[(1, c_in, 32, 32)])
 
 
@@ -180,8 +179,3 @@ def _check_finite(module: nn.Module) -> None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise ModelError(f"weight {name!r} has {bad} NaN/inf values: the model cannot produce finite outputs")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

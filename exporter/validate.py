@@ -21,6 +21,8 @@ import torch
 from convattn.models import ConvMHAttn
 from convattn.plugins.ort_op import session
 
+from .graph import graph_inputs
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Max abs error allowed vs the float64 reference, relative to max(1, max |reference|).
 # fp32: the issue's 1e-5 on unit-scale inputs. fp16/bf16: their unit roundoff (2^-11, 2^-8)
@@ -141,7 +143,7 @@ def validate(
         notes.append(f"no float64 run of the model ({type(e).__name__}); the reference is its fp32 run")
         ref = _run_torch(module, inputs, torch.float32)
     scale = max(1.0, float(np.abs(ref).max()))
-    feeds = {i.name: x.float().numpy() for i, x in zip(_graph_inputs(unfused), inputs)}
+    feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
     comparisons = []
     if dtype == "bf16":
         notes.append("the bf16 graphs were not run in ONNX Runtime: its CPU kernels have no bf16 (Conv, MatMul, "
@@ -172,11 +174,6 @@ def einsum_bytes_at(batch: int, heads: int, seq_q: int, seq_kv: int, dtype: str)
     return BlockMemory.estimate("", batch, heads, seq_q, seq_kv, dtype).einsum_bytes
 
 
-def _graph_inputs(model: onnx.ModelProto):
-    init = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in init]
-
-
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -193,53 +190,3 @@ def einsum_oom_side(batch: int, heads: int, memory_bytes: int, dtype: str) -> in
     while einsum_bytes_at(batch, heads, side * side, side * side, dtype) <= memory_bytes:
         side += 8
     return side
-
-
-def validate_engine(
-    plan,
-    module: torch.nn.Module,
-    unfused: onnx.ModelProto,
-    input_names: list[str],
-    input_shapes: list[tuple[int, ...]],
-    *,
-    dtype: str = "fp32",
-    blocks: list | None = None,
-    seed: int | None = None,
-) -> ValidationReport:
-    """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
-    the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
-    the same inputs x8 (large logits: where a naive fp16 softmax overflows). Needs CUDA and
-    TensorRT; memory notes give the engine's peak and where einsum would run out of memory."""
-    from .engine import run_engine
-
-    seed = secrets.randbits(31) if seed is None else seed
-    gen = torch.Generator().manual_seed(seed)
-    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
-    comparisons, notes = [], []
-    for label, factor in (("", 1.0), (" (x8 inputs)", 8.0)):
-        inputs = [x * factor for x in base]
-        ref = _run_torch(module, inputs, torch.float64)
-        scale = max(1.0, float(np.abs(ref).max()))
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        (out,) = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
-        peak = torch.cuda.max_memory_allocated() - before
-        comparisons.append(_compare(f"tensorrt engine{label}", dtype, out.double().cpu().numpy(), ref, scale))
-        feeds = {i.name: x.float().numpy() for i, x in zip(_graph_inputs(unfused), inputs)}
-        comparisons.append(_compare(f"onnxruntime unfused{label}", "fp32", session(unfused).run(None, feeds)[0], ref, scale))
-        for name, variant in _variants(module).items():
-            gpu = copy.deepcopy(variant).cuda().to(DTYPES[dtype])
-            with torch.no_grad():
-                got = gpu(*(x.cuda().to(DTYPES[dtype]) for x in inputs)).double().cpu().numpy()
-            comparisons.append(_compare(f"{name} (cuda){label}", dtype, got, ref, scale))
-        if not label:
-            notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
-                         "(the engine's own activation memory is in the sidecar)")
-    _, total = torch.cuda.mem_get_info()
-    batch = input_shapes[0][0]
-    memory = _block_memory(blocks, batch, dtype)
-    for m in memory:
-        side = einsum_oom_side(batch, m.heads, total, dtype)
-        notes.append(f"block {m.block}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
-                     f"at {side}x{side} pixels (batch {batch})")
-    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import triton
 
+from .device import device_arch
 from .kernel import SMEM_LIMIT, KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
 from .reference import add_q_bias
 
@@ -36,18 +37,6 @@ def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv:
     arch, smem = device_arch(device) if device.type == "cuda" else ("cpu", SMEM_LIMIT)
     rec = _recorded().get(config_key(arch, _DTYPES[dtype], head_dim, seq_kv))
     return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize, smem=smem)
-
-
-def device_arch(device: torch.device) -> tuple[str, int]:
-    """("sm_XY", per-block shared memory limit) of a CUDA device (None: the current one)."""
-    return _device(torch.cuda.current_device() if device.index is None else device.index)
-
-
-@cache
-def _device(index: int) -> tuple[str, int]:
-    """(arch, per-block shared memory limit) of a CUDA device, asked once (launch overhead)."""
-    props = torch.cuda.get_device_properties(index)
-    return f"sm_{props.major}{props.minor}", props.shared_memory_per_block_optin
 
 
 def _strides(t) -> list[int]:

@@ -154,7 +154,7 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, q_bias_ptr, stride_ob, strid
 
 def unsupported(q, k, v) -> str | None:
     """Why this kernel cannot take (q, k, v) (B, H, S, D) views; None when it can."""
-    from .flash import device_arch
+    from .device import device_arch
 
     if q.device.type != "cuda" or device_arch(q.device)[0] != "sm_90":
         return "needs a Hopper (sm_90) GPU"

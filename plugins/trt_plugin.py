@@ -149,7 +149,7 @@ def _arch() -> str:
     """The current GPU's "sm_XY", as the JIT path's config lookup names it (asked once)."""
     import torch
 
-    from .flash import device_arch
+    from .device import device_arch
 
     return device_arch(torch.device("cuda"))[0]
 

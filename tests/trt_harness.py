@@ -167,7 +167,7 @@ class BuiltNode:
     plugin: object = None
 
 
-def sym_dims(core, shape) -> "core.DimsExprs":
+def sym_dims(core, shape):
     """Input DimsExprs: ints are build-time constants, strings are dynamic dims (symbols)."""
     builder = core.IExprBuilder()
     exprs = core.DimsExprs(len(shape))

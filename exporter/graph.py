@@ -1,0 +1,41 @@
+"""Facts about the graphs convattn writes, shared by every stage: the export shapes it records in a
+model's metadata, its real (non-initializer) inputs, and the BxCxHxW shape syntax of the CLI."""
+
+from __future__ import annotations
+
+import onnx
+
+from convattn.errors import InputError
+
+SHAPES_METADATA_KEY = "convattn.input_shapes"
+
+
+def record_shapes(model: onnx.ModelProto, shapes) -> None:
+    """Write the export shapes into the model's metadata (later stages probe and validate at them)."""
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        SHAPES_METADATA_KEY: ";".join("x".join(map(str, s)) for s in shapes)})
+
+
+def recorded_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]] | None:
+    for prop in model.metadata_props:
+        if prop.key == SHAPES_METADATA_KEY:
+            return [tuple(int(n) for n in s.split("x")) for s in prop.value.split(";")]
+    return None
+
+
+def graph_inputs(model: onnx.ModelProto) -> list:
+    """The inputs a caller feeds: graph inputs that are not initializers."""
+    init = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init]
+
+
+def parse_shape(text: str, option: str = "--input-shape", rank: int | None = 4) -> tuple[int, ...]:
+    """'1x64x32x32' -> (1, 64, 32, 32): positive ints; `rank` of them unless None."""
+    try:
+        shape = tuple(int(p) for p in text.strip().lower().split("x"))
+    except ValueError:
+        raise InputError(f"{option}: expected BxCxHxW such as 1x64x32x32, got {text!r}") from None
+    if min(shape) < 1 or (rank is not None and len(shape) != rank):
+        dims = f"{rank} positive dims BxCxHxW (NCHW)" if rank == 4 else "positive dims"
+        raise InputError(f"{option}: expected {dims}, got {text!r}")
+    return shape

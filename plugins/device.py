@@ -1,0 +1,20 @@
+"""The CUDA device a kernel runs on, asked once: its arch and shared-memory limit."""
+
+from __future__ import annotations
+
+from functools import cache
+
+
+def device_arch(device) -> tuple[str, int]:
+    """("sm_XY", per-block shared memory limit) of a CUDA torch device (index None: the current one)."""
+    import torch
+
+    return _device(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@cache
+def _device(index: int) -> tuple[str, int]:
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return f"sm_{props.major}{props.minor}", props.shared_memory_per_block_optin
