@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ from rich.table import Table
 
 import convattn
 from convattn.errors import ConvattnError, InputError, ModelError, ParityError
-from convattn.exporter.files import check_output, write_atomic
+from convattn.exporter.engine import sidecar_path
+from convattn.exporter.files import check_distinct, check_output, write_atomic
 from convattn.exporter.graph import parse_shape
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.split("\n")[0])
@@ -108,26 +111,45 @@ def export(
     opts = Options(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset, not static,
                    attention, report, trust_pickle, tuple(imports or ()), demo, force, seed, min_shape, opt_shape,
                    max_shape, workspace, timing_cache, plugin_mode, triton_repo)
+    interrupted = []
+
+    def on_sigint(signum, frame):  # remembered: a library may turn the KeyboardInterrupt into its own error
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         code = _run(opts)
-    except ConvattnError as e:
-        out.print(f"[bold red]error:[/] {escape(str(e))}")
-        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        out.print("[bold red]interrupted[/]: no partial output was written")
-        raise typer.Exit(130) from None
+        code = _interrupted()
+    except ConvattnError as e:
+        if interrupted:
+            code = _interrupted()
+        else:
+            out.print(f"[bold red]error:[/] {escape(str(e))}")
+            code = e.exit_code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     raise typer.Exit(code)
+
+
+def _interrupted() -> int:
+    out.print("[bold red]interrupted[/]: no partial output was written")
+    return 130
 
 
 def _check_options(o: Options) -> None:
     from convattn.plugins.op import PLUGIN_MODES
     from convattn.exporter.fuse import ATTENTION_PATHS
+    from convattn.exporter.export import check_export_options
     from convattn.exporter.validate import DTYPES
 
     if o.model is None and not o.demo:
         raise InputError("no model given: pass a model file, or --demo for the embedded example")
     if o.model is not None and o.demo:
         raise InputError("pass either a model file or --demo, not both")
+    check_export_options(o.exporter, o.opset)
     if o.dtype not in DTYPES:
         raise InputError(f"--dtype: expected one of {', '.join(DTYPES)}, got {o.dtype!r}")
     if o.attention not in ATTENTION_PATHS:
@@ -152,7 +174,10 @@ def _run(o: Options) -> int:
     if fused_onnx is None:
         stem = o.engine.with_suffix("") if o.engine else Path((o.model.stem if o.model else "convattn_demo"))
         fused_onnx = stem.with_name(stem.name + ".fused.onnx")
-    for path in (o.engine, o.onnx_path, fused_onnx, o.report):
+    outputs = {"--engine": o.engine, "the engine's sidecar": sidecar_path(o.engine) if o.engine else None,
+               "--onnx": o.onnx_path, "--fused-onnx": fused_onnx, "--report": o.report}
+    check_distinct(outputs)
+    for path in outputs.values():
         check_output(path, o.force)
 
     with stage("load"):

@@ -397,7 +397,7 @@ def validate_engine(
     import numpy as np
     import torch
 
-    from convattn.plugins.ort_op import session
+    from convattn.plugins.ort_op import run as run_onnx
 
     from .validate import (DTYPES, ValidationReport, _block_memory, _compare, _run_torch, _variants,
                            einsum_oom_side)
@@ -416,7 +416,7 @@ def validate_engine(
         peak = torch.cuda.max_memory_allocated() - before
         comparisons.append(_compare(f"tensorrt engine{label}", dtype, out.double().cpu().numpy(), ref, scale))
         feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
-        comparisons.append(_compare(f"onnxruntime unfused{label}", "fp32", session(unfused).run(None, feeds)[0], ref, scale))
+        comparisons.append(_compare(f"onnxruntime unfused{label}", "fp32", run_onnx(unfused, feeds)[0], ref, scale))
         for name, variant in _variants(module).items():
             gpu = copy.deepcopy(variant).cuda().to(DTYPES[dtype])
             with torch.no_grad():

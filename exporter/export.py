@@ -35,6 +35,15 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def check_export_options(exporter: str, opset: int) -> None:
+    """Bad input (exit 2), said before any work: an exporter we do not know, an opset out of range."""
+    if exporter not in EXPORTERS:
+        raise InputError(f"--exporter: expected one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise InputError(f"--opset: expected {MIN_OPSET}..{newest} (this onnx {onnx.__version__}), got {opset}")
+
+
 def _eval_dropout_warning(module: torch.nn.Module, args, first: torch.Tensor) -> str | None:
     """Two eval-mode forwards on the same input must agree; dropout applied in eval does not."""
     with torch.no_grad():
@@ -67,10 +76,7 @@ def export_onnx(
         opset: ONNX opset, >= 18. Opset 23 lets the dynamo exporter emit the `Attention` op.
         dynamic: batch, height and width dynamic (default) or all static.
     """
-    if exporter not in EXPORTERS:
-        raise ExportError(f"exporter: expected one of {EXPORTERS}, got {exporter!r}")
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset: expected >= {MIN_OPSET}, got {opset}")
+    check_export_options(exporter, opset)
     module = eval_mode(module.float())
     arity = _required_inputs(module)
     if len(input_shapes) == 1 and arity > 1:
@@ -91,7 +97,7 @@ def export_onnx(
         try:
             model = _export(module, args, names, exporter, opset, dynamic)
         except Exception as e:
-            if not dynamic:
+            if not dynamic or _interrupted(e):
                 raise
             # A model traced or exported with fixed sizes (a static .pt2, say) refuses dynamic
             # dims: export what it supports and say so.
@@ -99,7 +105,13 @@ def export_onnx(
             notes.append(f"exported with static shapes {_fmt(input_shapes)}: the model refuses dynamic batch/height/width "
                          f"({first_line(e)})")
     except Exception as e:
+        if _interrupted(e):  # Ctrl-C inside torch.export surfaces as another exception
+            raise KeyboardInterrupt from None
         raise ExportError(f"torch.onnx.export ({exporter}) failed: {first_line(e)}") from e
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ExportError(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}: "
+                          f"pass an opset it supports (18 always works)")
     record_shapes(model, input_shapes)
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -130,6 +142,17 @@ def _export(module, args, names, exporter, opset, dynamic) -> onnx.ModelProto:
             output_names=["output"], dynamic_axes=axes,
         )
         return onnx.load_from_string(buf.getvalue())
+
+
+def _interrupted(e: BaseException) -> bool:
+    """True if a KeyboardInterrupt is anywhere in the exception's chain."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _required_inputs(module) -> int:

@@ -190,7 +190,7 @@ def _probe_shapes(model: onnx.ModelProto, input_shapes):
 
 def _probe(model: onnx.ModelProto, input_shapes) -> dict[str, np.ndarray]:
     """Every intermediate tensor of one ONNX Runtime run at the probe shapes."""
-    from convattn.plugins.ort_op import session
+    from convattn.plugins.ort_op import run
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -205,11 +205,10 @@ def _probe(model: onnx.ModelProto, input_shapes) -> dict[str, np.ndarray]:
         name: rng.standard_normal(shape).astype(dtype) for name, (shape, dtype) in _probe_shapes(model, input_shapes).items()
     }
     try:
-        sess = session(probe)
-        values = sess.run(None, feeds)
+        values = run(probe, feeds)
     except Exception as e:  # ORT's own exception types vary by version
         raise ModelError(f"the exported graph does not run in ONNX Runtime at the probe shapes: {e}") from e
-    out = dict(zip([o.name for o in sess.get_outputs()], values))
+    out = dict(zip([o.name for o in probe.graph.output], values))
     out.update(feeds)
     return out
 

@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from convattn.models import ConvMHAttn
-from convattn.plugins.ort_op import session
+from convattn.plugins.ort_op import run as run_onnx
 
 from .graph import graph_inputs
 
@@ -149,7 +149,7 @@ def validate(
         notes.append("the bf16 graphs were not run in ONNX Runtime: its CPU kernels have no bf16 (Conv, MatMul, "
                      "Softmax); bf16 is checked on PyTorch here and, on a GPU, on the kernel and the engine")
     else:
-        comparisons += [_compare(f"onnxruntime {name}", dtype, session(model).run(None, feeds)[0], ref, scale)
+        comparisons += [_compare(f"onnxruntime {name}", dtype, run_onnx(model, feeds)[0], ref, scale)
                         for name, model in (("unfused", unfused), ("fused", fused))]
     for name, variant in _variants(module).items():
         try:

@@ -8,7 +8,10 @@ onnxruntime-extensions registers Python ops only in domain `ai.onnx.contrib`;
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import threading
 
 import onnx
 
@@ -69,6 +72,30 @@ def register() -> str:
         return flash_attention_reference(q, k, v, FlashAttentionAttrs.from_attributes(attrs))
 
     return get_library_path()
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> list:
+    """The model's outputs for `feeds`, run in ONNX Runtime (CPU). Ctrl-C waits for the run to end:
+    a KeyboardInterrupt raised inside a Python custom op would abort the whole process (SIGABRT)."""
+    sess = session(model)
+    with deferred_interrupt():
+        return sess.run(None, feeds)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """SIGINT held back (recorded) until the block ends, then raised as KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def session(model: onnx.ModelProto):

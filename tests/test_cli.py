@@ -90,16 +90,24 @@ def test_state_dict_with_heads_and_cross_attention_shapes(tmp_path):
         (["--demo", "--engine", "e.plan", "--plugin-mode", "cpp"], 2, "--plugin-mode"),
         (["--demo", "--triton-repo", "repo"], 2, "need --engine"),
         (["--demo", "--engine", "e.plan", "--max-shape", "1x64x8x8"], 2, "min <= opt <= max"),
+        (["--demo", "--fused-onnx", "/proc/x.onnx"], 2, "cannot write"),
+        (["--demo", "--fused-onnx", "f.onnx", "--report", "/proc/r.json"], 2, "cannot write"),
+        (["--demo", "--exporter", "foo"], 2, "--exporter: expected one of dynamo, torchscript"),
+        (["--demo", "--opset", "17"], 2, "--opset: expected 18.."),
+        (["--demo", "--opset", "99"], 2, "--opset: expected 18.."),
+        (["--demo", "--onnx", "a.onnx", "--fused-onnx", "a.onnx", "--report", "a.onnx"], 2, "name the same file"),
+        (["--demo", "--engine", "a.plan", "--report", "a.plan.json"], 2, "name the same file"),
     ],
     ids=["no-model", "missing", "rank", "not-a-number", "wrong-channels", "dtype", "unwritable", "attention",
-         "plugin-mode", "triton-repo-alone", "bad-profile"],
+         "plugin-mode", "triton-repo-alone", "bad-profile", "proc-fused", "proc-report", "exporter", "opset-17",
+         "opset-99", "same-paths", "report-is-sidecar"],
 )
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, code, message):
     monkeypatch.chdir(tmp_path)
     r = cli(*args)
     assert r.exit_code == code, r.output
     assert message in " ".join(r.output.split())
-    assert "Traceback" not in r.output
+    assert isinstance(r.exception, SystemExit), r.exception  # a clean exit, not an escaped exception
     assert list(tmp_path.iterdir()) == []  # nothing partial left behind
 
 
@@ -191,3 +199,97 @@ def test_plugin_mode_is_written_on_the_nodes(tmp_path):
     assert cli("--demo", "--plugin-mode", "jit", "--fused-onnx", fused).exit_code == 0
     [node] = [n for n in onnx.load(fused).graph.node if n.op_type == "FlashAttention"]
     assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}["aot"] == 0
+
+
+def test_existing_sidecar_is_refused_without_force(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out.plan.json").write_text("keep me")
+    r = cli("--demo", "--engine", "out.plan")
+    assert r.exit_code == 2 and "out.plan.json: exists" in " ".join(r.output.split())
+    assert (tmp_path / "out.plan.json").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["out.plan.json"]
+
+
+def test_outputs_are_readable_as_the_umask_says(tmp_path):
+    """mkstemp makes 0600 files: a server running as another user could not read the plan."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        assert cli("--demo", "--fused-onnx", tmp_path / "f.onnx", "--report", tmp_path / "r.json").exit_code == 0
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"f.onnx": 0o644, "r.json": 0o644}
+
+
+@pytest.mark.parametrize("stage,extra", [("load", []), ("fuse", ["--input-shape", "1x64x64x64"])],
+                         ids=["during-export", "during-validation"])
+def test_ctrl_c_exits_130_at_every_stage(tmp_path, stage, extra):
+    """Ctrl-C during the dynamo export (torch turns it into other errors) and during validation
+    (ONNX Runtime's Python op aborted the process, SIGABRT) exits 130 with one line, nothing written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "convattn.exporter.cli", "--demo", "--fused-onnx",
+                          str(tmp_path / "f.onnx"), *extra], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    seen = ""
+    while f"✓ {stage}" not in seen:
+        ch = p.stderr.read(1)
+        assert ch, seen
+        seen += ch
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    rest = p.stderr.read()
+    assert p.wait(timeout=120) == 130, seen + rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert list(tmp_path.iterdir()) == []
+
+
+ABORT_SCRIPT = """
+import os, signal, sys
+import numpy as np
+from onnx import TensorProto, helper
+import convattn.plugins.reference as reference
+from convattn.plugins import ort_op
+from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs
+
+real = reference.flash_attention_reference
+def interrupted(*args, **kwargs):  # Ctrl-C arrives while ONNX Runtime is inside our Python op
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+reference.flash_attention_reference = interrupted
+node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], domain=DOMAIN, **FlashAttentionAttrs(2, 0.25).onnx_attributes())
+io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 2, 2]) for n in "qkvo"]
+model = helper.make_model(helper.make_graph([node], "g", io[:3], io[3:]),
+                          opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+try:
+    ort_op.run(model, {n: np.ones((1, 8, 2, 2), np.float32) for n in "qkv"})
+except KeyboardInterrupt:
+    sys.exit(130)
+sys.exit(0)
+"""
+
+
+def test_ctrl_c_inside_the_onnxruntime_python_op_does_not_abort():
+    """Mutation: ort_op.run without deferred_interrupt: the process dies of SIGABRT (-6)."""
+    import subprocess
+    import sys
+
+    assert subprocess.run([sys.executable, "-c", ABORT_SCRIPT], capture_output=True).returncode == 130
+
+
+def test_ctrl_c_inside_torch_export_is_a_keyboard_interrupt(monkeypatch):
+    """torch.export turns a KeyboardInterrupt into other errors; export_onnx gives it back.
+    Mutation: without `_interrupted` the user gets ExportError (exit 3)."""
+    from convattn.exporter import export
+
+    def interrupted_export(*args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from e
+
+    monkeypatch.setattr(export, "_export", interrupted_export)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_onnx(ConvMHAttn(8, 8, 2), [(1, 8, 4, 4)])
