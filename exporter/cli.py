@@ -27,7 +27,7 @@ import convattn
 from convattn.errors import ConvattnError, InputError, ModelError, ParityError
 from convattn.exporter.engine import sidecar_path
 from convattn.exporter.files import check_distinct, check_output, write_atomic
-from convattn.exporter.graph import parse_shape
+from convattn.exporter.graph import parse_shape, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.split("\n")[0])
 out = Console(stderr=True, highlight=False)
@@ -78,6 +78,7 @@ class Options:
     timing_cache: Path | None
     plugin_mode: str
     triton_repo: Path | None
+    validate_memory: str | None
 
 
 @app.command()
@@ -106,11 +107,12 @@ def export(
     timing_cache: Annotated[Optional[Path], typer.Option(help="TensorRT timing cache: read if present, written after")] = None,
     plugin_mode: Annotated[str, typer.Option(help="aot (the engine carries the kernel) | jit (needs the Python plugin when served)")] = "aot",
     triton_repo: Annotated[Optional[Path], typer.Option(help="also write a Triton Inference Server model repository here (needs --engine)")] = None,
+    validate_memory: Annotated[Optional[str], typer.Option(help="memory the checks that store S x S scores may take, e.g. 8GB [default: half the available memory]")] = None,
 ):
     """Export MODEL to ONNX, fuse its attention into FlashAttention nodes, validate, build."""
     opts = Options(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset, not static,
                    attention, report, trust_pickle, tuple(imports or ()), demo, force, seed, min_shape, opt_shape,
-                   max_shape, workspace, timing_cache, plugin_mode, triton_repo)
+                   max_shape, workspace, timing_cache, plugin_mode, triton_repo, validate_memory)
     interrupted = []
 
     def on_sigint(signum, frame):  # remembered: a library may turn the KeyboardInterrupt into its own error
@@ -170,6 +172,7 @@ def _run(o: Options) -> int:
 
     _check_options(o)
     input_shapes = [parse_shape(s) for s in o.shapes]
+    budget = parse_size(o.validate_memory, "--validate-memory") if o.validate_memory else None
     fused_onnx = o.fused_onnx
     if fused_onnx is None:
         stem = o.engine.with_suffix("") if o.engine else Path((o.model.stem if o.model else "convattn_demo"))
@@ -206,7 +209,7 @@ def _run(o: Options) -> int:
         raise ModelError("no attention block found in the graph (no Softmax after a MatMul/Einsum, no Attention op)")
     with stage(f"validate ({o.dtype})"):
         result = validate(loaded.module, unfused, fused, input_shapes, dtype=o.dtype,
-                          blocks=fusion.blocks, seed=o.seed)
+                          blocks=fusion.blocks, seed=o.seed, memory_budget=budget)
     if o.onnx_path:
         write_atomic(o.onnx_path, unfused.SerializeToString())
     write_atomic(fused_onnx, fused.SerializeToString())

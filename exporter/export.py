@@ -18,6 +18,7 @@ import onnx
 import torch
 
 from convattn.errors import ExportError, InputError, first_line
+from convattn.models import ConvMHAttn
 
 from .graph import record_shapes
 from .load import eval_mode
@@ -83,12 +84,13 @@ def export_onnx(
         input_shapes = list(input_shapes) * arity  # one shape serves every input, as the CLI documents
     gen = torch.Generator().manual_seed(0)
     args = tuple(torch.randn(s, generator=gen) for s in input_shapes)
-    try:
-        with torch.no_grad():
-            first = module(*args)
-    except Exception as e:
-        raise InputError(f"the model does not run on inputs of shape {_fmt(input_shapes)}: {e}") from e
-    notes = [w for w in [_eval_dropout_warning(module, args, first)] if w]
+    with _o_s_attention(module):
+        try:
+            with torch.no_grad():
+                first = module(*args)
+        except Exception as e:
+            raise InputError(f"the model does not run on inputs of shape {_fmt(input_shapes)}: {e}") from e
+        notes = [w for w in [_eval_dropout_warning(module, args, first)] if w]
     if isinstance(module, torch.jit.ScriptModule) and exporter == "dynamo":
         exporter = "torchscript"  # torch.export cannot trace a ScriptModule
         notes.append("a TorchScript model: exported with the TorchScript exporter")
@@ -142,6 +144,21 @@ def _export(module, args, names, exporter, opset, dynamic) -> onnx.ModelProto:
             output_names=["output"], dynamic_axes=axes,
         )
         return onnx.load_from_string(buf.getvalue())
+
+
+@contextlib.contextmanager
+def _o_s_attention(module: torch.nn.Module):
+    """ConvMHAttn blocks run as SDPA (the same function; PyTorch's CPU SDPA needs no S x S tensor)
+    for the eager checks, so a 128x128 export does not take the einsum's tens of GB; the graph is
+    exported from the module as given."""
+    blocks = [m for m in module.modules() if isinstance(m, ConvMHAttn) and m.attention == "einsum"]
+    for m in blocks:
+        m.attention = "sdpa"
+    try:
+        yield
+    finally:
+        for m in blocks:
+            m.attention = "einsum"
 
 
 def _interrupted(e: BaseException) -> bool:

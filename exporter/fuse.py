@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from .graph import graph_inputs, recorded_shapes
 from convattn.errors import InputError, ModelError
-from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute,
+from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute, logical_shape,
                                  native_attention_applies)
 
 # ---------------------------------------------------------------- views: atoms of a root tensor
@@ -164,7 +164,13 @@ class _NotFusable(Exception):
 # ---------------------------------------------------------------- probing shapes and scalars
 
 
-def _probe_shapes(model: onnx.ModelProto, input_shapes):
+# Dynamic dims above this are probed smaller (halved while even): the probe runs the unfused graph,
+# whose S x S scores at a 128x128 export would take tens of GB. A graph dynamic in a dim computes
+# the same views at any size; one that is not runs at the export shape (the fallback).
+PROBE_MAX_DIM = 32
+
+
+def _probe_shapes(model: onnx.ModelProto, input_shapes, reduce: bool = True):
     inputs = graph_inputs(model)
     if input_shapes is None:
         input_shapes = recorded_shapes(model)
@@ -183,13 +189,27 @@ def _probe_shapes(model: onnx.ModelProto, input_shapes):
                     f"input {inp.name!r} has a dynamic dimension {i} and no probe shape: pass input_shapes"
                 )
             else:
-                shape.append(max(int(given[i]), 2))  # a dynamic dim is never probed at 1
+                size = max(int(given[i]), 2)  # a dynamic dim is never probed at 1
+                while reduce and size > PROBE_MAX_DIM and size % 2 == 0:
+                    size //= 2
+                shape.append(size)
         shapes[inp.name] = (shape, onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
     return shapes
 
 
 def _probe(model: onnx.ModelProto, input_shapes) -> dict[str, np.ndarray]:
-    """Every intermediate tensor of one ONNX Runtime run at the probe shapes."""
+    """Every intermediate tensor of one ONNX Runtime run at the probe shapes: reduced first, the
+    export shapes if the graph does not run reduced."""
+    try:
+        return _probe_at(model, _probe_shapes(model, input_shapes))
+    except ModelError:
+        full = _probe_shapes(model, input_shapes, reduce=False)
+        if full == _probe_shapes(model, input_shapes):
+            raise
+        return _probe_at(model, full)
+
+
+def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
     from convattn.plugins.ort_op import run
 
     probe = onnx.ModelProto()
@@ -201,9 +221,7 @@ def _probe(model: onnx.ModelProto, input_shapes) -> dict[str, np.ndarray]:
                 probe.graph.output.append(onnx.ValueInfoProto(name=name))
                 known.add(name)
     rng = np.random.default_rng(0)
-    feeds = {
-        name: rng.standard_normal(shape).astype(dtype) for name, (shape, dtype) in _probe_shapes(model, input_shapes).items()
-    }
+    feeds = {name: rng.standard_normal(shape).astype(dtype) for name, (shape, dtype) in shapes.items()}
     try:
         values = run(probe, feeds)
     except Exception as e:  # ORT's own exception types vary by version
@@ -643,7 +661,40 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     fused = gs.export_onnx(graph)
     fused.metadata_props.extend(model.metadata_props)
     onnx.checker.check_model(fused)
+    _export_sizes(fused, input_shapes or recorded_shapes(model), blocks)
     return FusionResult(fused, blocks)
+
+
+def _export_sizes(fused: onnx.ModelProto, input_shapes, blocks) -> None:
+    """Each fused block's (batch, S_q, S_kv) at the export shapes (the probe may have run smaller),
+    from ONNX shape inference of the fused graph with the inputs set to those shapes."""
+    if not input_shapes:
+        return
+    m = onnx.ModelProto()
+    m.CopyFrom(fused)
+    del m.graph.value_info[:]
+    for vi, shape in zip(graph_inputs(m), input_shapes):
+        for d, n in zip(vi.type.tensor_type.shape.dim, shape):
+            d.Clear()
+            d.dim_value = int(n)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m)
+    except Exception:  # noqa: BLE001  (inference is best effort: the probe's sizes stay)
+        return
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    by_output = {n.output[0]: n for n in inferred.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN}
+    for b in blocks:
+        node = by_output.get(b.details.get("output")) if b.fused else None
+        if node is None:
+            continue
+        attrs = FlashAttentionAttrs.from_attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
+        q, k = dims.get(node.input[0]), dims.get(node.input[1])
+        if not q or not k or None in q or None in k:
+            continue
+        batch, _, s_q, _ = logical_shape(q, attrs.q_layout, attrs.num_heads)
+        s_kv = logical_shape(k, attrs.k_layout, attrs.num_heads)[2]
+        b.details.update(batch=int(batch), seq_q=int(s_q), seq_kv=int(s_kv))
 
 
 def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto:

@@ -39,3 +39,22 @@ def parse_shape(text: str, option: str = "--input-shape", rank: int | None = 4) 
         dims = f"{rank} positive dims BxCxHxW (NCHW)" if rank == 4 else "positive dims"
         raise InputError(f"{option}: expected {dims}, got {text!r}")
     return shape
+
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str, option: str) -> int:
+    """'12GB', '512MiB', '2e9' -> bytes (a positive number)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else None
+    try:
+        value = float(m.group(1)) * _UNITS[unit] if m else -1
+    except (KeyError, ValueError):
+        value = -1
+    if value <= 0:
+        raise InputError(f"{option}: expected a size such as 12GB or 512MiB, got {text!r}")
+    return int(value)

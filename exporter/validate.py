@@ -121,8 +121,15 @@ def validate(
     dtype: str = "fp32",
     blocks: list | None = None,
     seed: int | None = None,
+    memory_budget: int | None = None,
 ) -> ValidationReport:
-    """Compare every path with a float64 PyTorch reference on fresh random inputs.
+    """Compare every path with a float64 PyTorch reference on fresh random inputs, in O(S) memory.
+
+    The reference of a model built of ConvMHAttn blocks is its SDPA form in float64 (PyTorch's CPU
+    SDPA computes exact attention block by block: no S x S tensor). The fused graph always runs (its
+    node is the tiled algorithm). The paths that store the S_q x S_kv scores (ONNX Runtime on the
+    unfused graph, PyTorch einsum, a model of other blocks) run only when those fit `memory_budget`;
+    otherwise the report says what they would have needed.
 
     Args:
         module: the PyTorch model the graphs were exported from.
@@ -130,43 +137,90 @@ def validate(
             `dtype` (`precision.cast_graph`); their inputs and outputs are fp32.
         input_shapes: one shape per graph input.
         dtype: the precision of the graphs and of the PyTorch runs ("fp32", "fp16", "bf16").
-        blocks: `FusionResult.blocks`, for the memory figures. Defaults to none.
+        blocks: `FusionResult.blocks`, for the memory figures and estimates. Defaults to none.
         seed: input seed. Defaults to a fresh random one (recorded in the report).
+        memory_budget: bytes the S x S paths may take. Defaults to half the available memory.
     """
     seed = secrets.randbits(31) if seed is None else seed
+    budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     gen = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
     notes = []
-    try:
-        ref = _run_torch(module, inputs, torch.float64)
-    except Exception as e:  # e.g. a TorchScript graph specialised to fp32
-        notes.append(f"no float64 run of the model ({type(e).__name__}); the reference is its fp32 run")
-        ref = _run_torch(module, inputs, torch.float32)
+    batch = input_shapes[0][0]
+    variants = _variants(module)
+    ref, ref_name, exact = _reference(module, variants, inputs, notes)
     scale = max(1.0, float(np.abs(ref).max()))
     feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
     comparisons = []
+
+    def fits(path: str, nbytes: int) -> bool:
+        if nbytes <= budget:
+            return True
+        notes.append(f"{path}: not run: its attention scores need {human_bytes(nbytes)}, over the validation "
+                     f"memory budget of {human_bytes(budget)} (--validate-memory)")
+        return False
+
     if dtype == "bf16":
         notes.append("the bf16 graphs were not run in ONNX Runtime: its CPU kernels have no bf16 (Conv, MatMul, "
                      "Softmax); bf16 is checked on PyTorch here and, on a GPU, on the kernel and the engine")
     else:
-        comparisons += [_compare(f"onnxruntime {name}", dtype, run_onnx(model, feeds)[0], ref, scale)
-                        for name, model in (("unfused", unfused), ("fused", fused))]
-    for name, variant in _variants(module).items():
+        for name, model in (("unfused", unfused), ("fused", fused)):
+            if name == "fused" or fits("onnxruntime unfused", scores_bytes(blocks, batch, "fp32")):
+                comparisons.append(_compare(f"onnxruntime {name}", dtype, run_onnx(model, feeds)[0], ref, scale))
+    for name, variant in variants.items():
+        if name == ref_name and not exact and dtype == "fp32":
+            continue  # the reference itself (the model would not run in float64): comparing it proves nothing
+        if name != "pytorch sdpa" and not fits(name, scores_bytes(blocks, batch, dtype)):
+            continue
         try:
             comparisons.append(_compare(name, dtype, _run_torch(variant, inputs, DTYPES[dtype]), ref, scale))
         except Exception as e:
             notes.append(f"{name} does not run in {dtype} on this machine: {type(e).__name__}: {e}")
-    memory = _block_memory(blocks, input_shapes[0][0], dtype)
+    memory = _block_memory(blocks, batch, dtype)
     return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
+
+
+def _reference(module, variants: dict, inputs, notes: list) -> tuple[np.ndarray, str, bool]:
+    """(output, the variant it came from, whether it is float64): the SDPA form of ConvMHAttn models (O(S) memory),
+    else the model itself; fp32 where the model cannot run in float64 (said in the notes)."""
+    name = "pytorch sdpa" if "pytorch sdpa" in variants else "pytorch"
+    try:
+        return _run_torch(variants[name], inputs, torch.float64), name, True
+    except Exception as e:  # e.g. a TorchScript graph specialised to fp32
+        notes.append(f"no float64 run of the model ({type(e).__name__}); the reference is its fp32 run, "
+                     "and the PyTorch fp32 row, the reference itself, is left out")
+        return _run_torch(variants[name], inputs, torch.float32), name, False
+
+
+def scores_bytes(blocks, batch: int, dtype: str) -> int:
+    """Bytes of the S_q x S_kv scores and probabilities an unfused attention stores, over all
+    attention blocks whose sizes the fusion pass measured, at `batch`."""
+    return sum(BlockMemory.estimate(b.name, batch, b.details["num_heads"], *_seqs(b), dtype).einsum_bytes
+               for b in (blocks or []) if "probe_seq_q" in b.details)
+
+
+def default_memory_budget() -> int:
+    """Half the memory available now (Linux MemAvailable; else half the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 def _block_memory(blocks, batch: int, dtype: str) -> list[BlockMemory]:
     """Attention memory of each block fused into our node, at the validated batch."""
-    return [
-        BlockMemory.estimate(b.name, batch, b.details["num_heads"], b.details["probe_seq_q"],
-                             b.details["probe_seq_kv"], dtype)
-        for b in (blocks or []) if b.fused
-    ]
+    return [BlockMemory.estimate(b.name, batch, b.details["num_heads"], *_seqs(b), dtype)
+            for b in (blocks or []) if b.fused]
+
+
+def _seqs(block) -> tuple[int, int]:
+    """(S_q, S_kv) at the export shapes where the fusion pass knows them, else at its probe."""
+    d = block.details
+    return d.get("seq_q", d["probe_seq_q"]), d.get("seq_kv", d["probe_seq_kv"])
 
 
 def einsum_bytes_at(batch: int, heads: int, seq_q: int, seq_kv: int, dtype: str) -> int:

@@ -121,6 +121,7 @@ def compile_artifact(
         "QK_SCALE": qk_scale(scale), "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
         "BLOCK_D": block_dim(head_dim), "BLOCK_DV": config.dv_block(head_dim_v),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32",
+        "Q_BIAS": None, "HAS_Q_BIAS": False,  # a Q conv's bias stays in the engine's conv
         **unit_flags({f"{t}{unit_axis(layout)}" for t, layout in zip("qkvo", layouts)}),
     }
     for t, layout in zip("qkvo", layouts):

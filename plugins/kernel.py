@@ -31,11 +31,13 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_os, stride_od,
     num_heads, seq_q, seq_kv,
     Out,
+    Q_BIAS,  # heads*D values added to q (a Q conv's bias), or None (a constexpr: AOT kernels have none)
     QK_SCALE: tl.constexpr,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not tf32
+    HAS_Q_BIAS: tl.constexpr,
     # Which (s, d) strides are the constant 1, per tensor (the contiguous axis of each layout).
     QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
@@ -52,14 +54,14 @@ def _attn_fwd(
     if aligned:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
-                   num_heads, seq_q, seq_kv,
-                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE,
+                   num_heads, seq_q, seq_kv, Q_BIAS,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, True)
     else:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
-                   num_heads, seq_q, seq_kv,
-                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE,
+                   num_heads, seq_q, seq_kv, Q_BIAS,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, False)
 
 
@@ -85,10 +87,10 @@ def _attn_body(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    num_heads, seq_q, seq_kv,
+    num_heads, seq_q, seq_kv, Q_BIAS,
     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, HAS_Q_BIAS: tl.constexpr,
     QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -130,6 +132,9 @@ def _attn_body(
     # register operand of the dot instead of in shared memory: 128 registers a thread at D=512,
     # and the kernel spills (ptxas).
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if HAS_Q_BIAS:  # once per program, on the resident tile: no pass over Q, no copy of it
+        bias = tl.load(Q_BIAS + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
+        q = (q.to(tl.float32) + bias.to(tl.float32)[None, :]).to(q.dtype)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)

@@ -293,3 +293,34 @@ def test_ctrl_c_inside_torch_export_is_a_keyboard_interrupt(monkeypatch):
     monkeypatch.setattr(export, "_export", interrupted_export)
     with pytest.raises(KeyboardInterrupt):
         export.export_onnx(ConvMHAttn(8, 8, 2), [(1, 8, 4, 4)])
+
+
+def test_validation_in_o_s_memory_skips_what_does_not_fit(tmp_path):
+    """With a small --validate-memory the S x S paths (ONNX Runtime unfused, einsum) are skipped
+    with a line saying what they need; the fused graph and SDPA still run and PASS. The probe ran
+    smaller (64x64 -> 32x32) but the figures are the export shape's (S = 4096)."""
+    report = tmp_path / "r.json"
+    r = cli("--demo", "--input-shape", "1x64x64x64", "--validate-memory", "100MB", "--fused-onnx",
+            tmp_path / "f.onnx", "--report", report)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert {c["path"] for c in doc["validation"]["comparisons"]} == {"onnxruntime fused", "pytorch sdpa"}
+    skipped = [n for n in doc["validation"]["notes"] if "not run: its attention scores need 1.1 GB" in n]
+    assert len(skipped) == 2 and all("100.0 MB" in n for n in skipped)
+    assert doc["validation"]["memory"][0]["seq_q"] == 4096
+    assert doc["blocks"][0]["probe_seq_q"] == 1024 and doc["blocks"][0]["seq_q"] == 4096
+
+
+@pytest.mark.slow
+def test_demo_at_128x128_passes_under_12_gb(tmp_path):
+    """The typical export the product is for (S = 16384): under a 12 GB address-space limit, every
+    stage in O(S) memory (the einsum's scores alone would take 17 GB). Took 30 s on a 2-core CPU."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (12 * 10**9, 12 * 10**9)); "
+            "from convattn.exporter.cli import main; sys.argv = ['convattn-export'] + sys.argv[1:]; main()")
+    done = subprocess.run([sys.executable, "-c", code, "--demo", "--input-shape", "1x64x128x128", "--fused-onnx",
+                           str(tmp_path / "f.onnx")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "PASS" in done.stderr

@@ -62,13 +62,23 @@ def test_large_logits_stay_finite_in_fp16():
     assert (out.double() - ref).abs().max() / ref.abs().max() <= 2e-3
 
 
-def test_q_bias_is_added_to_every_query():
+def test_q_bias_is_added_by_the_kernel_to_every_query(monkeypatch):
+    """The Triton kernel adds a Q conv's bias to its resident Q tile: no copy of q (add_q_bias is the
+    CPU reference's copy). Mutations: q = add_q_bias(q, q_bias) before the launch; a bias indexed by
+    d alone (not head*D + d)."""
+    from convattn.plugins import flash
+
+    def no_copy(*args):
+        raise AssertionError("q was copied to add its bias")
+
+    monkeypatch.setattr(flash, "add_q_bias", no_copy)
     torch.manual_seed(0)
     q, k, v = (conv_views(2, 3, 8, s, torch.float32) for s in (20, 9, 9))
     bias = torch.randn(3 * 8)  # a Q conv's bias: heads x head_dim
     out = flash_attention(q, k, v, q_bias=bias, config=KernelConfig(16, 16, 4, 1))
     ref = reference(q + bias.view(1, 3, 1, 8), k, v, 8**-0.5)
     assert (out.double() - ref).abs().max() <= 1e-5
+    assert (out.double() - reference(q, k, v, 8**-0.5)).abs().max() > 1e-2  # the bias matters here
 
 
 def test_bad_arguments_are_refused():

@@ -241,3 +241,54 @@ def test_hopper_kernel_adds_the_q_bias(dtype):
     err, triton_err = ((o.double() - ref).abs().max().item() for o in (out, triton_out))
     assert err <= 2 * triton_err + 1e-4, (err, triton_err)
     assert (ref - ref64(q, k, v, scale)).abs().max().item() > 10 * err  # the bias changes the result
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "BHSD", "BHDS", "BSC"])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_aot_launch_is_bit_identical_to_jit_in_every_layout(layout, dtype):
+    """Every layout, contiguous as TensorRT hands it over: the AOT PTX with TensorRT's argument list
+    computes bit for bit what the JIT kernel computes on the same views."""
+    from convattn.plugins.aot import compile_artifact, launch_artifact
+    from convattn.plugins.flash import flash_attention, pick_config
+    from convattn.plugins.op import bhsd_view
+
+    dt, heads, d = DTYPES[dtype], 2, 40
+    shapes = {"NCHW": ((3, heads * d, 19, 23), (3, heads * d, 11, 7)), "BHSD": ((3, heads, 437, d), (3, heads, 77, d)),
+              "BHDS": ((3, heads, d, 437), (3, heads, d, 77)), "BSC": ((3, 437, heads * d), (3, 77, heads * d))}[layout]
+    q, k, v = (torch.randn(s, device="cuda").to(dt) for s in (shapes[0], shapes[1], shapes[1]))
+    config = pick_config(q.device, dt, d, 77)
+    major, minor = torch.cuda.get_device_capability()
+    art = compile_artifact(head_dim=d, num_heads=heads, dtype=dtype, config=config, scale=d**-0.5,
+                           arch=major * 10 + minor, layouts=(layout,) * 4)
+    aot = torch.full_like(q, float("nan"))
+    launch_artifact(art, q, k, v, aot)
+    torch.cuda.synchronize()
+    jit = torch.full_like(q, float("nan"))
+    views = [bhsd_view(t, layout, heads) for t in (q, k, v)]
+    flash_attention(*views, out=bhsd_view(jit, layout, heads), config=config)
+    assert torch.equal(aot, jit)
+    ref = ref64(*views, d**-0.5)
+    assert (bhsd_view(aot, layout, heads).double() - ref).abs().max() <= (1e-5 if dt == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("d", [64, 512])
+def test_kernel_allocates_nothing_with_q_bias_and_out(d):
+    """conv -> kernel -> conv with no copies: with `out` given and a Q conv's bias, the call allocates
+    no device memory at all (the Triton kernel at d=64, the Hopper kernel at 512 on sm_90).
+    Mutations: adding the bias to a copy of q; writing a temporary and copying it into `out`."""
+    from convattn.plugins.flash import flash_attention
+
+    torch.manual_seed(0)
+    b, heads, s = 2, 512 // d, 4096
+    (_, q), (_, k), (_, v) = (conv_views(b, heads, d, s, torch.float16) for _ in range(3))
+    out_map, out = conv_views(b, heads, d, s, torch.float16)
+    bias = torch.randn(heads * d, device="cuda", dtype=torch.float16)
+    flash_attention(q, k, v, out=out, q_bias=bias)  # compile and autotune outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    flash_attention(q, k, v, out=out, q_bias=bias)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == before
+    ref = ref64(q + bias.view(1, heads, 1, d), k, v, d**-0.5)
+    assert (out.double() - ref).abs().max() <= 2e-2
