@@ -369,3 +369,17 @@ def test_gpu_jit_enqueue_as_tensorrt_calls_it(trt, layout, dtype, monkeypatch):
     q, k, v, out = tensors
     ref = _reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, float(plugin.attrs["scale"].rstrip("\0")))
     assert (out.double().cpu() - ref).abs().max() <= TOL[dtype]
+
+
+def test_python_errors_of_the_tensorrt_path_are_exit_4(fused_demo, trt, tmp_path, monkeypatch):
+    """What the bindings raise themselves (here AttributeError, as a flag TensorRT 11 removed would)
+    reaches the user as EngineBuildError, one line. Mutation: no `tensorrt_errors` around the build."""
+    from convattn.exporter import engine
+
+    def removed_flag(trt_module, mode):
+        return trt_module.BuilderFlag.FP16 if not hasattr(trt_module.BuilderFlag, "FP16") else 1 / 0
+
+    monkeypatch.setattr(engine, "network_flags", removed_flag)
+    with pytest.raises(EngineBuildError, match=r"(AttributeError|ZeroDivisionError)") as e:
+        engine.build_engine(_typed(fused_demo), tmp_path / "m.plan", engine.parse_profiles(["input"], [(1, 16, 7, 9)]))
+    assert e.value.exit_code == 4 and "\n" not in str(e.value)
