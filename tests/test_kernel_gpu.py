@@ -158,19 +158,19 @@ def test_fused_vae_block_on_the_gpu_matches_pytorch():
     from onnx.reference.op_run import OpRun
 
     from convattn.plugins.flash import flash_attention
-    from convattn.plugins.op import DOMAIN, OP_TYPE, bhsd_view
+    from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs, bhsd_view
 
     class FlashAttentionOnGpu(OpRun):
         op_domain = DOMAIN
 
-        def _run(self, q, k, v, num_heads=None, scale=None, q_layout=None, k_layout=None, v_layout=None,
-                 out_layout=None, **_):
-            views = [bhsd_view(torch.from_numpy(t).cuda().half(), lay, num_heads)
-                     for t, lay in ((q, q_layout), (k, k_layout), (v, v_layout))]
+        def _run(self, q, k, v, **attributes):
+            a = FlashAttentionAttrs.from_attributes(attributes)  # the node's attributes are strings
+            views = [bhsd_view(torch.from_numpy(t).cuda().half(), lay, a.num_heads)
+                     for t, lay in ((q, a.q_layout), (k, a.k_layout), (v, a.v_layout))]
             b, h, s, _ = views[0].shape
             out = torch.empty(b, s, h * views[2].shape[-1], device="cuda", dtype=torch.float16)
-            assert out_layout == "BSC"
-            flash_attention(*views, scale=scale, out=bhsd_view(out, "BSC", num_heads))
+            assert a.out_layout == "BSC"
+            flash_attention(*views, scale=a.scale, out=bhsd_view(out, "BSC", a.num_heads))
             return (out.float().cpu().numpy(),)
 
     FlashAttentionOnGpu.__name__ = OP_TYPE
