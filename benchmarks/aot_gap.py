@@ -8,7 +8,8 @@ import torch
 import triton.testing
 
 from convattn.plugins import aot
-from convattn.plugins.flash import flash_attention, pick_config
+from convattn.plugins import flash_attention
+from convattn.plugins.flash import pick_config
 
 major, minor = torch.cuda.get_device_capability()
 print(torch.cuda.get_device_name())

@@ -173,15 +173,7 @@ def _run(o: Options) -> int:
     _check_options(o)
     input_shapes = [parse_shape(s) for s in o.shapes]
     budget = parse_size(o.validate_memory, "--validate-memory") if o.validate_memory else None
-    fused_onnx = o.fused_onnx
-    if fused_onnx is None:
-        stem = o.engine.with_suffix("") if o.engine else Path((o.model.stem if o.model else "convattn_demo"))
-        fused_onnx = stem.with_name(stem.name + ".fused.onnx")
-    outputs = {"--engine": o.engine, "the engine's sidecar": sidecar_path(o.engine) if o.engine else None,
-               "--onnx": o.onnx_path, "--fused-onnx": fused_onnx, "--report": o.report}
-    check_distinct(outputs)
-    for path in outputs.values():
-        check_output(path, o.force)
+    fused_onnx = _checked_outputs(o)
 
     with stage("load"):
         loaded = load_model(o.model, heads=o.heads, trust_pickle=o.trust_pickle, imports=o.imports)
@@ -213,17 +205,8 @@ def _run(o: Options) -> int:
     if o.onnx_path:
         write_atomic(o.onnx_path, unfused.SerializeToString())
     write_atomic(fused_onnx, fused.SerializeToString())
-    warnings = exported.warnings
-    _print_summary(fusion, result, warnings, fused_onnx, o.onnx_path)
-    doc = {
-        "model": {"source": loaded.source, "kind": loaded.kind, "sha256": loaded.sha256},
-        "input_shapes": [list(s) for s in input_shapes],
-        "outputs": {"onnx": str(o.onnx_path) if o.onnx_path else None, "fused_onnx": str(fused_onnx), "engine": None},
-        "blocks": [b.to_dict() for b in fusion.blocks],
-        "warnings": warnings,
-        "validation": result.to_dict(),
-        "versions": _versions(),
-    }
+    _print_summary(fusion, result, exported.warnings, fused_onnx, o.onnx_path)
+    doc = _report(loaded, input_shapes, o.onnx_path, fused_onnx, fusion, exported.warnings, result)
     code = 0 if result.passed else ParityError.exit_code
     if o.engine is not None:
         try:
@@ -239,6 +222,33 @@ def _run(o: Options) -> int:
     _write_report(o.report, doc)
     out.print("[bold green]PASS[/]" if code == 0 else "[bold red]FAIL[/]: parity outside tolerance (see the table above)")
     return code
+
+
+def _checked_outputs(o: Options) -> Path:
+    """Every output path refused before any work (exists without --force, unwritable, two options
+    naming one file); returns the fused ONNX's path (default beside the engine, or ./<model>.fused.onnx)."""
+    fused_onnx = o.fused_onnx
+    if fused_onnx is None:
+        stem = o.engine.with_suffix("") if o.engine else Path((o.model.stem if o.model else "convattn_demo"))
+        fused_onnx = stem.with_name(stem.name + ".fused.onnx")
+    outputs = {"--engine": o.engine, "the engine's sidecar": sidecar_path(o.engine) if o.engine else None,
+               "--onnx": o.onnx_path, "--fused-onnx": fused_onnx, "--report": o.report}
+    check_distinct(outputs)
+    for path in outputs.values():
+        check_output(path, o.force)
+    return fused_onnx
+
+
+def _report(loaded, input_shapes, onnx_path, fused_onnx, fusion, warnings, result) -> dict:
+    return {
+        "model": {"source": loaded.source, "kind": loaded.kind, "sha256": loaded.sha256},
+        "input_shapes": [list(s) for s in input_shapes],
+        "outputs": {"onnx": str(onnx_path) if onnx_path else None, "fused_onnx": str(fused_onnx), "engine": None},
+        "blocks": [b.to_dict() for b in fusion.blocks],
+        "warnings": warnings,
+        "validation": result.to_dict(),
+        "versions": _versions(),
+    }
 
 
 def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model_module, unfused, blocks) -> dict:

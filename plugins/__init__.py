@@ -1,7 +1,7 @@
-"""The FlashAttention op: its definition, CPU reference, and runtime bindings.
+"""The FlashAttention op: its definition, CPU reference, kernels and runtime bindings.
 
-Heavy or optional dependencies (onnxruntime-extensions, triton, tensorrt) are imported
-lazily by the modules that need them.
+`flash_attention` is the one public entry to the kernels. Heavy or optional dependencies
+(onnxruntime-extensions, triton, tensorrt) are imported lazily by the modules that need them.
 """
 
 from .op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs
@@ -9,28 +9,28 @@ from .op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs
 __all__ = ["DOMAIN", "LAYOUTS", "OP_TYPE", "FlashAttentionAttrs", "flash_attention"]
 
 
-def __getattr__(name):
-    # The kernel imports triton: only when asked for, and only where it is installed.
-    if name == "flash_attention":
-        try:
-            from .flash import flash_attention
-        except ImportError as e:
-            return _cpu_only(e)
-        return flash_attention
-    raise AttributeError(name)
+def flash_attention(q, k, v, *, scale=None, out=None, config=None, q_bias=None):
+    """softmax(scale * (q + q_bias) k^T) v, q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
+
+    Any strides (conv-output views are read in place; `out`, (B, H, S_q, D_v), may be a view of the
+    output map); fp16, bf16, fp32; O(S) memory. CUDA tensors run the Triton kernel (or, for
+    head_dim 512 on Hopper, the Gluon kernel); CPU tensors the tiled reference (Triton's interpreter
+    under TRITON_INTERPRET=1). Without Triton installed, CPU tensors still run the reference.
+    `scale` defaults to 1/sqrt(D); `config` (a `KernelConfig`) to the tuned one for this GPU;
+    `q_bias` (H*D values, a Q conv's bias) is added by the kernel to its resident Q tile."""
+    try:
+        from .flash import flash_attention as kernel_path
+    except ImportError as e:  # no Triton: the reference, on the CPU only
+        if q.device.type != "cpu":
+            raise ImportError(f"the Triton kernel is not available ({e}): pip install 'convattn[gpu]'") from e
+        return _reference_path(q, k, v, scale, out, q_bias)
+    return kernel_path(q, k, v, scale=scale, out=out, config=config, q_bias=q_bias)
 
 
-def _cpu_only(reason):
-    """flash_attention without Triton: the tiled reference on CPU tensors, a clear error on CUDA."""
+def _reference_path(q, k, v, scale, out, q_bias):
     import math
 
     from .reference import add_q_bias, reference_attention_torch
 
-    def flash_attention(q, k, v, *, scale=None, out=None, config=None, q_bias=None):
-        if q.device.type != "cpu":
-            raise ImportError(f"the Triton kernel is not available ({reason}): pip install 'convattn[gpu]'")
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out)
-
-    return flash_attention
-
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out)

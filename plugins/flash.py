@@ -32,11 +32,18 @@ def config_key(arch: str, dtype: str, head_dim: int, seq_kv: int) -> str:
     return f"{arch}/{dtype}/d{head_dim}/s{seq_bucket(seq_kv)}"
 
 
+def recorded_config(arch: str, dtype: str, head_dim: int, seq_kv: int) -> KernelConfig | None:
+    """The config tuned for this GPU arch, dtype ("fp16", ...), head dim and length, if one is recorded:
+    the one lookup the JIT kernel, the AOT artifacts and the TensorRT tactics share."""
+    rec = _recorded().get(config_key(arch, dtype, head_dim, seq_kv))
+    return KernelConfig(**rec["config"]) if rec else None
+
+
 def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv: int) -> KernelConfig:
     """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default."""
     arch, smem = device_arch(device) if device.type == "cuda" else ("cpu", SMEM_LIMIT)
-    rec = _recorded().get(config_key(arch, _DTYPES[dtype], head_dim, seq_kv))
-    return KernelConfig(**rec["config"]) if rec else default_config(head_dim, dtype.itemsize, smem=smem)
+    return (recorded_config(arch, _DTYPES[dtype], head_dim, seq_kv)
+            or default_config(head_dim, dtype.itemsize, smem=smem))
 
 
 def _strides(t) -> list[int]:

@@ -33,15 +33,11 @@ def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> tuple[Kern
     """Tactic i (1-based: TensorRT reserves 0) runs config i-1: the recorded (tuned) config
     first, then the rest of the tuning space, so TensorRT's own timing can pick among them.
     Cached: the JIT `impl` looks its tactic up at every enqueue."""
-    from .flash import _recorded, config_key
+    from .flash import recorded_config
 
     nbytes = 4 if dtype == "fp32" else 2
-    first = None
-    for seq in (16384, 4096, 1024):
-        rec = _recorded().get(config_key(arch, dtype, head_dim, seq))
-        if rec:
-            first = KernelConfig(**rec["config"])
-            break
+    # A profile admits many lengths: the config tuned for the longest recorded one leads.
+    first = next((c for c in (recorded_config(arch, dtype, head_dim, s) for s in (16384, 4096, 1024)) if c), None)
     first = first or default_config(head_dim, nbytes, smem=smem_limit(arch))
     return (first, *(c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first))
 

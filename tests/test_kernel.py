@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton", reason="the kernel tests need triton (pip
 
 from convattn.plugins.aot import PTX_ISA_DRIVER  # noqa: E402
 from convattn.plugins.op import layout_strides  # noqa: E402
-from convattn.plugins.flash import flash_attention  # noqa: E402
+from convattn.plugins import flash_attention  # noqa: E402
 from convattn.plugins.kernel import KernelConfig, candidate_configs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(

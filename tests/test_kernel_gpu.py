@@ -30,7 +30,7 @@ CASES += [(dt, d) for d in (8, 64, 512) for dt in ("bf16", "fp32")]
 @pytest.mark.parametrize("dtype,d", CASES)
 @pytest.mark.parametrize("s_q,s_kv", [(1024, 1024), (4097, 777)])
 def test_jit_kernel_vs_float64_and_pytorch(dtype, d, s_q, s_kv):
-    from convattn.plugins.flash import flash_attention
+    from convattn.plugins import flash_attention
 
     torch.manual_seed(d * 7 + s_q)
     dt, b, h = DTYPES[dtype], 2, max(1, 256 // d)
@@ -48,7 +48,7 @@ def test_jit_kernel_vs_float64_and_pytorch(dtype, d, s_q, s_kv):
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_large_logits_stay_finite(dtype):
-    from convattn.plugins.flash import flash_attention
+    from convattn.plugins import flash_attention
 
     dt = DTYPES[dtype]
     (_, q), (_, k), (_, v) = (conv_views(2, 4, 64, 2048, dt, scale=20.0) for _ in range(3))
@@ -61,7 +61,8 @@ def test_large_logits_stay_finite(dtype):
 @pytest.mark.parametrize("dtype,d,heads", [("fp16", 8, 8), ("bf16", 64, 4), ("fp32", 24, 2), ("fp16", 512, 1)])
 def test_aot_launch_is_bit_identical_to_jit(dtype, d, heads):
     from convattn.plugins.aot import compile_artifact, launch_artifact
-    from convattn.plugins.flash import flash_attention, pick_config
+    from convattn.plugins import flash_attention
+    from convattn.plugins.flash import pick_config
 
     dt = DTYPES[dtype]
     major, minor = torch.cuda.get_device_capability()
@@ -108,7 +109,7 @@ WIDE_CONFIGS = {  # the two tuned H100 configs (128 rows, head split in 2 or 4) 
 def test_wide_heads_vs_float64_and_pytorch(dtype, d, layout, config):
     """The Stable Diffusion VAE's head (512, one head) and a 320-wide one, in the token layout of
     its Linear projections and the NCHW layout of 1x1 convs, odd lengths (masked tails)."""
-    from convattn.plugins.flash import flash_attention
+    from convattn.plugins import flash_attention
     from convattn.plugins.kernel import KernelConfig
     from convattn.plugins.op import bhsd_view
 
@@ -129,7 +130,8 @@ def test_aot_token_layout_wide_head_is_bit_identical_to_jit(d):
     """The artifact TensorRT would embed for the VAE's attention (BSC in and out, the head split
     over grid z) launched through the driver API with TensorRT's argument list."""
     from convattn.plugins.aot import compile_artifact, launch_artifact
-    from convattn.plugins.flash import flash_attention, pick_config
+    from convattn.plugins import flash_attention
+    from convattn.plugins.flash import pick_config
     from convattn.plugins.op import bhsd_view
 
     major, minor = torch.cuda.get_device_capability()
@@ -157,7 +159,7 @@ def test_fused_vae_block_on_the_gpu_matches_pytorch():
     from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
 
-    from convattn.plugins.flash import flash_attention
+    from convattn.plugins import flash_attention
     from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs, bhsd_view
 
     class FlashAttentionOnGpu(OpRun):
@@ -199,7 +201,7 @@ def test_fused_vae_block_on_the_gpu_matches_pytorch():
 def test_hopper_kernel_vs_float64_and_pytorch(dtype, b, s_q, s_kv, one_conv, logit_scale):
     """head_dim 512 on Hopper runs the Gluon kernel by default (the SD VAE's attention on 1x1-conv
     outputs); it must match float64 within 2x PyTorch's own error, like the Triton kernel."""
-    from convattn.plugins.flash import flash_attention
+    from convattn.plugins import flash_attention
     from convattn.plugins.hopper import unsupported
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -225,7 +227,7 @@ def test_hopper_kernel_vs_float64_and_pytorch(dtype, b, s_q, s_kv, one_conv, log
 def test_hopper_kernel_adds_the_q_bias(dtype):
     """The Q conv's bias, added by the Gluon kernel to its resident Q tile (ConvMHAttn's flash
     mode passes it), against float64 and against the Triton kernel, which adds it to a copy."""
-    from convattn.plugins.flash import flash_attention
+    from convattn.plugins import flash_attention
     from convattn.plugins.kernel import KernelConfig
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -249,7 +251,8 @@ def test_aot_launch_is_bit_identical_to_jit_in_every_layout(layout, dtype):
     """Every layout, contiguous as TensorRT hands it over: the AOT PTX with TensorRT's argument list
     computes bit for bit what the JIT kernel computes on the same views."""
     from convattn.plugins.aot import compile_artifact, launch_artifact
-    from convattn.plugins.flash import flash_attention, pick_config
+    from convattn.plugins import flash_attention
+    from convattn.plugins.flash import pick_config
     from convattn.plugins.op import bhsd_view
 
     dt, heads, d = DTYPES[dtype], 2, 40
@@ -276,7 +279,7 @@ def test_kernel_allocates_nothing_with_q_bias_and_out(d):
     """conv -> kernel -> conv with no copies: with `out` given and a Q conv's bias, the call allocates
     no device memory at all (the Triton kernel at d=64, the Hopper kernel at 512 on sm_90).
     Mutations: adding the bias to a copy of q; writing a temporary and copying it into `out`."""
-    from convattn.plugins.flash import flash_attention
+    from convattn.plugins import flash_attention
 
     torch.manual_seed(0)
     b, heads, s = 2, 512 // d, 4096

@@ -103,17 +103,22 @@ def test_flash_attention_writes_into_a_strided_view_of_the_output_map():
     torch.testing.assert_close(out_map, expected.transpose(-1, -2).reshape(b, h * d, hh, ww), atol=1e-5, rtol=0)
 
 
-def test_flash_attention_without_triton_runs_the_reference_on_cpu():
+def test_flash_attention_without_triton_runs_the_reference_on_cpu(monkeypatch):
+    """The one public flash_attention, where Triton is not installed (its module fails to import)."""
+    import sys
+
     import torch
 
-    from convattn.plugins import _cpu_only
+    from convattn.plugins import flash_attention
 
-    flash = _cpu_only(ImportError("No module named 'triton'"))
+    monkeypatch.setitem(sys.modules, "convattn.plugins.flash", None)  # `from .flash import` now fails
     q, k, v = (torch.randn(1, 2, s, 8) for s in (5, 7, 7))
     expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
-    torch.testing.assert_close(flash(q, k, v), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flash_attention(q, k, v), expected, atol=1e-5, rtol=0)
     # ConvMHAttn's flash mode passes its Q conv's bias: it must work without Triton too.
     bias = torch.randn(2 * 8)
     q_biased = q + bias.view(1, 2, 1, 8)
     expected = torch.softmax(q_biased @ k.transpose(-1, -2) / 8**0.5, -1) @ v
-    torch.testing.assert_close(flash(q, k, v, q_bias=bias), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(flash_attention(q, k, v, q_bias=bias), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ImportError, match="convattn\\[gpu\\]"):
+        flash_attention(q.to("meta"), k.to("meta"), v.to("meta"))
