@@ -18,7 +18,7 @@ import onnx
 import torch
 
 from convattn.errors import ExportError, InputError, first_line
-from convattn.models import ConvMHAttn
+from convattn.models import ConvMHAttn, FlatOutputs, flatten_outputs
 
 from .graph import record_shapes
 from .load import eval_mode
@@ -45,11 +45,12 @@ def check_export_options(exporter: str, opset: int) -> None:
         raise InputError(f"--opset: expected {MIN_OPSET}..{newest} (this onnx {onnx.__version__}), got {opset}")
 
 
-def _eval_dropout_warning(module: torch.nn.Module, args, first: torch.Tensor) -> str | None:
+def _eval_dropout_warning(module: torch.nn.Module, args, first) -> str | None:
     """Two eval-mode forwards on the same input must agree; dropout applied in eval does not."""
     with torch.no_grad():
-        a, b = first, module(*args)
-    diff = (a.float() - b.float()).abs().max().item()
+        second = module(*args)
+    diff = max((a.float() - b.float()).abs().max().item()
+               for (_, a), (_, b) in zip(flatten_outputs(first), flatten_outputs(second)))
     if diff == 0.0:
         return None
     return (
@@ -95,15 +96,18 @@ def export_onnx(
         exporter = "torchscript"  # torch.export cannot trace a ScriptModule
         notes.append("a TorchScript model: exported with the TorchScript exporter")
     names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    outputs = _output_specs(first)
+    if len(outputs) > 1 or not isinstance(first, torch.Tensor):
+        module = FlatOutputs(module)  # dataclasses, dicts, tuples: named tensors, as torch.onnx flattens them
     try:
         try:
-            model = _export(module, args, names, exporter, opset, dynamic)
+            model = _export(module, args, names, outputs, exporter, opset, dynamic)
         except Exception as e:
             if not dynamic or _interrupted(e):
                 raise
             # A model traced or exported with fixed sizes (a static .pt2, say) refuses dynamic
             # dims: export what it supports and say so.
-            model = _export(module, args, names, exporter, opset, False)
+            model = _export(module, args, names, outputs, exporter, opset, False)
             notes.append(f"exported with static shapes {_fmt(input_shapes)}: the model refuses dynamic batch/height/width "
                          f"({first_line(e)})")
     except Exception as e:
@@ -122,7 +126,17 @@ def export_onnx(
     return ExportResult(model, exporter, [i.name for i in model.graph.input], input_shapes, notes)
 
 
-def _export(module, args, names, exporter, opset, dynamic) -> onnx.ModelProto:
+def _output_specs(first) -> dict[str, int]:
+    """{output name: rank} of the model's flattened outputs ("output" when there is one)."""
+    flat = flatten_outputs(first)
+    if not flat:
+        raise InputError("the model returns no tensor")
+    if len(flat) == 1:
+        return {"output": flat[0][1].dim()}
+    return {name: t.dim() for name, t in flat}
+
+
+def _export(module, args, names, outputs, exporter, opset, dynamic) -> onnx.ModelProto:
     quiet = contextlib.redirect_stdout(io.StringIO())
     with quiet, warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -132,16 +146,16 @@ def _export(module, args, names, exporter, opset, dynamic) -> onnx.ModelProto:
             shapes = tuple(dict(dims) for _ in args) if dynamic else None
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-                input_names=names, output_names=["output"], verbose=False,
+                input_names=names, output_names=list(outputs), verbose=False,
             )
             return program.model_proto
         buf = io.BytesIO()
         axes = {n: {0: "batch", 2: f"height_{i}", 3: f"width_{i}"} for i, n in enumerate(names)} if dynamic else None
-        if axes:
-            axes["output"] = {0: "batch", 2: "height_out", 3: "width_out"}
+        for i, (name, rank) in enumerate(outputs.items() if axes else ()):
+            axes[name] = {0: "batch", **({2: f"height_out{i}", 3: f"width_out{i}"} if rank == 4 else {})}
         torch.onnx.export(
             module, args, buf, dynamo=False, opset_version=opset, input_names=names,
-            output_names=["output"], dynamic_axes=axes,
+            output_names=list(outputs), dynamic_axes=axes,
         )
         return onnx.load_from_string(buf.getvalue())
 

@@ -25,7 +25,8 @@ def test_demo_exports_fuses_validates_and_reports(tmp_path):
     doc = json.loads(report.read_text())
     assert doc["validation"]["passed"] and [b["fused"] for b in doc["blocks"]] == [True]
     paths = {c["path"] for c in doc["validation"]["comparisons"]}
-    assert paths == {"onnxruntime unfused", "onnxruntime fused", "pytorch einsum", "pytorch sdpa"}
+    assert paths == {"onnxruntime unfused", "onnxruntime fused", "pytorch einsum", "pytorch sdpa",
+                     "block node_softmax vs unfused"}
     assert doc["validation"]["memory"][0]["einsum_bytes"] == 2 * 8 * 1024 * 1024 * 4
     assert fused.stat().st_size > 0 and unfused.stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.fused.onnx", "demo.onnx", "report.json"]
@@ -306,7 +307,7 @@ def test_validation_in_o_s_memory_skips_what_does_not_fit(tmp_path):
     doc = json.loads(report.read_text())
     assert {c["path"] for c in doc["validation"]["comparisons"]} == {"onnxruntime fused", "pytorch sdpa"}
     skipped = [n for n in doc["validation"]["notes"] if "not run: its attention scores need 1.1 GB" in n]
-    assert len(skipped) == 2 and all("100.0 MB" in n for n in skipped)
+    assert len(skipped) == 3 and all("100.0 MB" in n for n in skipped)  # unfused, einsum, per-block
     assert doc["validation"]["memory"][0]["seq_q"] == 4096
     assert doc["blocks"][0]["probe_seq_q"] == 1024 and doc["blocks"][0]["seq_q"] == 4096
 

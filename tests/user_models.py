@@ -1,5 +1,7 @@
 """Models a user might bring: several blocks, no attention, masked or mis-axed softmax."""
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -109,3 +111,49 @@ class VAEAttention(nn.Module):
         hs = self.batch_to_head_dim(torch.bmm(probs, v))
         hs = self.to_out[1](self.to_out[0](hs))
         return hs.transpose(-1, -2).reshape(b, c, h, w) + residual
+
+
+@dataclasses.dataclass
+class DecoderOutput:
+    """The shape of diffusers' `DecoderOutput` (a dataclass with a `sample` tensor)."""
+
+    sample: torch.Tensor
+    commit_loss: torch.Tensor | None = None
+
+
+class DataclassOutput(nn.Module):
+    """A ConvMHAttn block whose forward returns a dataclass, as diffusers' models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvMHAttn(16, 16, 2)
+
+    def forward(self, x):
+        return DecoderOutput(sample=self.block(x))
+
+
+class DictOutput(nn.Module):
+    """Two outputs in a dict: the attention map and a pooled summary."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvMHAttn(16, 16, 2)
+
+    def forward(self, x):
+        y = self.block(x)
+        return {"features": y, "pooled": y.mean(dim=(2, 3))}
+
+
+class ZeroOutput(nn.Module):
+    """Attention followed by a zero-initialised conv (MONAI's DiffusionModelUNet does this): the output
+    is all zeros whatever the attention computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvMHAttn(16, 16, 2)
+        self.out = nn.Conv2d(16, 16, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        return self.out(self.block(x))
