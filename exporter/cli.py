@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import signal
+import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +33,22 @@ from convattn.exporter.files import check_distinct, check_output, write_atomic
 from convattn.exporter.graph import parse_shape, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.split("\n")[0])
-out = Console(stderr=True, highlight=False)
+# Piped or captured output gets wide lines: tables fold at 80 columns otherwise.
+out = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 @contextmanager
 def stage(name: str):
+    """A stage: a spinner, its time, and the libraries' warnings kept for the report (not printed)."""
     start = time.perf_counter()
-    with out.status(f"[bold]{name}[/]…"):
+    with out.status(f"[bold]{name}[/]…"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         yield
+    LIBRARY_WARNINGS.extend(f"{name}: {w.category.__name__}: {str(w.message).strip()}" for w in caught)
     out.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f}s)[/]")
+
+
+LIBRARY_WARNINGS: list[str] = []  # torch's, onnx's...: in the report, printed with --verbose
 
 
 def _versions() -> dict:
@@ -79,6 +89,7 @@ class Options:
     plugin_mode: str
     triton_repo: Path | None
     validate_memory: str | None
+    verbose: bool
 
 
 @app.command()
@@ -108,11 +119,12 @@ def export(
     plugin_mode: Annotated[str, typer.Option(help="aot (the engine carries the kernel) | jit (needs the Python plugin when served)")] = "aot",
     triton_repo: Annotated[Optional[Path], typer.Option(help="also write a Triton Inference Server model repository here (needs --engine)")] = None,
     validate_memory: Annotated[Optional[str], typer.Option(help="memory the checks that store S x S scores may take, e.g. 8GB [default: half the available memory]")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="also print the libraries' warnings (always in the report)")] = False,
 ):
     """Export MODEL to ONNX, fuse its attention into FlashAttention nodes, validate, build."""
     opts = Options(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset, not static,
                    attention, report, trust_pickle, tuple(imports or ()), demo, force, seed, min_shape, opt_shape,
-                   max_shape, workspace, timing_cache, plugin_mode, triton_repo, validate_memory)
+                   max_shape, workspace, timing_cache, plugin_mode, triton_repo, validate_memory, verbose)
     interrupted = []
 
     def on_sigint(signum, frame):  # remembered: a library may turn the KeyboardInterrupt into its own error
@@ -164,6 +176,7 @@ def _check_options(o: Options) -> None:
 
 
 def _run(o: Options) -> int:
+    LIBRARY_WARNINGS.clear()
     from convattn.exporter.export import export_onnx
     from convattn.exporter.fuse import fuse_attention
     from convattn.exporter.load import load_model
@@ -207,6 +220,12 @@ def _run(o: Options) -> int:
     write_atomic(fused_onnx, fused.SerializeToString())
     _print_summary(fusion, result, exported.warnings, fused_onnx, o.onnx_path)
     doc = _report(loaded, input_shapes, o.onnx_path, fused_onnx, fusion, exported.warnings, result)
+    doc["library_warnings"] = list(LIBRARY_WARNINGS)
+    if LIBRARY_WARNINGS and not o.verbose:
+        out.print(f"  [dim]{len(LIBRARY_WARNINGS)} warnings from torch/onnx/onnxruntime kept for the report "
+                  "(--report; --verbose prints them)[/]")
+    for w in LIBRARY_WARNINGS if o.verbose else ():
+        out.print(f"  [dim]{escape(w)}[/]")
     code = 0 if result.passed else ParityError.exit_code
     if o.engine is not None:
         try:
@@ -220,6 +239,9 @@ def _run(o: Options) -> int:
             _write_report(o.report, doc)
             raise
     _write_report(o.report, doc)
+    if not any(b.path in ("plugin", "native") for b in fusion.blocks):  # after the diagnosis is printed
+        raise ModelError(f"{len(fusion.blocks)} attention block(s) found, none fusable; first: "
+                         f"{fusion.blocks[0].name}: {fusion.blocks[0].reason}")
     out.print("[bold green]PASS[/]" if code == 0 else "[bold red]FAIL[/]: parity outside tolerance (see the table above)")
     return code
 
@@ -228,8 +250,10 @@ def _checked_outputs(o: Options) -> Path:
     """Every output path refused before any work (exists without --force, unwritable, two options
     naming one file); returns the fused ONNX's path (default beside the engine, or ./<model>.fused.onnx)."""
     fused_onnx = o.fused_onnx
-    if fused_onnx is None:
-        stem = o.engine.with_suffix("") if o.engine else Path((o.model.stem if o.model else "convattn_demo"))
+    if fused_onnx is None and o.demo and not o.engine:  # a demo run leaves the working folder alone
+        fused_onnx = Path(tempfile.mkdtemp(prefix="convattn-demo-")) / "convattn_demo.fused.onnx"
+    elif fused_onnx is None:
+        stem = o.engine.with_suffix("") if o.engine else Path(o.model.stem)
         fused_onnx = stem.with_name(stem.name + ".fused.onnx")
     outputs = {"--engine": o.engine, "the engine's sidecar": sidecar_path(o.engine) if o.engine else None,
                "--onnx": o.onnx_path, "--fused-onnx": fused_onnx, "--report": o.report}

@@ -225,7 +225,11 @@ def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
     try:
         values = run(probe, feeds)
     except Exception as e:  # ORT's own exception types vary by version
-        raise ModelError(f"the exported graph does not run in ONNX Runtime at the probe shapes: {e}") from e
+        probed = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, (shape, _) in shapes.items())
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"the exported graph does not run in ONNX Runtime at the probe shapes ({probed}; a dynamic "
+                         f"dim is probed at >= 2, batch included): a graph that only runs at the export shape "
+                         f"exports with --static. ONNX Runtime: {message}") from e
     out = dict(zip([o.name for o in probe.graph.output], values))
     out.update(feeds)
     return out
@@ -581,6 +585,31 @@ def _einsum_candidate(name, producer, pv, probs, factor, static):
     )
 
 
+_LOOKBACK = 8  # nodes searched back from a Softmax for the product of two activations
+
+
+def _attention_like(softmax, g: _Graph) -> None:
+    """A Softmax none of the patterns took: if its input is computed from a MatMul/Einsum/Gemm of
+    two activations (attention scores), raise _NotFusable naming what stands between them, so
+    the block is reported (a relative-position bias, a per-head temperature, talking heads...)."""
+    frontier, seen = [(softmax.inputs[0], [])], set()
+    while frontier:
+        t, path = frontier.pop(0)
+        if not t.inputs or id(t) in seen or len(path) > _LOOKBACK:
+            continue
+        seen.add(id(t))
+        node = t.inputs[0]
+        activations = [i for i in node.inputs if isinstance(i, gs.Variable) and not g.is_static(i)]
+        if node.op in ("MatMul", "Einsum", "Gemm") and len(activations) >= 2:
+            between = " -> ".join(f"{n.op} {n.name!r}" for n in reversed(path)) or "nothing"
+            raise _NotFusable(
+                f"attention-like: a Softmax over the product of two activations ({node.op} {node.name!r}) with "
+                f"{between} in between; only a scalar scale, a zero bias or inference-mode dropout may stand "
+                "there (a learned or per-head scale, a position bias added to the scores, or a mixing of heads "
+                "changes the function the kernel computes)")
+        frontier += [(i, path + [node]) for i in node.inputs if isinstance(i, gs.Variable)]
+
+
 def _attention_op_candidate(node, g: _Graph):
     """The ONNX `Attention` op (opset 23), 4-D inputs, no mask, not causal, no softcap."""
     if len(node.inputs) > 3 and any(t.name for t in node.inputs[3:]):
@@ -637,6 +666,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
             else:
                 continue
             if cand is None:
+                _attention_like(node, g)  # raises _NotFusable where a Softmax reads a product of activations
                 continue
             attrs, qr, kr, vr, out, details = _solve(cand, g)
         except _NotFusable as e:

@@ -165,3 +165,26 @@ def test_vae_attention_torchscript_multihead_says_why_it_is_not_fused():
     exported, fusion = export_fuse(user_models.VAEAttention(64, 2).eval(), [(1, 64, 6, 5)], "torchscript")
     [block] = fusion.blocks
     assert not block.fused and "also feeds Shape" in block.reason
+
+
+@pytest.mark.parametrize("model,between", [("TemperatureAttention", "Mul"), ("RelativeBiasAttention", "Add"),
+                                           ("TalkingHeads", "Conv")])
+def test_attention_the_fuser_does_not_take_is_reported(model, between, tmp_path):
+    """Every Softmax over a product of two activations is a block in the report, fused or not, with
+    the reason; a model whose attention is all unfusable exits 3 saying so (not "no attention block
+    found"). Mutation: `_attention_like` not called: the block vanishes."""
+    import torch
+    from typer.testing import CliRunner
+
+    import user_models
+    from convattn.exporter.cli import app
+
+    module = getattr(user_models, model)().eval()
+    _, fusion = export_fuse(module, [(1, 16, 5, 6)])
+    [block] = fusion.blocks
+    assert not block.fused and "attention-like" in block.reason and between in block.reason
+    path = tmp_path / "m.pt"
+    torch.save(module, path)
+    r = CliRunner().invoke(app, [str(path), "--trust-pickle", "--input-shape", "1x16x5x6", "--fused-onnx",
+                                 str(tmp_path / "f.onnx")])
+    assert r.exit_code == 3 and "none fusable" in r.output and "no attention block" not in r.output

@@ -157,3 +157,53 @@ class ZeroOutput(nn.Module):
 
     def forward(self, x):
         return self.out(self.block(x))
+
+
+class TemperatureAttention(nn.Module):
+    """Attention scaled by a learned per-head temperature (edgenext's XCA-style), not a scalar."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        attn = (q @ k.transpose(-1, -2)) * self.temperature
+        return (attn.softmax(-1) @ v).transpose(-1, -2).reshape(b, c, h, w)
+
+
+class RelativeBiasAttention(nn.Module):
+    """A position bias added to the scores after a Reshape (MONAI SABlock with relative positions)."""
+
+    def __init__(self, c=16, heads=2, s=30):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.bias = nn.Parameter(torch.randn(heads * s * s))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        scores = q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5
+        s = h * w  # the bias is added to a reshaped view of the scores, as MONAI's SABlock does
+        scores = (scores.reshape(b, self.heads * s, s) + self.bias.reshape(1, self.heads * s, s)).reshape(b, self.heads, s, s)
+        return (scores.softmax(-1) @ v).transpose(-1, -2).reshape(b, c, h, w)
+
+
+class TalkingHeads(nn.Module):
+    """A 1x1 conv mixing heads between the scores and the softmax (efficientformerv2)."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.talk = nn.Conv2d(heads, heads, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        attn = self.talk(q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5)
+        return (attn.softmax(-1) @ v).transpose(-1, -2).reshape(b, c, h, w)
