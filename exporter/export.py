@@ -144,6 +144,8 @@ def _export(module, args, names, outputs, exporter, opset, dynamic) -> onnx.Mode
         if exporter == "dynamo":
             dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
             shapes = tuple(dict(dims) for _ in args) if dynamic else None
+            if shapes and isinstance(module, FlatOutputs):
+                shapes = (shapes,)  # its forward(*args) takes the inputs as one tuple
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                 input_names=names, output_names=list(outputs), verbose=False,
