@@ -59,5 +59,11 @@ def first_line(e: BaseException) -> str:
     """The informative line of an exception from a library: the dynamo exporter's `<class ...>`
     summary where there is one, else the first non-empty line, else the type's name."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    summary = [ln for ln in lines if ln.startswith("<class")]
-    return (summary or lines or [type(e).__name__])[0]
+    summary = [i for i, ln in enumerate(lines) if ln.startswith("<class")]
+    if not lines:
+        return type(e).__name__
+    i = summary[0] if summary else 0
+    line = lines[i]
+    if line.endswith(":") and i + 1 < len(lines):  # a sentence that goes on below: one more line
+        line = f"{line} {lines[i + 1]}"
+    return line

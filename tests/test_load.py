@@ -116,3 +116,12 @@ def test_nan_weights_are_refused(tmp_path, block):
     torch.save(block.state_dict(), path)
     with pytest.raises(ModelError, match="v_conv.weight.*NaN"):
         load_model(path, heads=2)
+
+
+def test_first_line_never_cuts_a_sentence():
+    """A warning cut mid-sentence ("...inferred ranges from model tracing:") said nothing."""
+    from convattn.errors import first_line
+
+    e = ValueError("Traceback noise\n<class 'UserError'>: inferred ranges from model tracing:\n  batch: [2, inf]\nmore")
+    assert first_line(e) == "<class 'UserError'>: inferred ranges from model tracing: batch: [2, inf]"
+    assert first_line(ValueError("")) == "ValueError"
