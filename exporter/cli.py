@@ -218,8 +218,9 @@ def _run(o: Options) -> int:
     if o.onnx_path:
         write_atomic(o.onnx_path, unfused.SerializeToString())
     write_atomic(fused_onnx, fused.SerializeToString())
-    _print_summary(fusion, result, exported.warnings, fused_onnx, o.onnx_path)
-    doc = _report(loaded, input_shapes, o.onnx_path, fused_onnx, fusion, exported.warnings, result)
+    warnings_ = exported.warnings + fusion.notes
+    _print_summary(fusion, result, warnings_, fused_onnx, o.onnx_path)
+    doc = _report(loaded, input_shapes, o.onnx_path, fused_onnx, fusion, warnings_, result)
     doc["library_warnings"] = list(LIBRARY_WARNINGS)
     if LIBRARY_WARNINGS and not o.verbose:
         out.print(f"  [dim]{len(LIBRARY_WARNINGS)} warnings from torch/onnx/onnxruntime kept for the report "

@@ -146,6 +146,7 @@ class FusionResult:
 
     model: onnx.ModelProto
     blocks: list[BlockReport]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fused(self) -> list[BlockReport]:
@@ -170,7 +171,9 @@ class _NotFusable(Exception):
 PROBE_MAX_DIM = 32
 
 
-def _probe_shapes(model: onnx.ModelProto, input_shapes, reduce: bool = True):
+def _probe_shapes(model: onnx.ModelProto, input_shapes, mode: str = "reduced"):
+    """{input: (shape, dtype)}. Dynamic dims: "reduced" (>= 2, halved while above PROBE_MAX_DIM and
+    even), "at_least_2" (the export size, >= 2), "exact" (the export size)."""
     inputs = graph_inputs(model)
     if input_shapes is None:
         input_shapes = recorded_shapes(model)
@@ -189,24 +192,34 @@ def _probe_shapes(model: onnx.ModelProto, input_shapes, reduce: bool = True):
                     f"input {inp.name!r} has a dynamic dimension {i} and no probe shape: pass input_shapes"
                 )
             else:
-                size = max(int(given[i]), 2)  # a dynamic dim is never probed at 1
-                while reduce and size > PROBE_MAX_DIM and size % 2 == 0:
+                size = int(given[i]) if mode == "exact" else max(int(given[i]), 2)  # 1 would hide the dim
+                while mode == "reduced" and size > PROBE_MAX_DIM and size % 2 == 0:
                     size //= 2
                 shape.append(size)
         shapes[inp.name] = (shape, onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
     return shapes
 
 
-def _probe(model: onnx.ModelProto, input_shapes) -> dict[str, np.ndarray]:
-    """Every intermediate tensor of one ONNX Runtime run at the probe shapes: reduced first, the
-    export shapes if the graph does not run reduced."""
-    try:
-        return _probe_at(model, _probe_shapes(model, input_shapes))
-    except ModelError:
-        full = _probe_shapes(model, input_shapes, reduce=False)
-        if full == _probe_shapes(model, input_shapes):
-            raise
-        return _probe_at(model, full)
+def _probe(model: onnx.ModelProto, input_shapes, notes: list) -> dict[str, np.ndarray]:
+    """Every intermediate tensor of one ONNX Runtime run at the probe shapes: reduced first, then
+    the export shapes (dynamic dims >= 2), then exactly the export shapes, said in `notes`: a graph
+    that claims dynamic dims it does not have (a batch that only runs at 1)."""
+    tried, errors = [], []
+    for mode in ("reduced", "at_least_2", "exact"):
+        shapes = _probe_shapes(model, input_shapes, mode)
+        if shapes in tried:
+            continue
+        tried.append(shapes)
+        try:
+            values = _probe_at(model, shapes)
+        except ModelError as e:
+            errors.append(e)
+            continue
+        if mode == "exact" and errors:
+            notes.append(f"the graph marks dims dynamic but does not run with them >= 2 ({errors[-1]}); it was "
+                         "fused at the export shapes and serves those only: export with --static to say so")
+        return values
+    raise errors[1] if len(errors) > 1 else errors[0]  # the export shapes' error, not the reduced one
 
 
 def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
@@ -655,7 +668,8 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     if plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     graph = gs.import_onnx(model)
-    g = _Graph(graph, _probe(model, input_shapes))
+    notes: list[str] = []
+    g = _Graph(graph, _probe(model, input_shapes, notes))
     blocks, rewrites = [], []
     for node in list(graph.nodes):
         try:
@@ -692,7 +706,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     fused.metadata_props.extend(model.metadata_props)
     onnx.checker.check_model(fused)
     _export_sizes(fused, input_shapes or recorded_shapes(model), blocks)
-    return FusionResult(fused, blocks)
+    return FusionResult(fused, blocks, notes)
 
 
 def _export_sizes(fused: onnx.ModelProto, input_shapes, blocks) -> None:

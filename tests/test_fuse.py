@@ -188,3 +188,17 @@ def test_attention_the_fuser_does_not_take_is_reported(model, between, tmp_path)
     r = CliRunner().invoke(app, [str(path), "--trust-pickle", "--input-shape", "1x16x5x6", "--fused-onnx",
                                  str(tmp_path / "f.onnx")])
     assert r.exit_code == 3 and "none fusable" in r.output and "no attention block" not in r.output
+
+
+def test_a_dynamic_batch_that_only_runs_at_1_is_fused_at_the_export_shape_and_said():
+    """The probe runs dynamic dims at >= 2; a graph that claims a dynamic batch but runs at 1 only
+    got a raw ONNX Runtime Reshape error (exit 3). Now: fused at the export shapes, with a note
+    naming --static. Mutation: no "exact" probe: ModelError."""
+    import user_models
+    from convattn.exporter.export import export_onnx
+
+    exported = export_onnx(user_models.BatchOne().eval(), [(1, 16, 5, 6)], exporter="torchscript")
+    assert not exported.model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # "dynamic"
+    fusion = fuse_attention(exported.model)
+    assert [b.fused for b in fusion.blocks] == [True]
+    assert any("--static" in n and ">= 2" in n for n in fusion.notes)

@@ -207,3 +207,15 @@ class TalkingHeads(nn.Module):
         q, k, v = self.qkv(x).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
         attn = self.talk(q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5)
         return (attn.softmax(-1) @ v).transpose(-1, -2).reshape(b, c, h, w)
+
+
+class BatchOne(nn.Module):
+    """Attention whose reshapes hard-code batch 1: the TorchScript exporter still marks the batch
+    dynamic (the graph then fails at batch 2), as a `.pt2` exported with Dim.AUTO can."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvMHAttn(16, 16, 2)
+
+    def forward(self, x):
+        return self.block(x).reshape(1, 16, -1).reshape(1, 16, x.shape[2], x.shape[3])
