@@ -27,7 +27,7 @@ from convattn.errors import ConvattnError, EngineBuildError, InputError, TensorR
 from convattn.plugins.op import PLUGIN_MODES
 
 from .files import write_atomic
-from .fuse import set_plugin_mode
+from .fuse import plugin_modes, set_plugin_mode
 from .graph import graph_inputs, parse_shape
 from .precision import graph_precision
 
@@ -243,7 +243,7 @@ def tensorrt_errors(trt):
 def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, timing_cache, model_sha256):
     from convattn.plugins.trt_plugin import register_plugin
 
-    if not register_plugin() and plugin_mode == "aot":
+    if not register_plugin() and plugin_mode == "aot" and plugin_modes(fused):  # a graph of ours needs AOT
         raise EngineBuildError(f"TensorRT {trt.__version__} has no AOT Python plugins (tensorrt.plugin.aot_impl, "
                                "TensorRT >= 10.12): pass --plugin-mode jit, or use a newer TensorRT")
     log = _Log(trt)
