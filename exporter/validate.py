@@ -102,11 +102,12 @@ def _variants(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _run_torch(module, inputs, dtype) -> np.ndarray:
-    """The model's outputs (flattened, as the graph's), as one float64 vector."""
-    module = copy.deepcopy(module).to(dtype)
+def _run_torch(module, inputs, dtype, device: str = "cpu") -> np.ndarray:
+    """The model's outputs (flattened, as the graph's), run in `dtype` on `device`, as one float64 vector."""
+    module = copy.deepcopy(module).to(device=device, dtype=dtype)
     with torch.no_grad():
-        return _flat([t.double().numpy() for _, t in flatten_outputs(module(*(x.to(dtype) for x in inputs)))])
+        outputs = flatten_outputs(module(*(x.to(device=device, dtype=dtype) for x in inputs)))
+    return _flat([t.double().cpu().numpy() for _, t in outputs])
 
 
 def _flat(arrays) -> np.ndarray:
@@ -172,13 +173,18 @@ def validate(
                      f"memory budget of {human_bytes(budget)} (--validate-memory)")
         return False
 
+    scores = scores_bytes(blocks, batch, "fp32")
+    fused_blocks = [b for b in (blocks or []) if b.fused]
+    names = [b.details["output"] for b in fused_blocks]
+    runs = {}  # one ONNX Runtime run per graph: its outputs, and the fused blocks' output tensors
     if dtype == "bf16":
         notes.append("the bf16 graphs were not run in ONNX Runtime: its CPU kernels have no bf16 (Conv, MatMul, "
                      "Softmax); bf16 is checked on PyTorch here and, on a GPU, on the kernel and the engine")
     else:
         for name, model in (("unfused", unfused), ("fused", fused)):
-            if name == "fused" or fits("onnxruntime unfused", scores_bytes(blocks, batch, "fp32")):
-                comparisons.append(_compare(f"onnxruntime {name}", dtype, _flat(run_onnx(model, feeds)), ref, scale))
+            if name == "fused" or fits("onnxruntime unfused", scores):
+                runs[name] = _run_marked(model, feeds, names)
+                comparisons.append(_compare(f"onnxruntime {name}", dtype, _flat(runs[name][0]), ref, scale))
     for name, variant in variants.items():
         if name == ref_name and not exact and dtype == "fp32":
             continue  # the reference itself (the model would not run in float64): comparing it proves nothing
@@ -188,38 +194,36 @@ def validate(
             comparisons.append(_compare(name, dtype, _run_torch(variant, inputs, DTYPES[dtype]), ref, scale))
         except Exception as e:
             notes.append(f"{name} does not run in {dtype} on this machine: {type(e).__name__}: {e}")
-    if dtype != "bf16" and fits("per-block check (the unfused graph's block outputs)",
-                                scores_bytes(blocks, batch, "fp32")):
-        comparisons += block_parity(unfused, fused, blocks, feeds, dtype)
+    if "unfused" in runs:
+        comparisons += block_parity(fused_blocks, runs["unfused"][1], runs["fused"][1], dtype)
+    elif dtype != "bf16":
+        fits("per-block check (the unfused graph's block outputs)", scores)  # says why it did not run
     memory = _block_memory(blocks, batch, dtype)
     return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
 
 
-def block_parity(unfused: onnx.ModelProto, fused: onnx.ModelProto, blocks, feeds: dict, dtype: str) -> list:
-    """Each FlashAttention node's output against the same tensor of the unfused graph (both run in
-    ONNX Runtime with that tensor marked as an output, as Polygraphy's "mark all"): an error in one
+def block_parity(fused_blocks, want: dict, got: dict, dtype: str) -> list:
+    """Each FlashAttention node's output (`got`, by tensor name) against the same tensor of the
+    unfused graph (`want`; both from `_run_marked`, as Polygraphy's "mark all"): an error in one
     block can hide in the end-to-end output of a deep model; here it cannot. Error relative to the
     tensor's own max |value|, within the precision's tolerance."""
-    fused_blocks = [b for b in (blocks or []) if b.fused]
-    names = [b.details["output"] for b in fused_blocks]
-    if not names:
-        return []
-    want, got = (run_onnx(_with_outputs(m, names), feeds)[-len(names):] for m in (unfused, fused))
     rows = []
-    for b, w, g in zip(fused_blocks, want, got):
-        err = float(np.abs(g.astype(np.float64) - w.astype(np.float64)).max())
+    for b in fused_blocks:
+        w, g = (values[b.details["output"]].astype(np.float64) for values in (want, got))
+        err = float(np.abs(g - w).max())
         size = max(float(np.abs(w).max()), 1e-30)
         rows.append(Comparison(f"block {b.name} vs unfused", dtype, err, err / size, TOLERANCES[dtype] * size))
     return rows
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the tensors `names` (last, in order)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for name in names:
-        out.graph.output.append(onnx.ValueInfoProto(name=name))
-    return out
+def _run_marked(model: onnx.ModelProto, feeds: dict, names: list[str]) -> tuple[list, dict]:
+    """One ONNX Runtime run: the graph's outputs, and the tensors `names` marked as extra outputs."""
+    marked = onnx.ModelProto()
+    marked.CopyFrom(model)
+    own = [o.name for o in model.graph.output]
+    marked.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in own)
+    values = dict(zip([o.name for o in marked.graph.output], run_onnx(marked, feeds)))
+    return [values[n] for n in own], {n: values[n] for n in names}
 
 
 def _reference(module, variants: dict, inputs, notes: list) -> tuple[np.ndarray, str, bool]:
