@@ -27,7 +27,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import graph_inputs, recorded_shapes
-from convattn.errors import InputError, ModelError
+from convattn.errors import InputError, ModelError, first_line
 from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute, logical_shape,
                                  native_attention_applies)
 
@@ -239,10 +239,9 @@ def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
         values = run(probe, feeds)
     except Exception as e:  # ORT's own exception types vary by version
         probed = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, (shape, _) in shapes.items())
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"the exported graph does not run in ONNX Runtime at the probe shapes ({probed}; a dynamic "
                          f"dim is probed at >= 2, batch included): a graph that only runs at the export shape "
-                         f"exports with --static. ONNX Runtime: {message}") from e
+                         f"exports with --static. ONNX Runtime: {first_line(e)}") from e
     out = dict(zip([o.name for o in probe.graph.output], values))
     out.update(feeds)
     return out

@@ -170,7 +170,6 @@ def _compile_in_child(kwargs: dict) -> "AotArtifact":
     """`compile_artifact` in a child process without TRITON_INTERPRET: under the interpreter (the
     CPU tests) every @triton.jit function of this process is an interpreted one, and
     `triton.compile` needs the real ones."""
-    import os
     import pickle
     import subprocess
 

@@ -81,10 +81,6 @@ def layout_view(shape, layout: str, num_heads: int):
     return rule(tuple(shape), num_heads)
 
 
-def rank(layout: str) -> int:
-    return _LAYOUT_RULES[layout][0]
-
-
 def unit_axis(layout: str) -> str:
     """"s" or "d": the logical axis with stride 1 in `layout` (compiled into AOT kernels as 1)."""
     return _LAYOUT_RULES[layout][1]

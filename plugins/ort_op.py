@@ -26,7 +26,8 @@ def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
     the node's inputs and output rounded as the kernel's are (the kernel accumulates in fp32)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    types = _elem_types(out)
+    ours = any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in out.graph.node)
+    types = _elem_types(out) if ours else {}  # shape inference only where a node needs its input type
     nodes = []
     for node in out.graph.node:
         if node.op_type == OP_TYPE and node.domain == DOMAIN:

@@ -99,13 +99,12 @@ def _register(trtp) -> None:
               k_layout: str, v_layout: str, out_layout: str, outputs, stream: int, tactic: int) -> None:
         import torch
 
-        from .flash import flash_attention
+        from .flash import _DTYPES, flash_attention
 
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
         layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
         views = [bhsd_view(torch_tensor(t), layout, attrs.num_heads) for t, layout in zip((q, k, v, outputs[0]), layouts)]
-        dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[views[0].dtype]
-        config = tactic_config(views[0].shape[-1], dtype, _arch(), tactic)
+        config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic)
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config)
 

@@ -18,7 +18,6 @@ on first use. In CI a wheel that cannot be had is a failure, never a skip.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import subprocess
@@ -374,9 +373,3 @@ class _Engine:
 
     def get_engine_information(self, fmt):
         return json.dumps(self.info)
-
-
-def import_fresh(name: str):
-    """Re-import `name` (a module that imported tensorrt at import time)."""
-    sys.modules.pop(name, None)
-    return importlib.import_module(name)
