@@ -3,13 +3,15 @@
 The only place that prints or exits. Exit codes: 0 every requested stage succeeded and
 parity passed; 1 parity failed; 2 bad input or output path; 3 the model cannot be exported
 or holds no attention; 4 TensorRT or the plugin refused the graph; 5 an engine was asked for and
-TensorRT is not installed (everything before the engine was written).
+TensorRT is not installed (everything before the engine was written); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
+import secrets
 import sys
 import signal
 import tempfile
@@ -45,10 +47,13 @@ def stage(name: str):
         warnings.simplefilter("always")
         yield
     LIBRARY_WARNINGS.extend(f"{name}: {w.category.__name__}: {str(w.message).strip()}" for w in caught)
+    if INTERRUPTED:  # a library swallowed the KeyboardInterrupt (torch's export can): stop here all the same
+        raise KeyboardInterrupt
     out.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f}s)[/]")
 
 
 LIBRARY_WARNINGS: list[str] = []  # torch's, onnx's...: in the report, printed with --verbose
+INTERRUPTED: list[int] = []  # SIGINTs seen during this run, whatever the libraries did with the KeyboardInterrupt
 
 
 def _versions() -> dict:
@@ -125,10 +130,10 @@ def export(
     opts = Options(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset, not static,
                    attention, report, trust_pickle, tuple(imports or ()), demo, force, seed, min_shape, opt_shape,
                    max_shape, workspace, timing_cache, plugin_mode, triton_repo, validate_memory, verbose)
-    interrupted = []
+    INTERRUPTED.clear()
 
     def on_sigint(signum, frame):  # remembered: a library may turn the KeyboardInterrupt into its own error
-        interrupted.append(signum)
+        INTERRUPTED.append(signum)
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
@@ -137,7 +142,7 @@ def export(
     except KeyboardInterrupt:
         code = _interrupted()
     except ConvattnError as e:
-        if interrupted:
+        if INTERRUPTED:
             code = _interrupted()
         else:
             out.print(f"[bold red]error:[/] {escape(str(e))}")
@@ -186,7 +191,7 @@ def _run(o: Options) -> int:
     _check_options(o)
     input_shapes = [parse_shape(s) for s in o.shapes]
     budget = parse_size(o.validate_memory, "--validate-memory") if o.validate_memory else None
-    fused_onnx = _checked_outputs(o)
+    fused_onnx, demo_folder = _checked_outputs(o)
 
     with stage("load"):
         loaded = load_model(o.model, heads=o.heads, trust_pickle=o.trust_pickle, imports=o.imports)
@@ -217,6 +222,8 @@ def _run(o: Options) -> int:
                           blocks=fusion.blocks, seed=o.seed, memory_budget=budget)
     if o.onnx_path:
         write_atomic(o.onnx_path, unfused.SerializeToString())
+    if demo_folder:
+        demo_folder.mkdir(mode=0o700)
     write_atomic(fused_onnx, fused.SerializeToString())
     warnings_ = exported.warnings + fusion.notes
     _print_summary(fusion, result, warnings_, fused_onnx, o.onnx_path)
@@ -247,12 +254,14 @@ def _run(o: Options) -> int:
     return code
 
 
-def _checked_outputs(o: Options) -> Path:
+def _checked_outputs(o: Options) -> tuple[Path, Path | None]:
     """Every output path refused before any work (exists without --force, unwritable, two options
-    naming one file); returns the fused ONNX's path (default beside the engine, or ./<model>.fused.onnx)."""
-    fused_onnx = o.fused_onnx
+    naming one file); returns the fused ONNX's path (default beside the engine, or ./<model>.fused.onnx)
+    and, for a demo run, the new folder to make for it when it is written (none made before)."""
+    fused_onnx, demo_folder = o.fused_onnx, None
     if fused_onnx is None and o.demo and not o.engine:  # a demo run leaves the working folder alone
-        fused_onnx = Path(tempfile.mkdtemp(prefix="convattn-demo-")) / "convattn_demo.fused.onnx"
+        demo_folder = Path(tempfile.gettempdir()) / f"convattn-demo-{secrets.token_hex(4)}"
+        fused_onnx = demo_folder / "convattn_demo.fused.onnx"
     elif fused_onnx is None:
         stem = o.engine.with_suffix("") if o.engine else Path(o.model.stem)
         fused_onnx = stem.with_name(stem.name + ".fused.onnx")
@@ -260,8 +269,8 @@ def _checked_outputs(o: Options) -> Path:
                "--onnx": o.onnx_path, "--fused-onnx": fused_onnx, "--report": o.report}
     check_distinct(outputs)
     for path in outputs.values():
-        check_output(path, o.force)
-    return fused_onnx
+        check_output(demo_folder if demo_folder and path == fused_onnx else path, o.force)
+    return fused_onnx, demo_folder
 
 
 def _report(loaded, input_shapes, onnx_path, fused_onnx, fusion, warnings, result) -> dict:
@@ -324,7 +333,7 @@ def _write_report(path: Path | None, doc: dict) -> None:
 
 
 def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
-    from convattn.exporter.validate import einsum_bytes_at, human_bytes
+    from convattn.exporter.validate import human_bytes
 
     blocks = Table(title="attention blocks", title_justify="left")
     for col in ("block", "pattern", "fused", "heads x head_dim", "layouts", "reason"):
@@ -340,9 +349,8 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
         for col in ("block", "B x heads x S_q x S_kv", "einsum (scores + softmax)", "flash", "einsum at 4x H and W"):
             mem.add_column(col)
         for m in result.memory:
-            big = einsum_bytes_at(m.batch, m.heads, 16 * m.seq_q, 16 * m.seq_kv, result.dtype)
             mem.add_row(m.block, f"{m.batch} x {m.heads} x {m.seq_q} x {m.seq_kv}", human_bytes(m.einsum_bytes),
-                        human_bytes(m.flash_bytes), human_bytes(big))
+                        human_bytes(m.flash_bytes), human_bytes(m.einsum_bytes_scaled(16)))
         out.print(mem)
     for w in warnings + [f"block {b.name}: {b.reason}" for b in fusion.unfused] + result.notes:
         out.print(f"[yellow]warning:[/] {escape(w)}")
@@ -386,7 +394,17 @@ def _print_parity(result, title: str) -> None:
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code != 130:
+            raise
+        # Interrupted inside torch's export, Python sometimes still dies of SIGINT at exit (status
+        # -2, about 1 run in 30) after the KeyboardInterrupt was handled; the run is over and nothing
+        # is half-written: exit with the documented code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

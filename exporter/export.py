@@ -113,7 +113,8 @@ def export_onnx(
     except Exception as e:
         if _interrupted(e):  # Ctrl-C inside torch.export surfaces as another exception
             raise KeyboardInterrupt from None
-        raise ExportError(f"torch.onnx.export ({exporter}) failed: {first_line(e)}") from e
+        hint = "; the TorchScript exporter may take it: --exporter torchscript" if exporter == "dynamo" else ""
+        raise ExportError(f"torch.onnx.export ({exporter}) failed: {first_line(e)}{hint}") from e
     written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise ExportError(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}: "

@@ -104,8 +104,12 @@ def _same_attention_operand(view, expected) -> bool:
 
 
 def kernel_view(shape, layout: str, heads: int):
-    """The (B, H, S, D) view the kernel takes of a root tensor given in `layout`."""
+    """The (B, H, S, D) view the kernel takes of a root tensor given in `layout`. A BHSD root of
+    rank > 4, (B, X..., S, D) (windowed attention: (B, heads, windows, S, D)), is read as
+    (B, prod(X), S, D): contiguous, its X axes merge into one heads axis (`_merge_heads`)."""
     v = identity_view(shape)
+    if layout == "BHSD" and len(shape) > 4:
+        return (v[0], tuple(a for axis in v[1:-2] for a in axis), v[-2], v[-1])
     if layout == "NCHW":
         b, c, h, w = shape
         v = reshape_view(v, (b, heads, c // heads, h * w))
@@ -364,9 +368,14 @@ def _solve_operand(op: _Operand, g: _Graph):
     for root, nodes, factor, static in _back_chain(op.tensor, g):
         shape = g.shape(root)
         view = _apply(identity_view(shape), nodes, g)
-        if view is None or len(shape) not in (3, 4):
+        if view is None or len(shape) < 3:
             continue
         view = transpose_view(view, op.perm)
+        if len(shape) > 4:  # (B, X..., S, D): the extra batch axes merge into the heads axis
+            heads = math.prod(shape[1:-2])
+            if _same_attention_operand(view, kernel_view(shape, "BHSD", heads)):
+                return root, "BHSD", heads, factor, static, view
+            continue
         # Heads of a channel-packed root are the channel-axis digits among the batch axes.
         channel_axis = 1 if len(shape) == 4 else 2
         head_atoms = [a for axis in view[:-2] for a in axis if a.axis == channel_axis]
@@ -453,6 +462,10 @@ def _solve(cand: _Candidate, g: _Graph):
     elif ql == "BSC":  # write the (B, S_q, heads*D_v) tokens the output projection reads
         out = _forward_output(cand, (q_root[0], q_root[1], qh * d_v), "BSC", qh, g)
         out_layout = "BSC" if out is not None else None
+    if out is None and len(q_root) > 4 and len(cand.out_perm) == len(q_root) and _same(q_view, identity_view(q_root)):
+        if tuple(cand.out_perm) != tuple(range(len(q_root))):
+            raise _NotFusable("the windowed attention's output is transposed; the kernel writes (B, heads, ..., S, D)")
+        out, out_layout = cand.out, "BHSD"  # written 4-D, then reshaped to Q's batch axes (fuse_attention)
     if out is None:
         rank4 = len(cand.out_perm) == 4
         out_layout = {(0, 1, 2, 3): "BHSD", (0, 1, 3, 2): "BHDS"}.get(tuple(cand.out_perm)) if rank4 else None
@@ -473,6 +486,8 @@ def _solve(cand: _Candidate, g: _Graph):
         "scale": float(scale), "layouts": [ql, kl, vl, out_layout],
         "probe_seq_q": int(q_shape[-2]), "probe_seq_kv": int(k_shape[-2]), "probe_batch": int(np.prod(q_shape[:-2]) // qh),
     }
+    if len(q_root) > 4:  # windowed: the heads axis the node sees is these axes merged (sizes at the probe)
+        details["merged_axes"] = [int(n) for n in q_root[1:-2]]
     return attrs, qr, kr, vr, out, details
 
 
@@ -694,50 +709,115 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
             continue
         blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
         rewrites.append((cand.name, attrs, (qr, kr, vr), out))
+    names, merged = _Names(graph), {}
     for name, attrs, inputs, out in rewrites:
         out.inputs.clear()  # detach the old producer; cleanup() drops what no longer feeds an output
+        q_root = inputs[0]
+        for t in inputs:
+            if len(g.shape(t)) > 4 and t.name not in merged:
+                merged[t.name] = _merge_heads(graph, names, t)
+        inputs = [merged.get(t.name, t) for t in inputs]
+        y = gs.Variable(names(f"{name}/FlashAttention_output"), out.dtype) if len(g.shape(out)) > 4 else out
         graph.nodes.append(
-            gs.Node(OP_TYPE, f"{name}/FlashAttention", attrs.onnx_attributes(plugin_mode), list(inputs), [out],
-                    domain=DOMAIN)
+            gs.Node(OP_TYPE, _node_name(name), attrs.onnx_attributes(plugin_mode), inputs, [y], domain=DOMAIN)
         )
+        if y is not out:  # back to Q's (B, X..., S, D_v)
+            parts = [_shape_slice(graph, names, q_root, 0, -2), _shape_slice(graph, names, y, 2, 4)]
+            _reshape(graph, names, y, parts, out)
     graph.cleanup().toposort()
     fused = gs.export_onnx(graph)
     fused.metadata_props.extend(model.metadata_props)
     onnx.checker.check_model(fused)
-    _export_sizes(fused, input_shapes or recorded_shapes(model), blocks)
+    _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
     return FusionResult(fused, blocks, notes)
 
 
-def _export_sizes(fused: onnx.ModelProto, input_shapes, blocks) -> None:
-    """Each fused block's (batch, S_q, S_kv) at the export shapes (the probe may have run smaller),
-    from ONNX shape inference of the fused graph with the inputs set to those shapes."""
-    if not input_shapes:
+class _Names:
+    """Fresh tensor names for the nodes a rewrite adds (graph-unique, readable)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used = set(graph.tensors())
+
+    def __call__(self, base: str) -> str:
+        name, n = base, 0
+        while name in self.used:
+            n += 1
+            name = f"{base}_{n}"
+        self.used.add(name)
+        return name
+
+
+def _shape_slice(graph: gs.Graph, names: _Names, t, start: int, end: int):
+    """Shape(t)[start:end], as graph nodes (Shape and Slice: any opset the exporters write)."""
+    shape, part = gs.Variable(names(f"{t.name}/shape"), np.int64), gs.Variable(names(f"{t.name}/shape_slice"), np.int64)
+    bounds = [gs.Constant(names(f"{t.name}/shape_slice/{k}"), np.array([v], np.int64)) for k, v in (("starts", start), ("ends", end))]
+    graph.nodes += [gs.Node("Shape", inputs=[t], outputs=[shape]), gs.Node("Slice", inputs=[shape, *bounds], outputs=[part])]
+    return part
+
+
+def _reshape(graph: gs.Graph, names: _Names, t, parts, out):
+    """Reshape `t` to Concat(`parts`) as `out`."""
+    target = gs.Variable(names(f"{out.name}/target"), np.int64)
+    graph.nodes += [gs.Node("Concat", attrs={"axis": 0}, inputs=parts, outputs=[target]),
+                    gs.Node("Reshape", inputs=[t, target], outputs=[out])]
+    return out
+
+
+def _merge_heads(graph: gs.Graph, names: _Names, t):
+    """(B, X..., S, D) -> (B, prod(X), S, D): a contiguous tensor's batch axes as one heads axis
+    (free: no data moves). Built from Shape, so a dynamic window count stays dynamic."""
+    minus_one = gs.Constant(names(f"{t.name}/merged/minus_one"), np.array([-1], np.int64))
+    parts = [_shape_slice(graph, names, t, 0, 1), minus_one, _shape_slice(graph, names, t, -2, np.iinfo(np.int64).max)]
+    return _reshape(graph, names, t, parts, gs.Variable(names(f"{t.name}/merged"), t.dtype))
+
+
+def _export_sizes(model: onnx.ModelProto, input_shapes, blocks) -> None:
+    """Each fused block's (batch, S_q, S_kv) at the export shapes (the probe may have run smaller):
+    the shapes of its Q and K roots in the unfused graph, with the inputs set to those shapes, from
+    ONNX shape inference, else (a window count computed through Shape/Concat) ONNX Runtime's
+    symbolic shape inference. Sizes it cannot infer stay the probe's."""
+    fused = [b for b in blocks if b.fused]
+    if not input_shapes or not fused:
         return
     m = onnx.ModelProto()
-    m.CopyFrom(fused)
+    m.CopyFrom(model)
     del m.graph.value_info[:]
     for vi, shape in zip(graph_inputs(m), input_shapes):
         for d, n in zip(vi.type.tensor_type.shape.dim, shape):
             d.Clear()
             d.dim_value = int(n)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(m)
-    except Exception:  # noqa: BLE001  (inference is best effort: the probe's sizes stay)
-        return
-    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in [*inferred.graph.value_info, *inferred.graph.input]}
-    by_output = {n.output[0]: n for n in inferred.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN}
-    for b in blocks:
-        node = by_output.get(b.details.get("output")) if b.fused else None
-        if node is None:
-            continue
-        attrs = FlashAttentionAttrs.from_attributes({a.name: onnx.helper.get_attribute_value(a) for a in node.attribute})
-        q, k = dims.get(node.input[0]), dims.get(node.input[1])
+    dims = _inferred_dims(m, [t for b in fused for t in (b.details["q"], b.details["k"])])
+    for b in fused:
+        q, k = dims.get(b.details["q"]), dims.get(b.details["k"])
         if not q or not k or None in q or None in k:
             continue
-        batch, _, s_q, _ = logical_shape(q, attrs.q_layout, attrs.num_heads)
-        s_kv = logical_shape(k, attrs.k_layout, attrs.num_heads)[2]
+        heads, (ql, kl) = b.details["num_heads"], b.details["layouts"][:2]
+        # A merged (B, X..., S, D) root: B and S are its first and second-to-last axes, as in BHSD.
+        batch, _, s_q, _ = logical_shape(q, ql, heads) if len(q) <= 4 else (q[0], 0, q[-2], 0)
+        s_kv = logical_shape(k, kl, heads)[2] if len(k) <= 4 else k[-2]
         b.details.update(batch=int(batch), seq_q=int(s_q), seq_kv=int(s_kv))
+        if len(q) > 4:  # the window count grows with the image
+            b.details.update(num_heads=math.prod(q[1:-2]), merged_axes=[int(n) for n in q[1:-2]])
+
+
+def _inferred_dims(m: onnx.ModelProto, wanted: list[str]) -> dict:
+    def dims(model):
+        return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                for v in [*model.graph.value_info, *model.graph.input]}
+
+    found = {}
+    try:
+        found = dims(onnx.shape_inference.infer_shapes(m))
+    except Exception:  # noqa: BLE001  (inference is best effort)
+        pass
+    if all(found.get(t) and None not in found[t] for t in wanted):
+        return found
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return dims(SymbolicShapeInference.infer_shapes(m, auto_merge=True))
+    except Exception:  # noqa: BLE001
+        return found
 
 
 def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto:
@@ -759,6 +839,11 @@ def plugin_modes(model: onnx.ModelProto) -> set[str]:
     return {("aot" if onnx.helper.get_attribute_value(a) else "jit")
             for node in model.graph.node if node.op_type == OP_TYPE and node.domain == DOMAIN
             for a in node.attribute if a.name == "aot"}
+
+
+def _node_name(block: str) -> str:
+    """The FlashAttention node that replaces the attention block named `block`."""
+    return f"{block}/FlashAttention"
 
 
 def _pattern_of(node) -> str:

@@ -52,11 +52,17 @@ class BlockMemory:
     seq_kv: int
     einsum_bytes: int  # scores + softmax output, S_q x S_kv each
     flash_bytes: int  # per-row max and sum statistics; no S x S tensor
+    windowed: bool = False  # heads x windows: a larger image adds windows, not pixels per window
 
     @classmethod
-    def estimate(cls, block: str, batch: int, heads: int, seq_q: int, seq_kv: int, dtype: str):
+    def estimate(cls, block: str, batch: int, heads: int, seq_q: int, seq_kv: int, dtype: str, windowed=False):
         nbytes = torch.finfo(DTYPES[dtype]).bits // 8
-        return cls(block, batch, heads, seq_q, seq_kv, 2 * batch * heads * seq_q * seq_kv * nbytes, 2 * batch * heads * seq_q * 4)
+        return cls(block, batch, heads, seq_q, seq_kv, 2 * batch * heads * seq_q * seq_kv * nbytes,
+                   2 * batch * heads * seq_q * 4, windowed)
+
+    def einsum_bytes_scaled(self, area: int) -> int:
+        """The einsum's bytes for an image `area` times larger: S_q and S_kv grow, or the windows."""
+        return self.einsum_bytes * (area if self.windowed else area * area)
 
 
 @dataclass
@@ -259,7 +265,7 @@ def default_memory_budget() -> int:
 
 def _block_memory(blocks, batch: int, dtype: str) -> list[BlockMemory]:
     """Attention memory of each block fused into our node, at the validated batch."""
-    return [BlockMemory.estimate(b.name, batch, b.details["num_heads"], *_seqs(b), dtype)
+    return [BlockMemory.estimate(b.name, batch, b.details["num_heads"], *_seqs(b), dtype, "merged_axes" in b.details)
             for b in (blocks or []) if b.fused]
 
 

@@ -66,8 +66,8 @@ class AotArtifact:
     def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b)):
         """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
         exactly what TensorRT's aot_impl returns and what `launch_artifact` passes."""
-        seq_q = _seq(q_shape, self.layouts[0], self.num_heads)
-        grid = self.grid(q_shape[0], self.num_heads, seq_q, cdiv)
+        batch, heads, seq_q, _ = logical_shape(q_shape, self.layouts[0], self.num_heads)
+        grid = self.grid(batch, heads, seq_q, cdiv)
         return grid, self.threads_per_block, self.shared_mem, self.scalar_args(q_shape, k_shape, v_shape)
 
     def scalar_args(self, q_shape, k_shape, v_shape):
@@ -77,14 +77,12 @@ class AotArtifact:
         strides = {}
         for t, shape, layout in (("q", q_shape, ql), ("k", k_shape, kl), ("v", v_shape, vl), ("o", o_shape, ol)):
             strides.update(zip((f"stride_{t}{a}" for a in "bhsd"), layout_strides(shape, layout, self.num_heads)))
-        seq_q = _seq(q_shape, ql, self.num_heads)
-        seq_kv = _seq(k_shape, kl, self.num_heads)
-        values = {**strides, "num_heads": self.num_heads, "seq_q": seq_q, "seq_kv": seq_kv}
+        # Heads from Q's shape where its layout has a heads axis (BHSD/BHDS: a merged window axis
+        # may be dynamic), else the attribute (NCHW/BSC pack them into the channels).
+        _, heads, seq_q, _ = logical_shape(q_shape, ql, self.num_heads)
+        seq_kv = logical_shape(k_shape, kl, self.num_heads)[2]
+        values = {**strides, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv}
         return [values[n] for n in self.scalar_arg_names]
-
-
-def _seq(shape, layout, heads):
-    return logical_shape(shape, layout, heads)[2]
 
 
 def _out_shape(q_shape, v_shape, art: AotArtifact):

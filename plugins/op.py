@@ -98,7 +98,9 @@ def layout_strides(shape, layout: str, num_heads: int) -> tuple:
 
 @dataclass(frozen=True)
 class FlashAttentionAttrs:
-    """The attributes that define what one fused node computes."""
+    """The attributes that define what one fused node computes. `num_heads` splits the channels
+    of NCHW and BSC tensors; a BHSD or BHDS query carries its heads on axis 1, which is what the
+    kernels launch over (a windowed block's merged heads x windows axis may be dynamic)."""
 
     num_heads: int
     scale: float

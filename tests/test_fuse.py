@@ -202,3 +202,41 @@ def test_a_dynamic_batch_that_only_runs_at_1_is_fused_at_the_export_shape_and_sa
     fusion = fuse_attention(exported.model)
     assert [b.fused for b in fusion.blocks] == [True]
     assert any("--static" in n and ">= 2" in n for n in fusion.notes)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_windowed_attention_merges_windows_into_the_heads_axis(exporter):
+    """timm's nest: Q, K, V (B, heads, windows, S, D) unbound from one qkv projection. Fused as one
+    BHSD node over (B, heads x windows, S, D), reshaped in and out from Shape, so the window count
+    stays dynamic: the fused graph matches PyTorch at another image size (other window count) and
+    batch. Mutation: the output reshaped to the probe's window count (a static target) fails."""
+    import user_models
+    from convattn.exporter.export import export_onnx
+
+    module = user_models.WindowedAttention().eval()
+    exported = export_onnx(module, [(1, 16, 64, 64)], exporter=exporter)
+    fusion = fuse_attention(exported.model, exported.input_shapes)  # probed at 32x32: 64 windows
+    [block] = fusion.blocks
+    assert block.fused and block.details["layouts"] == ["BHSD"] * 4, block.reason
+    assert ops(fusion.model).count(OP_TYPE) == 1 and "Softmax" not in ops(fusion.model)
+    # sized at the export shape (what the validation's memory check reads): 256 windows of 16 pixels
+    assert block.details["merged_axes"] == [2, 256] and block.details["num_heads"] == 512
+    assert block.details["seq_q"] == 16 and block.details["batch"] == 1
+    assert_same_function(module, [(1, 16, 16, 16)], exported, fusion)
+    assert_same_function(module, [(1, 16, 32, 24)], exported, fusion)  # 48 windows, not the probe's
+
+
+def test_windowed_attention_with_a_transposed_output_is_reported():
+    """The kernel writes (B, heads x windows, S, D); an output that swaps axes is refused by name."""
+    import user_models
+    from convattn.exporter.export import export_onnx
+
+    class Swapped(user_models.WindowedAttention):
+        def attend(self, q, k, v):
+            B, H, T, N, D = q.shape
+            p = torch.einsum("bhtqd,bhtkd->bhtqk", q * self.scale, k).softmax(-1)
+            return torch.einsum("bhtqk,bhtkd->bthqd", p, v).permute(0, 1, 3, 2, 4).reshape(B, T, N, H * D)
+
+    exported = export_onnx(Swapped().eval(), [(1, 16, 16, 16)], exporter="dynamo")
+    [block] = fuse_attention(exported.model, exported.input_shapes).blocks
+    assert not block.fused and "windowed" in block.reason, block.reason

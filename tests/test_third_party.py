@@ -1,12 +1,13 @@
-"""Real blocks of a third-party library (diffusers 0.42, built from configs with random weights):
-what a user exports, through the same pipeline. One small model each, to keep CI short."""
+"""Real blocks of third-party libraries (diffusers 0.42, MONAI 1.6, timm 1.0; built from configs with
+random weights): what a user exports, through the same pipeline. One small model or block each, to
+keep CI short. The test extra installs all three: a missing one fails the import, it is not skipped."""
 
 import json
 
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers", reason="the test extra installs diffusers")
+import diffusers
 
 
 class VAEMidAttention(torch.nn.Module):
@@ -57,3 +58,70 @@ def test_pickled_autoencoder_kl_through_the_cli(tmp_path):
     doc = json.loads(report.read_text())
     assert [b["fused"] for b in doc["blocks"]] == [True, True]
     assert doc["validation"]["passed"] and not any("static shapes" in w for w in doc["warnings"])
+
+
+def test_monai_spatial_attention_block_fuses_and_validates():
+    """MONAI's SpatialAttentionBlock (its diffusion UNet's and autoencoder's attention): NCHW map,
+    GroupNorm, SABlock on the H*W tokens with 4 heads of 8."""
+    from conftest import export_fuse
+    from monai.networks.blocks.spatialattention import SpatialAttentionBlock
+
+    from convattn.exporter.validate import validate
+
+    torch.manual_seed(0)
+    module = SpatialAttentionBlock(spatial_dims=2, num_channels=32, num_head_channels=8, norm_num_groups=8).eval()
+    exported, fusion = export_fuse(module, [(1, 32, 8, 8)])
+    [block] = fusion.blocks
+    assert block.fused and block.details["num_heads"] == 4 and block.details["head_dim"] == 8
+    report = validate(module, exported.model, fusion.model, exported.input_shapes, blocks=fusion.blocks, seed=0)
+    assert report.passed and any(c.path.startswith("block ") for c in report.comparisons)
+
+
+class _TokensOf(torch.nn.Module):
+    """A token block (B, H*W, C) applied to an NCHW map."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        return self.block(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_monai_relative_position_attention_is_reported_not_fused():
+    """MONAI's SABlock with decomposed relative positions adds a bias to the scores after a
+    Reshape: at 5b1ec6e it vanished from the report. It is listed, unfused, with what stands between."""
+    from conftest import export_fuse
+    from monai.networks.blocks.selfattention import SABlock
+
+    torch.manual_seed(0)
+    block = SABlock(hidden_size=32, num_heads=4, rel_pos_embedding="decomposed", input_size=(8, 8))
+    _, fusion = export_fuse(_TokensOf(block).eval(), [(1, 32, 8, 8)])
+    [report] = fusion.blocks
+    assert not report.fused and "attention-like" in report.reason and "Add" in report.reason, report.reason
+
+
+def test_timm_nest_windowed_attention_fuses_every_level():
+    """timm's NesT: attention inside windows, Q/K/V (B, heads, windows, S, D). At 5b1ec6e reported
+    "not a (B, heads, S, D) view of a 4-D tensor"; now each level fuses as one node with the windows
+    merged into the heads axis, and validates end to end and per block (TorchScript exporter: the
+    dynamo exporter refuses 5-D SDPA, and says which exporter to use)."""
+    from conftest import export_fuse
+
+    from convattn.errors import ExportError
+    from convattn.exporter.export import export_onnx
+    from convattn.exporter.validate import validate
+
+    from timm.models.nest import Nest  # torchvision: see conftest
+
+    torch.manual_seed(0)
+    module = Nest(img_size=32, in_chans=3, patch_size=2, num_levels=3, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
+                  depths=(1, 1, 1), num_classes=10).eval()
+    exported, fusion = export_fuse(module, [(1, 3, 32, 32)], exporter="torchscript")
+    assert [b.fused for b in fusion.blocks] == [True] * 3, [b.reason for b in fusion.blocks]
+    assert [b.details["merged_axes"] for b in fusion.blocks] == [[1, 16], [2, 4], [4, 1]]
+    report = validate(module, exported.model, fusion.model, exported.input_shapes, blocks=fusion.blocks, seed=0)
+    assert report.passed and sum(c.path.startswith("block ") for c in report.comparisons) == 3
+    with pytest.raises(ExportError, match="--exporter torchscript"):
+        export_onnx(module, [(1, 3, 32, 32)], exporter="dynamo")

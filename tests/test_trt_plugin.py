@@ -197,6 +197,37 @@ def _replay(core, layout):
     assert (out.double() - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_aot_bhsd_heads_are_the_tensors_axis_not_the_attribute(monkeypatch, version):
+    """A windowed block reaches the node as (B, heads x windows, S, D) with the window count
+    dynamic (the fuser merges the axes): the AOT grid and the kernel's num_heads must come from Q's
+    axis 1, which the attribute (the probe's count, 3 here) does not know. Replayed through the
+    kernel against float64. Mutation: grid and num_heads from the attribute fail (rows unwritten)."""
+    import os
+
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    shape, env = ("B", "T", "S", 8), {"B": 2, "T": 5, "S": 9}
+    with h.tensorrt(version) as (core, _):
+        trt_plugin.register_plugin()
+        plugin = h.parse_node(core, node("BHSD", heads=3))
+        launch = h.build_node(core, plugin, [core.float32] * 3, [shape] * 3, env, tactics=[1]).launches[1]
+        from convattn.plugins.aot import compile_artifact
+        from convattn.plugins.kernel import _attn_fwd
+
+        art = compile_artifact(head_dim=D, head_dim_v=D, num_heads=3, dtype="fp32", arch=90, layouts=("BHSD",) * 4,
+                               config=trt_plugin.tactic_config(D, "fp32", "sm_90", 1), scale=D**-0.5)
+    assert launch.grid[1] == 2 * 5 and dict(zip(art.scalar_arg_names, launch.extras))["num_heads"] == 5
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return  # the GPU run covers the launch itself
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(concrete(shape, env)) for _ in range(3))
+    out = torch.full(q.shape, float("nan"))
+    _attn_fwd[launch.grid](q, k, v, Out=out, num_warps=art.num_warps,
+                           **dict(zip(art.scalar_arg_names, launch.extras)), **art.constants)
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) * D**-0.5, -1) @ v.double()
+    assert (out.double() - ref).abs().max() <= 1e-5
+
+
 def _reference(q, k, v, layout, scale):
     """float64 attention in `layout`, written out independently of the layout table."""
     def to_bhsd(t):

@@ -219,3 +219,28 @@ class BatchOne(nn.Module):
 
     def forward(self, x):
         return self.block(x).reshape(1, 16, -1).reshape(1, 16, x.shape[2], x.shape[3])
+
+
+class WindowedAttention(nn.Module):
+    """timm's nest: attention inside each of T windows of the map, Q, K, V (B, heads, T, N, D) from
+    one qkv Linear (unbound from a (3, B, heads, T, N, D) permute), output permuted head-minor."""
+
+    def __init__(self, channels: int = 16, heads: int = 2, window: int = 4):
+        super().__init__()
+        self.heads, self.window, self.scale = heads, window, (channels // heads) ** -0.5
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        n = self.window
+        t = x.reshape(b, c, h // n, n, w // n, n).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // n) * (w // n), n * n, c)
+        B, T, N, C = t.shape
+        q, k, v = self.qkv(t).reshape(B, T, N, 3, self.heads, C // self.heads).permute(3, 0, 4, 1, 2, 5).unbind(0)
+        return self.proj(self.attend(q, k, v))
+
+    def attend(self, q, k, v):
+        """(B, heads, T, N, D) each -> the (B, T, N, heads*D) tokens the projection reads."""
+        B, H, T, N, D = q.shape
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
+        return (attn @ v).permute(0, 2, 3, 4, 1).reshape(B, T, N, H * D)
