@@ -9,6 +9,7 @@ TensorRT is not installed (everything before the engine was written); 130 interr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import secrets
@@ -29,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import convattn
-from convattn.errors import ConvattnError, InputError, ModelError, ParityError
+from convattn.errors import ConvattnError, InputError, ModelError, ParityError, first_line
 from convattn.exporter.engine import sidecar_path
 from convattn.exporter.files import check_distinct, check_output, write_atomic
 from convattn.exporter.graph import parse_shape, parse_size
@@ -41,15 +42,40 @@ out = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 @contextmanager
 def stage(name: str):
-    """A stage: a spinner, its time, and the libraries' warnings kept for the report (not printed)."""
+    """A stage: a spinner, its time, and the libraries' warnings and log records (torch logs its
+    symbolic-shape solver's tracebacks at WARNING) kept for the report, not printed."""
     start = time.perf_counter()
-    with out.status(f"[bold]{name}[/]…"), warnings.catch_warnings(record=True) as caught:
+    logged: list[logging.LogRecord] = []
+    with out.status(f"[bold]{name}[/]…"), warnings.catch_warnings(record=True) as caught, _library_logs(logged):
         warnings.simplefilter("always")
         yield
     LIBRARY_WARNINGS.extend(f"{name}: {w.category.__name__}: {str(w.message).strip()}" for w in caught)
+    LIBRARY_WARNINGS.extend(f"{name}: log {r.levelname} {r.name}: {first_line(r.getMessage())}" for r in logged
+                            if r.levelno >= logging.WARNING)
     if INTERRUPTED:  # a library swallowed the KeyboardInterrupt (torch's export can): stop here all the same
         raise KeyboardInterrupt
     out.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f}s)[/]")
+
+
+@contextmanager
+def _library_logs(records: list):
+    """Every log handler that exists now (torch gives its loggers their own stderr handlers) drops
+    its records into `records` instead of printing them, until the block ends."""
+    class Keep(logging.Filter):
+        def filter(self, record):
+            records.append(record)
+            return False
+
+    keep = Keep()
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    handlers = {h for lg in loggers for h in lg.handlers} | ({logging.lastResort} if logging.lastResort else set())
+    for h in handlers:
+        h.addFilter(keep)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(keep)
 
 
 LIBRARY_WARNINGS: list[str] = []  # torch's, onnx's...: in the report, printed with --verbose

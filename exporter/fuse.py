@@ -175,8 +175,8 @@ class _NotFusable(Exception):
 PROBE_MAX_DIM = 32
 
 
-def _probe_shapes(model: onnx.ModelProto, input_shapes, mode: str = "reduced"):
-    """{input: (shape, dtype)}. Dynamic dims: "reduced" (>= 2, halved while above PROBE_MAX_DIM and
+def _probe_shapes(model: onnx.ModelProto, input_shapes, mode: str = "reduced", max_dim: int = PROBE_MAX_DIM):
+    """{input: (shape, dtype)}. Dynamic dims: "reduced" (>= 2, halved while above `max_dim` and
     even), "at_least_2" (the export size, >= 2), "exact" (the export size)."""
     inputs = graph_inputs(model)
     if input_shapes is None:
@@ -197,20 +197,20 @@ def _probe_shapes(model: onnx.ModelProto, input_shapes, mode: str = "reduced"):
                 )
             else:
                 size = int(given[i]) if mode == "exact" else max(int(given[i]), 2)  # 1 would hide the dim
-                while mode == "reduced" and size > PROBE_MAX_DIM and size % 2 == 0:
+                while mode == "reduced" and size > max_dim and size % 2 == 0:
                     size //= 2
                 shape.append(size)
         shapes[inp.name] = (shape, onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
     return shapes
 
 
-def _probe(model: onnx.ModelProto, input_shapes, notes: list) -> dict[str, np.ndarray]:
-    """Every intermediate tensor of one ONNX Runtime run at the probe shapes: reduced first, then
-    the export shapes (dynamic dims >= 2), then exactly the export shapes, said in `notes`: a graph
-    that claims dynamic dims it does not have (a batch that only runs at 1)."""
+def _probe(model: onnx.ModelProto, input_shapes, notes: list, max_dim: int = PROBE_MAX_DIM):
+    """(every intermediate tensor of one ONNX Runtime run at the probe shapes, the mode that ran):
+    reduced first, then the export shapes (dynamic dims >= 2), then exactly the export shapes, said
+    in `notes`: a graph that claims dynamic dims it does not have (a batch that only runs at 1)."""
     tried, errors = [], []
     for mode in ("reduced", "at_least_2", "exact"):
-        shapes = _probe_shapes(model, input_shapes, mode)
+        shapes = _probe_shapes(model, input_shapes, mode, max_dim)
         if shapes in tried:
             continue
         tried.append(shapes)
@@ -222,7 +222,7 @@ def _probe(model: onnx.ModelProto, input_shapes, notes: list) -> dict[str, np.nd
         if mode == "exact" and errors:
             notes.append(f"the graph marks dims dynamic but does not run with them >= 2 ({errors[-1]}); it was "
                          "fused at the export shapes and serves those only: export with --static to say so")
-        return values
+        return values, mode
     raise errors[1] if len(errors) > 1 else errors[0]  # the export shapes' error, not the reduced one
 
 
@@ -682,33 +682,18 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     if plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     graph = gs.import_onnx(model)
-    notes: list[str] = []
-    g = _Graph(graph, _probe(model, input_shapes, notes))
-    blocks, rewrites = [], []
-    for node in list(graph.nodes):
-        try:
-            if node.op == "Softmax":
-                cand = _softmax_candidate(node, g)
-            elif node.op == "Attention":
-                cand = _attention_op_candidate(node, g)
-            else:
-                continue
-            if cand is None:
-                _attention_like(node, g)  # raises _NotFusable where a Softmax reads a product of activations
-                continue
-            attrs, qr, kr, vr, out, details = _solve(cand, g)
-        except _NotFusable as e:
-            blocks.append(BlockReport(node.name or node.outputs[0].name, _pattern_of(node), False, str(e)))
-            continue
-        native = attention == "native" or (attention == "auto" and native_attention_applies(dtype, details["head_dim"]))
-        if native:
-            why = ("--attention native" if attention == "native" else
-                   f"TensorRT fuses {dtype} attention with head_dim {details['head_dim']} itself")
-            blocks.append(BlockReport(cand.name, cand.pattern, False, f"left to TensorRT's own fusion: {why}",
-                                      details, path="native"))
-            continue
-        blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
-        rewrites.append((cand.name, attrs, (qr, kr, vr), out))
+    max_dim = PROBE_MAX_DIM
+    while True:
+        notes: list[str] = []
+        values, mode = _probe(model, input_shapes, notes, max_dim)
+        g = _Graph(graph, values)
+        blocks, rewrites, degenerate = _find_blocks(graph, g, attention, dtype)
+        # A probe so small that an attention's sequence is 1 (a deep stage at 1x1) cannot tell
+        # pixels from channels: probe larger, up to the export shapes.
+        if not degenerate or mode != "reduced" or (_probe_shapes(model, input_shapes, mode, max_dim)
+                                                    == _probe_shapes(model, input_shapes, mode, 2 * max_dim)):
+            break
+        max_dim *= 2
     names, merged = _Names(graph), {}
     for name, attrs, inputs, out in rewrites:
         out.inputs.clear()  # detach the old producer; cleanup() drops what no longer feeds an output
@@ -730,6 +715,38 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     onnx.checker.check_model(fused)
     _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
     return FusionResult(fused, blocks, notes)
+
+
+def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
+    """(block reports, rewrites, whether a candidate's sequence was 1 at the probe) for every
+    Softmax/Attention node of `graph`; nothing is changed yet."""
+    blocks, rewrites, degenerate = [], [], False
+    for node in list(graph.nodes):
+        try:
+            if node.op == "Softmax":
+                cand = _softmax_candidate(node, g)
+            elif node.op == "Attention":
+                cand = _attention_op_candidate(node, g)
+            else:
+                continue
+            if cand is None:
+                _attention_like(node, g)  # raises _NotFusable where a Softmax reads a product of activations
+                continue
+            degenerate |= any(np.array(g.shape(o.tensor))[list(o.perm)][-2] == 1 for o in (cand.q, cand.k))
+            attrs, qr, kr, vr, out, details = _solve(cand, g)
+        except _NotFusable as e:
+            blocks.append(BlockReport(node.name or node.outputs[0].name, _pattern_of(node), False, str(e)))
+            continue
+        native = attention == "native" or (attention == "auto" and native_attention_applies(dtype, details["head_dim"]))
+        if native:
+            why = ("--attention native" if attention == "native" else
+                   f"TensorRT fuses {dtype} attention with head_dim {details['head_dim']} itself")
+            blocks.append(BlockReport(cand.name, cand.pattern, False, f"left to TensorRT's own fusion: {why}",
+                                      details, path="native"))
+            continue
+        blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
+        rewrites.append((cand.name, attrs, (qr, kr, vr), out))
+    return blocks, rewrites, degenerate
 
 
 class _Names:

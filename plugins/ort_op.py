@@ -104,6 +104,7 @@ def session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failed run raises with ONNX Runtime's message (the
+    # probe tries several shapes; an ERROR line on the terminal for each would be noise)
     options.register_custom_ops_library(register())
     return ort.InferenceSession(to_ort_domain(model).SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -389,3 +389,28 @@ def test_ctrl_c_that_a_library_swallows_still_stops_the_run(tmp_path, monkeypatc
     r = cli("--demo", "--fused-onnx", tmp_path / "f.onnx")
     assert r.exit_code == 130 and "interrupted" in r.output, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torch_log_records_are_kept_for_the_report_not_printed(tmp_path, monkeypatch, capfd):
+    """torch logs its symbolic-shape solver's failures as WARNING records with a traceback each
+    (about 200 lines exporting timm's coatnet) through its own stderr handlers. They go to the
+    report's library_warnings (first line), not to the terminal.
+    Mutation: no `_library_logs` in `stage`: the traceback lines reach stderr."""
+    import logging
+
+    from convattn.exporter import export
+
+    real = export.export_onnx
+
+    def noisy(*args, **kwargs):
+        logging.getLogger("torch.fx.experimental.symbolic_shapes").warning("Failed to reduce inequalities\nTraceback x")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", noisy)
+    report = tmp_path / "r.json"
+    r = cli("--demo", "--fused-onnx", tmp_path / "f.onnx", "--report", report)
+    assert r.exit_code == 0, r.output
+    captured = capfd.readouterr()
+    assert "Failed to reduce" not in captured.err + captured.out + r.output
+    assert "export: log WARNING torch.fx.experimental.symbolic_shapes: Failed to reduce inequalities" in \
+        json.loads(report.read_text())["library_warnings"]

@@ -244,3 +244,15 @@ class WindowedAttention(nn.Module):
         B, H, T, N, D = q.shape
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
         return (attn @ v).permute(0, 2, 3, 4, 1).reshape(B, T, N, H * D)
+
+
+class DeepStage(nn.Module):
+    """Attention after a 32x downsampling (a backbone's last stage): at a 32x32 probe, one pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(32)
+        self.attn = ConvMHAttn(16, 16, 2)
+
+    def forward(self, x):
+        return self.attn(self.pool(x))
