@@ -707,7 +707,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
             gs.Node(OP_TYPE, _node_name(name), attrs.onnx_attributes(plugin_mode), inputs, [y], domain=DOMAIN)
         )
         if y is not out:  # back to Q's (B, X..., S, D_v)
-            parts = [_shape_slice(graph, names, q_root, 0, -2), _shape_slice(graph, names, y, 2, 4)]
+            parts = [_shape_slice(graph, names, q_root, 0, -2), _dims(graph, names, y, 2, 4, out.shape[-2:] if out.shape else None)]
             _reshape(graph, names, y, parts, out)
     graph.cleanup().toposort()
     fused = gs.export_onnx(graph)
@@ -780,11 +780,21 @@ def _reshape(graph: gs.Graph, names: _Names, t, parts, out):
     return out
 
 
+def _dims(graph: gs.Graph, names: _Names, t, start: int, end: int, known):
+    """t's dims [start:end] as a 1-D int64 tensor: a constant where `known` (the graph's shape
+    information for them) has them all static, so TensorRT knows the head dim when it builds;
+    else Shape(t)[start:end]."""
+    if known is not None and all(isinstance(n, int) and n >= 0 for n in known):
+        return gs.Constant(names(f"{t.name}/dims_{start}"), np.array(list(known), np.int64))
+    return _shape_slice(graph, names, t, start, end)
+
+
 def _merge_heads(graph: gs.Graph, names: _Names, t):
     """(B, X..., S, D) -> (B, prod(X), S, D): a contiguous tensor's batch axes as one heads axis
-    (free: no data moves). Built from Shape, so a dynamic window count stays dynamic."""
+    (free: no data moves). B and the merged axis stay dynamic (the window count grows with the image)."""
     minus_one = gs.Constant(names(f"{t.name}/merged/minus_one"), np.array([-1], np.int64))
-    parts = [_shape_slice(graph, names, t, 0, 1), minus_one, _shape_slice(graph, names, t, -2, np.iinfo(np.int64).max)]
+    s_d = _dims(graph, names, t, -2, np.iinfo(np.int64).max, t.shape[-2:] if t.shape else None)
+    parts = [_shape_slice(graph, names, t, 0, 1), minus_one, s_d]
     return _reshape(graph, names, t, parts, gs.Variable(names(f"{t.name}/merged"), t.dtype))
 
 

@@ -224,6 +224,11 @@ def test_windowed_attention_merges_windows_into_the_heads_axis(exporter):
     # sized at the export shape (what the validation's memory check reads): 256 windows of 16 pixels
     assert block.details["merged_axes"] == [2, 256] and block.details["num_heads"] == 512
     assert block.details["seq_q"] == 16 and block.details["batch"] == 1
+    if exporter == "dynamo":  # (S, D) static in the graph stay static for the node (TensorRT reads D at build)
+        inferred = onnx.shape_inference.infer_shapes(fusion.model, data_prop=True)
+        [node] = [n for n in inferred.graph.node if n.op_type == OP_TYPE]
+        dims = {v.name: v.type.tensor_type.shape.dim for v in inferred.graph.value_info}
+        assert all([d.dim_value for d in dims[i]][2:] == [16, 8] for i in node.input)
     assert_same_function(module, [(1, 16, 16, 16)], exported, fusion)
     assert_same_function(module, [(1, 16, 32, 24)], exported, fusion)  # 48 windows, not the probe's
 
