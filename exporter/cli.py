@@ -121,6 +121,7 @@ class Options:
     triton_repo: Path | None
     validate_memory: str | None
     verbose: bool
+    tf32: bool = False
 
 
 @app.command()
@@ -151,11 +152,12 @@ def export(
     triton_repo: Annotated[Optional[Path], typer.Option(help="also write a Triton Inference Server model repository here (needs --engine)")] = None,
     validate_memory: Annotated[Optional[str], typer.Option(help="memory the checks that store S x S scores may take, e.g. 8GB [default: half the available memory]")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="also print the libraries' warnings (always in the report)")] = False,
+    tf32: Annotated[bool, typer.Option("--tf32", help="fp32 engines on TF32 tensor cores, our attention and TensorRT's layers (faster, 10-bit mantissa) [default: exact fp32]")] = False,
 ):
     """Export MODEL to ONNX, fuse its attention into FlashAttention nodes, validate, build."""
     opts = Options(model, engine, onnx_path, fused_onnx, input_shape or [], dtype, heads, exporter, opset, not static,
                    attention, report, trust_pickle, tuple(imports or ()), demo, force, seed, min_shape, opt_shape,
-                   max_shape, workspace, timing_cache, plugin_mode, triton_repo, validate_memory, verbose)
+                   max_shape, workspace, timing_cache, plugin_mode, triton_repo, validate_memory, verbose, tf32)
     INTERRUPTED.clear()
 
     def on_sigint(signum, frame):  # remembered: a library may turn the KeyboardInterrupt into its own error
@@ -199,6 +201,8 @@ def _check_options(o: Options) -> None:
         raise InputError(f"--dtype: expected one of {', '.join(DTYPES)}, got {o.dtype!r}")
     if o.attention not in ATTENTION_PATHS:
         raise InputError(f"--attention: expected one of {', '.join(ATTENTION_PATHS)}, got {o.attention!r}")
+    if o.tf32 and o.dtype != "fp32":
+        raise InputError(f"--tf32 is for fp32 engines; --dtype {o.dtype} computes in {o.dtype} already")
     if o.plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {', '.join(PLUGIN_MODES)}, got {o.plugin_mode!r}")
     if o.engine is None and any(x is not None for x in (o.min_shape, o.opt_shape, o.max_shape, o.workspace_mib,
@@ -236,7 +240,7 @@ def _run(o: Options) -> int:
         profile = parse_profiles(exported.input_names, input_shapes, o.min_shape, o.opt_shape, o.max_shape)
     with stage("fuse"):
         fusion = fuse_attention(exported.model, input_shapes, attention=o.attention, dtype=o.dtype,
-                                plugin_mode=o.plugin_mode)
+                                plugin_mode=o.plugin_mode, tf32=o.tf32)
     unfused, fused = (cast_graph(m, o.dtype) for m in (exported.model, fusion.model))
     native = sum(b.path == "native" for b in fusion.blocks)
     out.print(f"  [dim]{len(fusion.fused)} of {len(fusion.blocks)} attention blocks fused into FlashAttention"
@@ -337,7 +341,7 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
 
         with stage("validate engine"):
             engine_report = validate_engine(o.engine, model_module, unfused, names, input_shapes, dtype=o.dtype,
-                                            blocks=blocks, seed=o.seed)
+                                            blocks=blocks, seed=o.seed, tf32=o.tf32)
         _print_parity(engine_report, "engine parity vs float64 PyTorch")
         for note in engine_report.notes:
             out.print(f"  [dim]{escape(note)}[/]")

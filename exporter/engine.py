@@ -26,7 +26,7 @@ from convattn.errors import ConvattnError, EngineBuildError, InputError, TensorR
 from convattn.plugins.op import PLUGIN_MODES
 
 from .files import write_atomic
-from .fuse import plugin_modes, set_plugin_mode
+from .fuse import plugin_modes, set_plugin_mode, uses_tf32
 from .graph import graph_inputs, parse_shape
 from .precision import graph_precision
 
@@ -89,7 +89,7 @@ def sidecar_path(plan: str | Path) -> Path:
 
 
 def sidecar(*, trt_version: str, gpu: str, compute_capability: str, profile: Profile, plugin_mode: str, dtype: str,
-            model_sha256: str | None, device_memory_bytes: int | None = None) -> dict:
+            model_sha256: str | None, device_memory_bytes: int | None = None, tf32: bool = False) -> dict:
     """What the plan needs to be served: an engine runs only on the TensorRT version and GPU
     family it was built for, and a JIT engine needs the Python plugin in the serving process."""
     return {
@@ -100,6 +100,7 @@ def sidecar(*, trt_version: str, gpu: str, compute_capability: str, profile: Pro
         "plugin_mode": plugin_mode,
         "needs_python_plugin": plugin_mode == "jit",
         "precision": dtype,
+        "tf32": tf32,
         "device_memory_bytes": device_memory_bytes,
         "convattn": convattn.__version__,
         "source_model_sha256": model_sha256,
@@ -252,7 +253,8 @@ def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, t
     if not parser.parse(fused.SerializeToString()):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError("TensorRT's ONNX parser refused the fused graph: " + "; ".join(errors))
-    config = _builder_config(trt, builder, profile, workspace_bytes)
+    tf32 = uses_tf32(fused)
+    config = _builder_config(trt, builder, profile, workspace_bytes, tf32)
     cache = None
     if timing_cache:
         data = Path(timing_cache).read_bytes() if Path(timing_cache).exists() else b""
@@ -266,7 +268,7 @@ def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, t
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     gpu, capability = gpu_identity()
     meta = sidecar(trt_version=trt.__version__, gpu=gpu, compute_capability=capability, profile=profile,
-                   plugin_mode=plugin_mode, dtype=graph_precision(fused), model_sha256=model_sha256,
+                   plugin_mode=plugin_mode, dtype=graph_precision(fused), tf32=tf32, model_sha256=model_sha256,
                    device_memory_bytes=int(memory) if memory is not None else None)
     meta["attention_layers"] = attention_layers(info)
     write_atomic(plan_path, bytes(plan))
@@ -276,9 +278,13 @@ def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, t
     return EngineResult(plan_path, meta)
 
 
-def _builder_config(trt, builder, profile: Profile, workspace_bytes):
-    """No precision flags: the graph's types are the engine's (TF32 stays TensorRT's default for fp32)."""
+def _builder_config(trt, builder, profile: Profile, workspace_bytes, tf32: bool):
+    """No precision flags: the graph's types are the engine's. TF32 (on in TensorRT's default
+    config) only where the graph's FlashAttention nodes allow it: an exact-fp32 graph gets an
+    exact-fp32 engine, TensorRT's own convs and matmuls included."""
     config = builder.create_builder_config()
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer information for the report
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
@@ -388,6 +394,7 @@ def validate_engine(
     dtype: str = "fp32",
     blocks: list | None = None,
     seed: int | None = None,
+    tf32: bool = False,
 ) -> ValidationReport:
     """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
     the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
@@ -414,7 +421,8 @@ def validate_engine(
         outputs = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
         peak = torch.cuda.max_memory_allocated() - before
         got = _flat([o.double().cpu().numpy() for o in outputs])  # every output, as the reference flattens them
-        comparisons.append(_compare(f"tensorrt engine{label}", dtype, got, ref, scale))
+        # a TF32 engine (fp32 graph, --tf32) is held to TF32's tolerance
+        comparisons.append(_compare(f"tensorrt engine{label}", "tf32" if tf32 and dtype == "fp32" else dtype, got, ref, scale))
         feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
         if dtype != "bf16":  # the unfused graph is typed in `dtype` too; ONNX Runtime's CPU kernels have no bf16
             comparisons.append(_compare(f"onnxruntime unfused{label}", dtype, _flat(run_onnx(unfused, feeds)), ref, scale))

@@ -20,7 +20,7 @@ subgraph into a function it does not compute.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -660,7 +660,7 @@ ATTENTION_PATHS = ("plugin", "native", "auto")
 
 
 def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str = "plugin",
-                   dtype: str = "fp32", plugin_mode: str = "aot") -> FusionResult:
+                   dtype: str = "fp32", plugin_mode: str = "aot", tf32: bool = False) -> FusionResult:
     """Replace each spatial attention subgraph of `model` with one FlashAttention node.
 
     Args:
@@ -673,6 +673,8 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
         dtype: the engine precision "auto" decides for. Defaults to fp32.
         plugin_mode: "aot" (default) or "jit": the nodes' `aot` attribute, which decides the
             implementation TensorRT's ONNX parser asks for (`set_plugin_mode`).
+        tf32: the nodes' `tf32` attribute: fp32 engines may run the attention's products on TF32
+            tensor cores (and `build_engine` then leaves TensorRT's TF32 on); default exact fp32.
 
     Returns:
         FusionResult: the fused model (checked by onnx.checker) and a report per subgraph.
@@ -704,7 +706,8 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
         inputs = [merged.get(t.name, t) for t in inputs]
         y = gs.Variable(names(f"{name}/FlashAttention_output"), out.dtype) if len(g.shape(out)) > 4 else out
         graph.nodes.append(
-            gs.Node(OP_TYPE, _node_name(name), attrs.onnx_attributes(plugin_mode), inputs, [y], domain=DOMAIN)
+            gs.Node(OP_TYPE, _node_name(name), replace(attrs, tf32=tf32).onnx_attributes(plugin_mode), inputs, [y],
+                    domain=DOMAIN)
         )
         if y is not out:  # back to Q's (B, X..., S, D_v)
             parts = [_shape_slice(graph, names, q_root, 0, -2), _dims(graph, names, y, 2, 4, out.shape[-2:] if out.shape else None)]
@@ -859,6 +862,13 @@ def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto
             del node.attribute[:]
             node.attribute.extend([*kept, onnx.helper.make_attribute("aot", value)])
     return out
+
+
+def uses_tf32(model: onnx.ModelProto) -> bool:
+    """Whether any FlashAttention node of `model` allows TF32 (the engine then allows it too)."""
+    return any(onnx.helper.get_attribute_value(a) in (b"1", "1")
+               for node in model.graph.node if node.op_type == OP_TYPE and node.domain == DOMAIN
+               for a in node.attribute if a.name == "tf32")
 
 
 def plugin_modes(model: onnx.ModelProto) -> set[str]:

@@ -56,6 +56,7 @@ class AotArtifact:
     min_driver: str
     triton_version: str
     hidden_params_removed: int
+    tf32: bool = False
     arg_order: list[str] = field(default_factory=list)
     constants: dict = field(default_factory=dict)  # compiled in: unit strides, scale, tile sizes
 
@@ -100,13 +101,15 @@ def compile_artifact(
     arch: int = 90,
     layouts=("NCHW", "NCHW", "NCHW", "NCHW"),
     head_dim_v: int | None = None,
+    tf32: bool = False,
 ) -> AotArtifact:
     """Compile the kernel ahead of time for one variant. `arch` is the compute capability
-    (80, 89, 90, ...); 90 compiles for sm_90a, Hopper only. No GPU needed. Cached per variant
-    (TensorRT asks for every tactic of every node, some alike)."""
+    (80, 89, 90, ...); 90 compiles for sm_90a, Hopper only. `tf32`: fp32 products on TF32 tensor
+    cores (else exact fp32). No GPU needed. Cached per variant (TensorRT asks for every tactic of
+    every node, some alike)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, config=config, scale=scale,
-                                      arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v))
+                                      arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v, tf32=tf32))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -118,7 +121,7 @@ def compile_artifact(
     constants = {
         "QK_SCALE": qk_scale(scale), "HEAD_DIM": head_dim, "HEAD_DIM_V": head_dim_v,
         "BLOCK_D": block_dim(head_dim), "BLOCK_DV": config.dv_block(head_dim_v),
-        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32",
+        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32" and not tf32,
         "Q_BIAS": None, "HAS_Q_BIAS": False,  # a Q conv's bias stays in the engine's conv
         **unit_flags({f"{t}{unit_axis(layout)}" for t, layout in zip("qkvo", layouts)}),
     }
@@ -154,7 +157,7 @@ def compile_artifact(
     return AotArtifact(
         kernel_name=md.name, ptx=ptx, cubin=compiled.asm["cubin"], shared_mem=md.shared, num_warps=md.num_warps,
         threads_per_block=32 * md.num_warps, config=config, arch=f"sm_{arch}", layouts=tuple(layouts),
-        head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype, scale=scale,
+        head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype, scale=scale, tf32=tf32 and dtype == "fp32",
         scalar_arg_names=scalar_names, ptx_isa=isa, min_driver=PTX_ISA_DRIVER.get(isa, ("?", "unknown"))[1],
         triton_version=triton.__version__, hidden_params_removed=removed,
         arg_order=["Q", "K", "V", *scalar_names, "Out"], constants=constants,

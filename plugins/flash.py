@@ -55,21 +55,22 @@ def _strides(t) -> list[int]:
     return st
 
 
-def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None) -> None:
+def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: bool = False) -> None:
     b, h, s_q, d = q.shape
     s_kv, d_v = k.shape[2], v.shape[3]
     grid = (triton.cdiv(s_q, config.block_m), b * h, config.dv_programs(d_v))
     _attn_fwd[grid](
         q, k, v, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, out, q_bias,
         QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=config.dv_block(d_v),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32, HAS_Q_BIAS=q_bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32 and not tf32, HAS_Q_BIAS=q_bias is not None,
         **unit_flags({f"{n}{a}" for n, t in zip("qkvo", (q, k, v, out)) for a, i in (("s", 2), ("d", 3)) if t.stride(i) == 1}),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
 
 
-def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None):
+def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None,
+                    tf32: bool | None = None):
     """softmax(scale * q k^T) v with q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
 
     Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
@@ -80,6 +81,9 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
 
     `q_bias` (H*D values, a Q conv's bias) is added to q first, by both kernels to their resident
     Q tile: no pass over Q and no copy of it (the CPU reference adds it to a copy).
+
+    `tf32` (fp32 inputs): both products on TF32 tensor cores; None follows PyTorch's own switch,
+    `torch.backends.cuda.matmul.allow_tf32` (off by default: exact fp32).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -108,7 +112,8 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
         hopper_attention(q, k, v, out, scale, q_bias)
         return out
     if q.device.type == "cuda" or _interpreting():
-        launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]), q_bias)
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+        launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]), q_bias, tf32)
         return out
     from .reference import reference_attention_torch
 

@@ -100,7 +100,8 @@ def layout_strides(shape, layout: str, num_heads: int) -> tuple:
 class FlashAttentionAttrs:
     """The attributes that define what one fused node computes. `num_heads` splits the channels
     of NCHW and BSC tensors; a BHSD or BHDS query carries its heads on axis 1, which is what the
-    kernels launch over (a windowed block's merged heads x windows axis may be dynamic)."""
+    kernels launch over (a windowed block's merged heads x windows axis may be dynamic). `tf32`:
+    fp32 inputs may run their two products on TF32 tensor cores (10-bit mantissa); off, exact fp32."""
 
     num_heads: int
     scale: float
@@ -108,6 +109,7 @@ class FlashAttentionAttrs:
     k_layout: str = "NCHW"
     v_layout: str = "NCHW"
     out_layout: str = "NCHW"
+    tf32: bool = False
 
     def __post_init__(self):
         if self.num_heads < 1:
@@ -133,6 +135,7 @@ class FlashAttentionAttrs:
         keeps all its digits (a FLOAT would be rounded to float32)."""
         return {"num_heads": str(self.num_heads), "scale": repr(float(self.scale)), "q_layout": self.q_layout,
                 "k_layout": self.k_layout, "v_layout": self.v_layout, "out_layout": self.out_layout,
+                "tf32": str(int(self.tf32)),
                 "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION,
                 "aot": aot_attribute(plugin_mode)}
 
@@ -151,9 +154,11 @@ class FlashAttentionAttrs:
                 values["num_heads"] = int(values["num_heads"])
             if "scale" in values:
                 values["scale"] = float(values["scale"])
-        except ValueError as e:
-            raise ValueError(f"FlashAttention attributes: expected num_heads an integer and scale a number, got "
-                             f"{attrs.get('num_heads')!r}, {attrs.get('scale')!r}") from e
+            if "tf32" in values:
+                values["tf32"] = {"0": False, "1": True}[values["tf32"]]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"FlashAttention attributes: expected num_heads an integer, scale a number and tf32 "
+                             f"0 or 1, got {attrs.get('num_heads')!r}, {attrs.get('scale')!r}, {attrs.get('tf32')!r}") from e
         return cls(**values)
 
 

@@ -48,11 +48,12 @@ def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int) -> KernelCo
     return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch)[max(tactic, 1) - 1]
 
 
-def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout) -> FlashAttentionAttrs:
+def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32) -> FlashAttentionAttrs:
     """The node's attributes as `tensorrt.plugin` hands them over: strings, possibly ending in NUL
     (numbers too: see `FlashAttentionAttrs.onnx_attributes` for why)."""
     return FlashAttentionAttrs.from_attributes(dict(num_heads=num_heads, scale=scale, q_layout=q_layout,
-                                                    k_layout=k_layout, v_layout=v_layout, out_layout=out_layout))
+                                                    k_layout=k_layout, v_layout=v_layout, out_layout=out_layout,
+                                                    tf32=tf32))
 
 
 @functools.cache
@@ -76,17 +77,17 @@ def _register(trtp) -> None:
 
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
-              q_layout: str, k_layout: str, v_layout: str, out_layout: str) -> trtp.TensorDesc:
+              q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str) -> trtp.TensorDesc:
         out = q.like()
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         out.shape_expr = trtp.ShapeExprs.from_tuple(output_shape(tuple(q.shape_expr), tuple(v.shape_expr), attrs))
         return out
 
     @trtp.autotune(PLUGIN_ID)
     def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
-                  q_layout: str, k_layout: str, v_layout: str, out_layout: str,
+                  q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str,
                   outputs) -> list[trtp.AutoTuneCombination]:
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
         # One combination per element size: the tactic lists differ (fp32 tiles fit less SMEM).
         return [
@@ -96,17 +97,17 @@ def _register(trtp) -> None:
 
     @trtp.impl(PLUGIN_ID)
     def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: str, scale: str, q_layout: str,
-              k_layout: str, v_layout: str, out_layout: str, outputs, stream: int, tactic: int) -> None:
+              k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs, stream: int, tactic: int) -> None:
         import torch
 
         from .flash import _DTYPES, flash_attention
 
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
         views = [bhsd_view(torch_tensor(t), layout, attrs.num_heads) for t, layout in zip((q, k, v, outputs[0]), layouts)]
         config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic)
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config)
+            flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32)
 
 
 def _register_aot(trtp) -> None:
@@ -115,11 +116,11 @@ def _register_aot(trtp) -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str, q_layout: str,
-             k_layout: str, v_layout: str, out_layout: str, outputs,
+             k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs,
              tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         from .aot import compile_artifact
 
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout)
+        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
         dtype = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[q.dtype]
         arch = _arch()
@@ -127,7 +128,7 @@ def _register_aot(trtp) -> None:
         config = tactic_config(head_dim, dtype, arch, tactic)
         art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, attrs.num_heads),
                                num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
-                               arch=int(arch[3:]), layouts=layouts)
+                               arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32)
         (gx, gy, gz), threads, smem, extras = art.launch_for(
             tuple(q.shape_expr), tuple(k.shape_expr), tuple(v.shape_expr), cdiv=trtp.cdiv)
         launch = trtp.KernelLaunchParams()

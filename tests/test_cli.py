@@ -98,10 +98,11 @@ def test_state_dict_with_heads_and_cross_attention_shapes(tmp_path):
         (["--demo", "--opset", "99"], 2, "--opset: expected 18.."),
         (["--demo", "--onnx", "a.onnx", "--fused-onnx", "a.onnx", "--report", "a.onnx"], 2, "name the same file"),
         (["--demo", "--engine", "a.plan", "--report", "a.plan.json"], 2, "name the same file"),
+        (["--demo", "--tf32", "--dtype", "fp16"], 2, "--tf32 is for fp32 engines"),
     ],
     ids=["no-model", "missing", "rank", "not-a-number", "wrong-channels", "dtype", "unwritable", "attention",
          "plugin-mode", "triton-repo-alone", "bad-profile", "proc-fused", "proc-report", "exporter", "opset-17",
-         "opset-99", "same-paths", "report-is-sidecar"],
+         "opset-99", "same-paths", "report-is-sidecar", "tf32-fp16"],
 )
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, args, code, message):
     monkeypatch.chdir(tmp_path)
@@ -414,3 +415,14 @@ def test_torch_log_records_are_kept_for_the_report_not_printed(tmp_path, monkeyp
     assert "Failed to reduce" not in captured.err + captured.out + r.output
     assert "export: log WARNING torch.fx.experimental.symbolic_shapes: Failed to reduce inequalities" in \
         json.loads(report.read_text())["library_warnings"]
+
+
+def test_tf32_is_written_on_every_node(tmp_path):
+    """--tf32 is the nodes' attribute (what the plugin and build_engine read); exact fp32 by default."""
+    import onnx
+
+    for flag, value in (([], b"0"), (["--tf32"], b"1")):
+        fused = tmp_path / f"f{len(flag)}.onnx"
+        assert cli("--demo", "--fused-onnx", fused, *flag).exit_code == 0
+        [node] = [n for n in onnx.load(fused).graph.node if n.op_type == "FlashAttention"]
+        assert {a.name: a.s for a in node.attribute}["tf32"] == value

@@ -207,3 +207,27 @@ def test_aot_artifact_for_token_layout_and_large_head(tmp_path):
     assert meta["config"]["block_dv"] == 256 and meta["config"]["maxnreg"] is None  # 2 programs per row block
     assert meta["shared_mem"] <= 227 * 1024
     assert "stride_qd" not in meta["scalar_arg_names"]  # d is the contiguous axis: compiled in as 1
+
+
+def test_fp32_products_follow_pytorchs_tf32_switch(monkeypatch):
+    """fp32 runs exact by default, on TF32 tensor cores where PyTorch's own switch
+    (torch.backends.cuda.matmul.allow_tf32) allows it, and as the `tf32` argument says.
+    Mutation: IEEE from the dtype alone."""
+    from convattn.plugins import flash
+
+    seen, real = [], flash._attn_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["IEEE"])
+                return real[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(flash, "_attn_fwd", Spy())
+    q = torch.randn(1, 2, 16, 8)
+    flash.flash_attention(q, q, q)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    flash.flash_attention(q, q, q)
+    flash.flash_attention(q, q, q, tf32=False)
+    assert seen == [True, False, True]

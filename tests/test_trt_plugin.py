@@ -38,9 +38,9 @@ def trt(request, monkeypatch):
         yield core, trtp, request.param
 
 
-def node(layout="NCHW", out_layout=None, plugin_mode="aot", heads=HEADS, scale=D**-0.5):
+def node(layout="NCHW", out_layout=None, plugin_mode="aot", heads=HEADS, scale=D**-0.5, tf32=False):
     out_layout = out_layout or layout
-    attrs = FlashAttentionAttrs(heads, scale, layout, layout, layout, out_layout)
+    attrs = FlashAttentionAttrs(heads, scale, layout, layout, layout, out_layout, tf32)
     return onnx.helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], "n", domain=DOMAIN, **attrs.onnx_attributes(plugin_mode))
 
 
@@ -89,7 +89,7 @@ def test_string_attributes_arrive_with_a_nul_and_work(trt):
     fields = h.load_fields(core, core.get_plugin_registry().get_creator(OP_TYPE, "1", "convattn").field_names, node())
     layout_field = next(f for f in fields if f.name == "q_layout")
     assert layout_field.data.tobytes() == b"NCHW\0" and layout_field.type == core.PluginFieldType.CHAR
-    assert {f.name for f in fields} == {"num_heads", "scale", "q_layout", "k_layout", "v_layout", "out_layout"}
+    assert {f.name for f in fields} == {"num_heads", "scale", "q_layout", "k_layout", "v_layout", "out_layout", "tf32"}
     plugin = h.parse_node(core, node())
     assert plugin.attrs["q_layout"] == "NCHW\0"  # what NVIDIA's create_plugin hands us
     (q_shape, kv_shape), env = SHAPES["NCHW"]
@@ -307,6 +307,31 @@ def test_build_engine_is_strongly_typed_and_says_its_mode(fused_demo, trt, tmp_p
     assert [layer["mode"] for layer in plan["Layers"]] == [plugin_mode]
     assert built.sidecar["plugin_mode"] == plugin_mode and built.sidecar["precision"] == dtype
     assert built.sidecar["needs_python_plugin"] is (plugin_mode == "jit")
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_attribute_decides_the_fp32_products_and_the_engine_flag(fused_demo, trt, tmp_path, monkeypatch, tf32):
+    """--tf32 reaches the AOT kernel through the node (fp32 products as wgmma on TF32 operands,
+    instead of about 16k exact FMAs) and leaves TensorRT's TF32 on; without it the engine is exact
+    fp32 end to end (TensorRT's default TF32 cleared: its convs too).
+    Mutations: IEEE from the dtype alone (the attribute ignored); no clear_flag."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    (q_shape, kv_shape), env = SHAPES["NCHW"]
+    plugin = h.parse_node(core, node("NCHW", tf32=tf32))
+    launch = h.build_node(core, plugin, [core.float32] * 3, [q_shape, kv_shape, kv_shape], env, tactics=[1]).launches[1]
+    assert ("wgmma.mma_async" in launch.ptx and ".tf32" in launch.ptx) is tf32
+    from convattn.exporter import engine
+
+    graph = _typed(fused_demo)
+    for n in graph.graph.node:
+        for a in n.attribute:
+            if a.name == "tf32":
+                a.s = str(int(tf32)).encode()
+    monkeypatch.setattr(engine, "gpu_identity", lambda: ("stand-in", "9.0"))
+    built = engine.build_engine(graph, tmp_path / "m.plan", engine.parse_profiles(["input"], [(1, 16, 7, 9)]))
+    plan = __import__("json").loads((tmp_path / "m.plan").read_bytes())
+    assert ("TF32" in plan["builder_flags"]) is tf32 and built.sidecar["tf32"] is tf32
 
 
 def test_errors_inside_tensorrt_are_one_line_exit_4(fused_demo, trt, tmp_path, monkeypatch):

@@ -282,14 +282,21 @@ class Builder:
 
 class _Config:
     def __init__(self):
-        self.flags: set = set()
+        self.flags: set = {"TF32"}  # TensorRT's default builder config allows TF32
         self.profiling_verbosity = None
         self.profiles: list = []
 
     def set_flag(self, flag):
+        self.flags.add(self._name(flag))
+
+    def clear_flag(self, flag):
+        self.flags.discard(self._name(flag))
+
+    @staticmethod
+    def _name(flag) -> str:
         if not isinstance(flag, sys.modules["tensorrt"].BuilderFlag):
-            raise TypeError(f"set_flag: expected a BuilderFlag, got {flag!r}")
-        self.flags.add(flag.name)
+            raise TypeError(f"expected a BuilderFlag, got {flag!r}")
+        return flag.name
 
     def set_memory_pool_limit(self, pool, size):
         self.workspace = int(size)
