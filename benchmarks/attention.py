@@ -6,7 +6,9 @@ Paths: einsum; SDPA with each backend (math, flash, efficient, cuDNN; the contig
 SDPA needs are part of the block); ours JIT (`ConvMHAttn(attention="flash")`: its 1x1 convs as
 `bmm` products, then `flash_attention` reading them in place: the Triton kernel, or at head_dim 512
 on Hopper the Gluon kernel of `plugins/hopper.py`); ours AOT (cuDNN convs around the Triton
-kernel's PTX TensorRT would embed, launched through the CUDA driver API). Median time from
+kernel's PTX TensorRT would embed, launched through the CUDA driver API: the engine path); fp32 rows
+also run both with TF32 (`-tf32`: PyTorch's switch for the JIT block, the `tf32` artifact for AOT).
+Shapes: d=8 and 64 at S=1024..65536, d=32 and d=128, the VAE's d=512, fp32 exact vs TF32. Median time from
 triton.testing.do_bench, peak extra memory from torch.cuda.max_memory_allocated over the
 inputs and weights. Writes <gpu>.json (raw), <gpu>.md (table) and, with --tune, configs.json.
 """
@@ -32,7 +34,7 @@ from convattn.plugins.aot import compile_artifact, launch_artifact
 from convattn.plugins.flash import config_key, pick_config
 from convattn.plugins.tune import tune
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # The Stable Diffusion VAE's mid-block attention (C=512, one head): issue 6's target shapes.
 VAE_SHAPES = [(4, 128), (1, 64)]
 BACKENDS = {"sdpa-math": SDPBackend.MATH, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
@@ -51,9 +53,18 @@ def block_fn(name, m: ConvMHAttn, x, art=None):
             with sdpa_kernel(BACKENDS[name]):
                 return m(x)
         return run
-    if name == "ours-jit":
+    if name in ("ours-jit", "ours-jit-tf32"):
         m.attention = "flash"
-        return lambda: m(x)
+        tf32 = name.endswith("tf32")  # the block as PyTorch runs it with TF32 allowed: convs and kernel
+
+        def jit():
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            try:
+                return m(x)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        return jit
 
     def aot():
         q, k, v = m.q_conv(x), m.k_conv(x), m.v_conv(x)
@@ -137,6 +148,8 @@ def main():
     shapes = [("fp16", *r) for r in (*small, (1, 256, 4, 512))]
     shapes += [("fp16", b, 512, 1, side) for b, side in VAE_SHAPES]
     shapes += [("bf16", *r) for r in small]
+    shapes += [("fp16", 4, 512, 4, 128), ("fp16", 8, 256, 8, 64), ("fp16", 8, 256, 8, 128)]  # d=128, d=32
+    shapes += [("fp32", 8, 64, 8, 64), ("fp32", 4, 512, 4, 64)]  # exact vs TF32
     for dname, b, c, heads, side in shapes:
         if args.quick and side > 64 and c != 512:
             continue
@@ -149,11 +162,13 @@ def main():
         x = torch.randn(b, c, side, side, device="cuda", dtype=dt)
         d, s = c // heads, side * side
         cfg = pick_config(x.device, dt, d, s)
-        art = compile_artifact(head_dim=d, num_heads=heads, dtype=dname, config=cfg, scale=d**-0.5, arch=major * 10 + minor)
+        arts = {tf32: compile_artifact(head_dim=d, num_heads=heads, dtype=dname, config=cfg, scale=d**-0.5,
+                                       arch=major * 10 + minor, tf32=tf32) for tf32 in ((False, True) if dname == "fp32" else (False,))}
         row = {"dtype": dname, "B": b, "C": c, "heads": heads, "head_dim": d, "side": side, "S": s,
                "config": cfg.to_dict(), "results": {}}
-        for name in ("einsum", *BACKENDS, "ours-jit", "ours-aot"):
-            row["results"][name] = measure(block_fn(name, m, x, art))
+        ours = ("ours-jit", "ours-aot") + (("ours-jit-tf32", "ours-aot-tf32") if dname == "fp32" else ())
+        for name in ("einsum", *BACKENDS, *ours):
+            row["results"][name] = measure(block_fn(name, m, x, arts[name.endswith("tf32")]))
         rows.append(row)
         print(_line(row), flush=True)
         (args.out / f"{_slug(gpu)}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
@@ -168,7 +183,7 @@ def _line(row):
 
 
 def markdown(meta, rows) -> str:
-    names = list(rows[0]["results"]) if rows else []
+    names = list(dict.fromkeys(n for row in rows for n in row["results"]))  # every path, first seen first
     out = [f"# Whole ConvMHAttn block on {meta['gpu']} ({meta['arch']})", "",
            f"torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}. Command: `{meta['command']}`", "",
            "Median ms (triton.testing.do_bench) / peak extra memory. OOM: out of memory; unsupported: no kernel.", "",
@@ -177,7 +192,7 @@ def markdown(meta, rows) -> str:
     for row in rows:
         cells = []
         for n in names:
-            v = row["results"][n]
+            v = row["results"].get(n, {"status": "-"})
             cells.append(f"{v['ms']:.3f} ms / {v['peak_extra_bytes'] / 1e6:.0f} MB" if v["status"] == "ok" else v["status"])
         out.append(f"| {row['dtype']} | {row['B']} | {row['C']} | {row['heads']} | {row['head_dim']} | {row['S']} | "
                    + " | ".join(cells) + " |")
