@@ -696,6 +696,18 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
                                                     == _probe_shapes(model, input_shapes, mode, 2 * max_dim)):
             break
         max_dim *= 2
+    _rewrite(graph, g, rewrites, plugin_mode, tf32)
+    graph.cleanup().toposort()
+    fused = gs.export_onnx(graph)
+    fused.metadata_props.extend(model.metadata_props)
+    onnx.checker.check_model(fused)
+    _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
+    return FusionResult(fused, blocks, notes)
+
+
+def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool) -> None:
+    """Each solved block's output now comes from one FlashAttention node; a windowed block's
+    (B, X..., S, D) operands are merged to 4-D in front of it and its output split back after."""
     names, merged = _Names(graph), {}
     for name, attrs, inputs, out in rewrites:
         out.inputs.clear()  # detach the old producer; cleanup() drops what no longer feeds an output
@@ -706,18 +718,12 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
         inputs = [merged.get(t.name, t) for t in inputs]
         y = gs.Variable(names(f"{name}/FlashAttention_output"), out.dtype) if len(g.shape(out)) > 4 else out
         graph.nodes.append(
-            gs.Node(OP_TYPE, _node_name(name), replace(attrs, tf32=tf32).onnx_attributes(plugin_mode), inputs, [y],
-                    domain=DOMAIN)
+            gs.Node(OP_TYPE, _node_name(name), replace(attrs, tf32=tf32).onnx_attributes(plugin_mode), inputs,
+                    [y], domain=DOMAIN)
         )
         if y is not out:  # back to Q's (B, X..., S, D_v)
             parts = [_shape_slice(graph, names, q_root, 0, -2), _dims(graph, names, y, 2, 4, out.shape[-2:] if out.shape else None)]
             _reshape(graph, names, y, parts, out)
-    graph.cleanup().toposort()
-    fused = gs.export_onnx(graph)
-    fused.metadata_props.extend(model.metadata_props)
-    onnx.checker.check_model(fused)
-    _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
-    return FusionResult(fused, blocks, notes)
 
 
 def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
