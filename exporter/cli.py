@@ -371,7 +371,7 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
     for b in fusion.blocks:
         d = b.details
         blocks.add_row(escape(b.name), b.pattern, "[green]yes[/]" if b.fused else "[red]no[/]",
-                       f"{d['num_heads']} x {d['head_dim']}" if b.fused else "", "/".join(d.get("layouts", [])), escape(b.reason))
+                       _heads(d) if b.fused else "", "/".join(d.get("layouts", [])), escape(b.reason))
     out.print(blocks)
     _print_parity(result, "parity vs float64 PyTorch")
     if result.memory:
@@ -411,6 +411,13 @@ def _compare_paths(o: Options, built, unfused, profile, names) -> dict:
         table.add_row(name, f"{r['ms']:.3f}", f"{mem / 1e6:.1f} MB" if mem else "?")
     out.print(table)
     return result
+
+
+def _heads(d: dict) -> str:
+    """"8 x 64"; a windowed block's merged heads axis with its parts: "512 (2 x 256 windows) x 8"."""
+    merged = d.get("merged_axes")
+    parts = f" ({' x '.join(map(str, merged[:1]))} x {' x '.join(map(str, merged[1:]))} windows)" if merged else ""
+    return f"{d['num_heads']}{parts} x {d['head_dim']}"
 
 
 def _print_parity(result, title: str) -> None:
