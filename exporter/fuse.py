@@ -699,7 +699,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     _rewrite(graph, g, rewrites, plugin_mode, tf32)
     graph.cleanup().toposort()
     fused = gs.export_onnx(graph)
-    fused.metadata_props.extend(model.metadata_props)
+    onnx.helper.set_model_props(fused, {**{p.key: p.value for p in model.metadata_props}, TF32_KEY: str(int(tf32))})
     onnx.checker.check_model(fused)
     _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
     return FusionResult(fused, blocks, notes)
@@ -870,11 +870,13 @@ def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto
     return out
 
 
+TF32_KEY = "convattn.tf32"  # model metadata: "1" where fp32 may run on TF32 (also with no node of ours)
+
+
 def uses_tf32(model: onnx.ModelProto) -> bool:
-    """Whether any FlashAttention node of `model` allows TF32 (the engine then allows it too)."""
-    return any(onnx.helper.get_attribute_value(a) in (b"1", "1")
-               for node in model.graph.node if node.op_type == OP_TYPE and node.domain == DOMAIN
-               for a in node.attribute if a.name == "tf32")
+    """Whether the fused graph was made with `tf32=True` (its nodes say so too; the engine then
+    keeps TensorRT's TF32 for its own layers)."""
+    return any(p.key == TF32_KEY and p.value == "1" for p in model.metadata_props)
 
 
 def plugin_modes(model: onnx.ModelProto) -> set[str]:

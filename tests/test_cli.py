@@ -417,12 +417,19 @@ def test_torch_log_records_are_kept_for_the_report_not_printed(tmp_path, monkeyp
         json.loads(report.read_text())["library_warnings"]
 
 
-def test_tf32_is_written_on_every_node(tmp_path):
-    """--tf32 is the nodes' attribute (what the plugin and build_engine read); exact fp32 by default."""
+def test_tf32_is_written_on_every_node_and_the_graph(tmp_path):
+    """--tf32 is the nodes' attribute (what the plugin reads) and the graph's metadata (what
+    build_engine reads, also with --attention native and no node of ours); exact fp32 by default."""
     import onnx
+
+    from convattn.exporter.fuse import uses_tf32
 
     for flag, value in (([], b"0"), (["--tf32"], b"1")):
         fused = tmp_path / f"f{len(flag)}.onnx"
         assert cli("--demo", "--fused-onnx", fused, *flag).exit_code == 0
-        [node] = [n for n in onnx.load(fused).graph.node if n.op_type == "FlashAttention"]
-        assert {a.name: a.s for a in node.attribute}["tf32"] == value
+        model = onnx.load(fused)
+        [node] = [n for n in model.graph.node if n.op_type == "FlashAttention"]
+        assert {a.name: a.s for a in node.attribute}["tf32"] == value and uses_tf32(model) is bool(flag)
+    native = tmp_path / "native.onnx"
+    assert cli("--demo", "--fused-onnx", native, "--tf32", "--attention", "native").exit_code == 0
+    assert uses_tf32(onnx.load(native))

@@ -323,11 +323,14 @@ def test_tf32_attribute_decides_the_fp32_products_and_the_engine_flag(fused_demo
     assert ("wgmma.mma_async" in launch.ptx and ".tf32" in launch.ptx) is tf32
     from convattn.exporter import engine
 
+    from convattn.exporter.fuse import TF32_KEY
+
     graph = _typed(fused_demo)
     for n in graph.graph.node:
         for a in n.attribute:
             if a.name == "tf32":
                 a.s = str(int(tf32)).encode()
+    onnx.helper.set_model_props(graph, {**{p.key: p.value for p in graph.metadata_props}, TF32_KEY: str(int(tf32))})
     monkeypatch.setattr(engine, "gpu_identity", lambda: ("stand-in", "9.0"))
     built = engine.build_engine(graph, tmp_path / "m.plan", engine.parse_profiles(["input"], [(1, 16, 7, 9)]))
     plan = __import__("json").loads((tmp_path / "m.plan").read_bytes())
