@@ -7,7 +7,8 @@ SDPA needs are part of the block); ours JIT (`ConvMHAttn(attention="flash")`: it
 `bmm` products, then `flash_attention` reading them in place: the Triton kernel, or at head_dim 512
 on Hopper the Gluon kernel of `plugins/hopper.py`); ours AOT (cuDNN convs around the Triton
 kernel's PTX TensorRT would embed, launched through the CUDA driver API: the engine path); fp32 rows
-also run both with TF32 (`-tf32`: PyTorch's switch for the JIT block, the `tf32` artifact for AOT).
+also run both with TF32 (`-tf32`: PyTorch's switch for the JIT block, the `tf32` artifact for AOT);
+on Hopper, d=64..256 rows also run the Gluon kernel (`ours-gluon`), which is dispatched at 512 only.
 Shapes: d=8 and 64 at S=1024..65536, d=32 and d=128, the VAE's d=512, fp32 exact vs TF32. Median time from
 triton.testing.do_bench, peak extra memory from torch.cuda.max_memory_allocated over the
 inputs and weights. Writes <gpu>.json (raw), <gpu>.md (table) and, with --tune, configs.json.
@@ -65,6 +66,22 @@ def block_fn(name, m: ConvMHAttn, x, art=None):
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = previous
         return jit
+
+    if name == "ours-gluon":  # the Hopper kernel at a head dim it is not dispatched for yet
+        from convattn.plugins.hopper import hopper_attention
+
+        b, c, hh, ww = x.shape
+        heads, d = m.num_heads, c // m.num_heads
+
+        def views(t):
+            return t.view(b, heads, d, hh * ww).transpose(-1, -2)
+
+        def gluon():
+            q, k, v = m.q_conv(x), m.k_conv(x), m.v_conv(x)
+            out = torch.empty_like(q)
+            hopper_attention(views(q), views(k), views(v), views(out), d**-0.5)
+            return m.out_conv(out)
+        return gluon
 
     def aot():
         q, k, v = m.q_conv(x), m.k_conv(x), m.v_conv(x)
@@ -167,6 +184,8 @@ def main():
         row = {"dtype": dname, "B": b, "C": c, "heads": heads, "head_dim": d, "side": side, "S": s,
                "config": cfg.to_dict(), "results": {}}
         ours = ("ours-jit", "ours-aot") + (("ours-jit-tf32", "ours-aot-tf32") if dname == "fp32" else ())
+        if dname != "fp32" and d in (64, 128, 256) and major == 9:
+            ours += ("ours-gluon",)
         for name in ("einsum", *BACKENDS, *ours):
             row["results"][name] = measure(block_fn(name, m, x, arts[name.endswith("tf32")]))
         rows.append(row)

@@ -14,7 +14,11 @@ told to do otherwise: it puts every warp of a chained dot along the rows. Gluon 
   together, and the softmax of the next block runs while P V finishes.
 - a Q conv's bias (`q_bias`) is added once to the resident Q tile, sparing a pass over Q.
 
-What it takes: sm_90, fp16/bf16, head_dim 512 for Q, K and V, and the views a 1x1 conv gives
+The same kernel compiles for head dims 64, 128 and 256 (`HEAD_DIMS`; no spills, ptxas), where it
+is not the default yet: `flash._hopper_takes` dispatches it at 512 only, the dims its numerics and
+timing were measured at on an H100. The others wait for their GPU tests and benchmark rows.
+
+What it takes: sm_90, fp16/bf16, a head_dim of `HEAD_DIMS` for Q, K and V, and the views a 1x1 conv gives
 (pixels contiguous, heads stacked in the channels, rows 16-byte aligned) for TMA. Anything else
 runs the Triton kernel, and so does the AOT/TensorRT path: a TMA descriptor is a 128-byte
 kernel parameter built on the host per launch, which TensorRT's AOT plugin interface cannot pass.
@@ -34,7 +38,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .kernel import LOG2E
 
-HEAD_DIM = 512
+HEAD_DIM = 512  # the Stable Diffusion VAE's, and the one `flash_attention` dispatches here
+HEAD_DIMS = (64, 128, 256, 512)  # compile without spills; two TMA boxes of D/2 <= 256 rows
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 8
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
@@ -165,11 +170,11 @@ def layout_problem(q, k, v) -> str | None:
     """What in the dtypes, head dims or strides rules the kernel out; None when nothing does."""
     if q.dtype not in _GL_DTYPES:
         return f"fp16/bf16 only, got {q.dtype}"
-    if q.shape[3] != HEAD_DIM or v.shape[3] != HEAD_DIM:
-        return f"head_dim {HEAD_DIM} only, got {q.shape[3]} and {v.shape[3]}"
+    if q.shape[3] not in HEAD_DIMS or v.shape[3] != q.shape[3]:
+        return f"head_dim one of {HEAD_DIMS} for Q, K and V, got {q.shape[3]} and {v.shape[3]}"
     for name, t in zip("qkv", (q, k, v)):
         rows = t.stride(3)
-        heads_stacked = t.shape[1] == 1 or t.stride(1) == HEAD_DIM * rows
+        heads_stacked = t.shape[1] == 1 or t.stride(1) == t.shape[3] * rows
         if t.stride(2) != 1 or not heads_stacked or (t.shape[0] > 1 and t.stride(0) % rows):
             return f"{name}: not a 1x1-conv output view (strides {t.stride()})"
         if (rows * t.element_size()) % 16 or t.data_ptr() % 16:
@@ -178,9 +183,9 @@ def layout_problem(q, k, v) -> str | None:
 
 
 @cache
-def _tile_layout(dtype):
+def _tile_layout(dtype, head_dim: int):
     """The shared-memory layout of a [D/2, 64] tile, asked once (it is per-launch CPU time)."""
-    return gl.NVMMASharedLayout.get_default_for([HEAD_DIM // 2, BLOCK_M], _GL_DTYPES[dtype])
+    return gl.NVMMASharedLayout.get_default_for([head_dim // 2, BLOCK_M], _GL_DTYPES[dtype])
 
 
 def _descriptor(t):
@@ -188,7 +193,7 @@ def _descriptor(t):
     b, h, s, d = t.shape
     batch_rows = t.stride(0) // t.stride(3) if b > 1 else h * d
     shape = [(b - 1) * batch_rows + h * d, s]
-    return TensorDescriptor(t, shape, [t.stride(3), 1], [d // 2, BLOCK_M], _tile_layout(t.dtype)), batch_rows
+    return TensorDescriptor(t, shape, [t.stride(3), 1], [d // 2, BLOCK_M], _tile_layout(t.dtype, d)), batch_rows
 
 
 def hopper_attention(q, k, v, out, scale: float, q_bias=None) -> None:
@@ -202,16 +207,16 @@ def hopper_attention(q, k, v, out, scale: float, q_bias=None) -> None:
         HAS_Q_BIAS=q_bias is not None, num_warps=NUM_WARPS)
 
 
-def compile_for_hopper(dtype=torch.float16, even_n: bool = True, q_bias: bool = False):
+def compile_for_hopper(dtype=torch.float16, even_n: bool = True, q_bias: bool = False, head_dim: int = HEAD_DIM):
     """The kernel compiled for sm_90 without a GPU (tests: it builds, fits shared memory)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    t = torch.empty(1, HEAD_DIM, 64, dtype=dtype).view(1, 1, HEAD_DIM, 64).transpose(2, 3)
+    t = torch.empty(1, head_dim, 64, dtype=dtype).view(1, 1, head_dim, 64).transpose(2, 3)
     desc = mangle_type(_descriptor(t)[0])
     names = _wide_attn_fwd.arg_names
-    constexprs = {"D": HEAD_DIM, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "EVEN_N": even_n, "HAS_Q_BIAS": q_bias,
+    constexprs = {"D": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "EVEN_N": even_n, "HAS_Q_BIAS": q_bias,
                   "num_warps": NUM_WARPS}
     ptr = "*" + mangle_type(t)[1:]
     kinds = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "out_ptr": ptr, "q_bias_ptr": ptr, "qk_scale": "fp32"}

@@ -32,7 +32,7 @@ def test_refuses_what_it_cannot_read_and_says_why():
     q, = conv_views(2, 1024)
     assert "fp16/bf16" in layout_problem(q.float(), q.float(), q.float())
     n, = conv_views(2, 1024, d=320)
-    assert "head_dim 512" in layout_problem(n, n, n)
+    assert "head_dim one of (64, 128, 256, 512)" in layout_problem(n, n, n)
     tokens = torch.randn(2, 1024, HEAD_DIM).half().unsqueeze(1)  # Linear projections: (B, 1, S, D)
     assert "1x1-conv output view" in layout_problem(tokens, tokens, tokens)
     odd, = conv_views(2, 1001)  # 1001 pixels: rows of 2002 bytes, not 16-byte aligned for TMA
@@ -44,17 +44,19 @@ def test_refuses_what_it_cannot_read_and_says_why():
 BUILD = """
 import sys, torch
 from convattn.plugins.hopper import compile_for_hopper
-kernel = compile_for_hopper(getattr(torch, sys.argv[1]), sys.argv[2] == "even", sys.argv[4] == "q_bias")
+kernel = compile_for_hopper(getattr(torch, sys.argv[1]), sys.argv[2] == "even", sys.argv[4] == "q_bias", int(sys.argv[5]))
 open(sys.argv[3], "w").write(kernel.asm["ptx"])
 print(kernel.metadata.shared)
 """
 
 
-@pytest.mark.parametrize("dtype,even_n,bias", [("float16", "even", "q_bias"), ("bfloat16", "masked", "none")])
-def test_builds_for_hopper_with_tensor_cores_and_no_spills(dtype, even_n, bias, tmp_path):
+@pytest.mark.parametrize("dtype,even_n,bias,d", [("float16", "even", "q_bias", 512), ("bfloat16", "masked", "none", 512),
+                                                ("float16", "masked", "none", 128), ("float16", "masked", "q_bias", 256)])
+def test_builds_for_hopper_with_tensor_cores_and_no_spills(dtype, even_n, bias, d, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     ptx = tmp_path / "kernel.ptx"
-    built = subprocess.run([sys.executable, "-c", BUILD, dtype, even_n, str(ptx), bias], env=env, capture_output=True, text=True)
+    built = subprocess.run([sys.executable, "-c", BUILD, dtype, even_n, str(ptx), bias, str(d)], env=env,
+                           capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     assert int(built.stdout.split()[-1]) <= SMEM_LIMITS[90]
     assert "wgmma.mma_async" in ptx.read_text()

@@ -245,6 +245,26 @@ def test_hopper_kernel_vs_float64_and_pytorch(dtype, b, s_q, s_kv, one_conv, log
     assert err <= 2 * sdpa_error(q, k, v, scale, ref) + (1e-2 if logit_scale != 1.0 else 1e-4), err
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("b,h,s_q,s_kv", [(2, 2, 1000, 776), (1, 4, 4096, 4096)])
+def test_hopper_kernel_at_other_head_dims_vs_float64(d, b, h, s_q, s_kv):
+    """The Gluon kernel compiled for head dims 64..256 (not dispatched by default: hopper.HEAD_DIMS),
+    called directly on multi-head conv views: within 2x PyTorch's own fp16 error. Not yet run on a
+    GPU (written in the session of the commit that generalised the head dim)."""
+    from convattn.plugins.hopper import hopper_attention, unsupported
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is for Hopper (sm_90)")
+    torch.manual_seed(d + s_q)
+    (_, q), (_, k), (_, v) = (conv_views(b, h, d, s, torch.float16) for s in (s_q, s_kv, s_kv))
+    assert unsupported(q, k, v) is None
+    out_map = torch.full((b, h * d, s_q), float("nan"), device="cuda", dtype=torch.float16)
+    hopper_attention(q, k, v, out_map.view(b, h, d, s_q).transpose(-1, -2), d**-0.5)
+    ref = ref64(q, k, v, d**-0.5)
+    err = (out_map.view(b, h, d, s_q).transpose(-1, -2).double() - ref).abs().max().item()
+    assert torch.isfinite(out_map).all() and err <= 2 * sdpa_error(q, k, v, d**-0.5, ref) + 1e-4, err
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_hopper_kernel_adds_the_q_bias(dtype):
     """The Q conv's bias, added by the Gluon kernel to its resident Q tile (ConvMHAttn's flash
