@@ -714,7 +714,7 @@ def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool)
         q_root = inputs[0]
         for t in inputs:
             if len(g.shape(t)) > 4 and t.name not in merged:
-                merged[t.name] = _merge_heads(graph, names, t)
+                merged[t.name] = _merge_heads(graph, names, t, int(g.shape(t)[-1]))
         inputs = [merged.get(t.name, t) for t in inputs]
         y = gs.Variable(names(f"{name}/FlashAttention_output"), out.dtype) if len(g.shape(out)) > 4 else out
         graph.nodes.append(
@@ -722,7 +722,8 @@ def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool)
                     [y], domain=DOMAIN)
         )
         if y is not out:  # back to Q's (B, X..., S, D_v)
-            parts = [_shape_slice(graph, names, q_root, 0, -2), _dims(graph, names, y, 2, 4, out.shape[-2:] if out.shape else None)]
+            seq = _dims(graph, names, y, 2, 3, out.shape[-2:-1] if out.shape else None)
+            parts = [_shape_slice(graph, names, q_root, 0, -2), seq, _const(names, y, "head_dim", [g.shape(out)[-1]])]
             _reshape(graph, names, y, parts, out)
 
 
@@ -791,20 +792,25 @@ def _reshape(graph: gs.Graph, names: _Names, t, parts, out):
 
 def _dims(graph: gs.Graph, names: _Names, t, start: int, end: int, known):
     """t's dims [start:end] as a 1-D int64 tensor: a constant where `known` (the graph's shape
-    information for them) has them all static, so TensorRT knows the head dim when it builds;
-    else Shape(t)[start:end]."""
+    information for them) has them all static, else Shape(t)[start:end]."""
     if known is not None and all(isinstance(n, int) and n >= 0 for n in known):
-        return gs.Constant(names(f"{t.name}/dims_{start}"), np.array(list(known), np.int64))
+        return _const(names, t, f"dims_{start}", list(known))
     return _shape_slice(graph, names, t, start, end)
 
 
-def _merge_heads(graph: gs.Graph, names: _Names, t):
+def _merge_heads(graph: gs.Graph, names: _Names, t, head_dim: int):
     """(B, X..., S, D) -> (B, prod(X), S, D): a contiguous tensor's batch axes as one heads axis
-    (free: no data moves). B and the merged axis stay dynamic (the window count grows with the image)."""
+    (free: no data moves). B and the merged axis stay dynamic (the window count grows with the
+    image); D is written as the constant it must be (the kernel compiles it in, and TensorRT must
+    see it at build even where the exporter computed it from shapes, as TorchScript's does)."""
     minus_one = gs.Constant(names(f"{t.name}/merged/minus_one"), np.array([-1], np.int64))
-    s_d = _dims(graph, names, t, -2, np.iinfo(np.int64).max, t.shape[-2:] if t.shape else None)
-    parts = [_shape_slice(graph, names, t, 0, 1), minus_one, s_d]
+    seq = _dims(graph, names, t, -2, -1, t.shape[-2:-1] if t.shape else None)
+    parts = [_shape_slice(graph, names, t, 0, 1), minus_one, seq, _const(names, t, "head_dim", [head_dim])]
     return _reshape(graph, names, t, parts, gs.Variable(names(f"{t.name}/merged"), t.dtype))
+
+
+def _const(names: _Names, t, what: str, values):
+    return gs.Constant(names(f"{t.name}/{what}"), np.array(values, np.int64))
 
 
 def _export_sizes(model: onnx.ModelProto, input_shapes, blocks) -> None:

@@ -282,6 +282,39 @@ def fused_demo():
     return cached(("einsum", "dynamo", 18))[3].model
 
 
+@pytest.fixture(scope="session")
+def windowed():
+    """Fused windowed-attention graphs (timm's NesT pattern) from both exporters, made before any
+    harness replaces `tensorrt`."""
+    import user_models
+
+    from convattn.exporter.export import export_onnx
+    from convattn.exporter.fuse import fuse_attention
+
+    graphs = {}
+    for exporter in ("dynamo", "torchscript"):
+        exported = export_onnx(user_models.WindowedAttention().eval(), [(1, 16, 64, 64)], exporter=exporter)
+        graphs[exporter] = (exported.input_names, fuse_attention(exported.model, exported.input_shapes).model)
+    return graphs
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_windowed_graph_builds_with_a_static_head_dim(windowed, trt, tmp_path, monkeypatch, exporter):
+    """A windowed node's merged (B, heads x windows, S, D) inputs reach the plugin with D known at
+    build (the kernel compiles it in) and the heads axis dynamic, from both exporters: TorchScript's
+    graph computes D from shapes, so the fuser writes it as the constant it is. The stand-in parser
+    infers shapes through Shape/Slice/Concat of constants, as TensorRT's shape tensors do.
+    Mutation: D from Shape() in the merge: the TorchScript graph fails ("must be a static dimension")."""
+    from convattn.exporter import engine
+
+    names, fused = windowed[exporter]
+    monkeypatch.setattr(engine, "gpu_identity", lambda: ("stand-in", "9.0"))
+    profile = engine.parse_profiles(names, [(1, 16, 64, 64)], max_shape="2x16x128x128")
+    engine.build_engine(_typed(fused, dtype="fp16"), tmp_path / "w.plan", profile)
+    plan = __import__("json").loads((tmp_path / "w.plan").read_bytes())
+    assert [layer["mode"] for layer in plan["Layers"]] == ["aot"]
+
+
 def _typed(fused, plugin_mode="aot", dtype="fp32"):
     from convattn.exporter.fuse import set_plugin_mode
     from convattn.exporter.precision import cast_graph

@@ -340,7 +340,9 @@ class OnnxParser:
 
     def parse(self, data: bytes) -> bool:
         core = sys.modules["tensorrt"]
-        model = onnx.shape_inference.infer_shapes(onnx.load_from_string(data))
+        # data_prop: dims computed through Shape/Slice/Concat of constants are known, as TensorRT's
+        # shape-tensor analysis knows them at build (a windowed node's merged input keeps its head dim)
+        model = onnx.shape_inference.infer_shapes(onnx.load_from_string(data), data_prop=True)
         types = {v.name: v.type.tensor_type for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
         dtype = {onnx.TensorProto.FLOAT: core.float32, onnx.TensorProto.FLOAT16: core.float16,
                  onnx.TensorProto.BFLOAT16: core.bfloat16}
