@@ -133,7 +133,7 @@ def export(
     input_shape: Annotated[Optional[list[str]], typer.Option(help="BxCxHxW, once per model input (one shape serves all)")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16: the precision the fused graph (so the engine) computes in, and the checks run in")] = "fp32",
     heads: Annotated[Optional[int], typer.Option(help="number of heads (needed for a state_dict)")] = None,
-    exporter: Annotated[str, typer.Option(help="dynamo | torchscript")] = "dynamo",
+    exporter: Annotated[str, typer.Option(help="auto (dynamo, else TorchScript, with a warning) | dynamo | torchscript")] = "auto",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18; 23 emits the Attention op)")] = 18,
     static: Annotated[bool, typer.Option("--static", help="export static shapes instead of dynamic B, H, W")] = False,
     attention: Annotated[str, typer.Option(help="plugin | native | auto: our node everywhere, TensorRT's own fusion everywhere, or our node where TensorRT's does not apply")] = "plugin",

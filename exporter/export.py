@@ -23,7 +23,7 @@ from convattn.models import ConvMHAttn, FlatOutputs, flatten_outputs
 from .graph import record_shapes
 from .load import eval_mode
 
-EXPORTERS = ("dynamo", "torchscript")
+EXPORTERS = ("auto", "dynamo", "torchscript")  # auto: dynamo, else TorchScript, said in the warnings
 MIN_OPSET = 18
 
 
@@ -65,7 +65,7 @@ def export_onnx(
     module: torch.nn.Module,
     input_shapes: list[tuple[int, ...]],
     *,
-    exporter: str = "dynamo",
+    exporter: str = "auto",
     opset: int = MIN_OPSET,
     dynamic: bool = True,
 ) -> ExportResult:
@@ -74,7 +74,8 @@ def export_onnx(
     Args:
         module: the model; its forward takes one NCHW tensor per entry of `input_shapes`.
         input_shapes: one (B, C, H, W) shape per forward argument.
-        exporter: "dynamo" (torch.export based, the default) or "torchscript".
+        exporter: "auto" (the default: dynamo, and TorchScript where dynamo fails, with a warning
+            saying why), "dynamo" (torch.export based) or "torchscript".
         opset: ONNX opset, >= 18. Opset 23 lets the dynamo exporter emit the `Attention` op.
         dynamic: batch, height and width dynamic (default) or all static.
     """
@@ -92,29 +93,30 @@ def export_onnx(
         except Exception as e:
             raise InputError(f"the model does not run on inputs of shape {_fmt(input_shapes)}: {e}") from e
         notes = [w for w in [_eval_dropout_warning(module, args, first)] if w]
-    if isinstance(module, torch.jit.ScriptModule) and exporter == "dynamo":
+    if isinstance(module, torch.jit.ScriptModule) and exporter != "torchscript":
         exporter = "torchscript"  # torch.export cannot trace a ScriptModule
         notes.append("a TorchScript model: exported with the TorchScript exporter")
     names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
     outputs = _output_specs(first)
     if len(outputs) > 1 or not isinstance(first, torch.Tensor):
         module = FlatOutputs(module)  # dataclasses, dicts, tuples: named tensors, as torch.onnx flattens them
-    try:
+    if exporter == "auto":
         try:
-            model = _export(module, args, names, outputs, exporter, opset, dynamic)
-        except Exception as e:
-            if not dynamic or _interrupted(e):
+            exporter, model = "dynamo", _export_one(module, args, names, outputs, "dynamo", opset, dynamic, notes)
+        except ExportError as e:
+            try:
+                exporter, model = "torchscript", _export_one(module, args, names, outputs, "torchscript", opset,
+                                                             dynamic, notes)
+            except ExportError as e2:
+                raise ExportError(f"{e}; {e2}") from e2
+            notes.append(f"the dynamo exporter failed ({first_line(e)}): exported with the TorchScript exporter")
+    else:
+        try:
+            model = _export_one(module, args, names, outputs, exporter, opset, dynamic, notes)
+        except ExportError as e:
+            if exporter != "dynamo":
                 raise
-            # A model traced or exported with fixed sizes (a static .pt2, say) refuses dynamic
-            # dims: export what it supports and say so.
-            model = _export(module, args, names, outputs, exporter, opset, False)
-            notes.append(f"exported with static shapes {_fmt(input_shapes)}: the model refuses dynamic batch/height/width "
-                         f"({first_line(e)})")
-    except Exception as e:
-        if _interrupted(e):  # Ctrl-C inside torch.export surfaces as another exception
-            raise KeyboardInterrupt from None
-        hint = "; the TorchScript exporter may take it: --exporter torchscript" if exporter == "dynamo" else ""
-        raise ExportError(f"torch.onnx.export ({exporter}) failed: {first_line(e)}{hint}") from e
+            raise ExportError(f"{e}; the TorchScript exporter may take it: --exporter torchscript (or auto)") from e
     written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if written != opset:
         raise ExportError(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}: "
@@ -125,6 +127,27 @@ def export_onnx(
     except Exception as e:
         raise ExportError(f"the exported graph fails onnx.checker: {e}") from e
     return ExportResult(model, exporter, [i.name for i in model.graph.input], input_shapes, notes)
+
+
+def _export_one(module, args, names, outputs, exporter, opset, dynamic, notes) -> onnx.ModelProto:
+    """One exporter: dynamic dims, else static ones (said in `notes`); ExportError if neither."""
+    shapes = _fmt([tuple(a.shape) for a in args])
+    try:
+        try:
+            return _export(module, args, names, outputs, exporter, opset, dynamic)
+        except Exception as e:
+            if not dynamic or _interrupted(e):
+                raise
+            # A model traced or exported with fixed sizes (a static .pt2, say) refuses dynamic
+            # dims: export what it supports and say so.
+            model = _export(module, args, names, outputs, exporter, opset, False)
+            notes.append(f"exported with static shapes {shapes}: the model refuses dynamic batch/height/width "
+                         f"({first_line(e)})")
+            return model
+    except Exception as e:
+        if _interrupted(e):  # Ctrl-C inside torch.export surfaces as another exception
+            raise KeyboardInterrupt from None
+        raise ExportError(f"torch.onnx.export ({exporter}) failed: {first_line(e)}") from e
 
 
 def _output_specs(first) -> dict[str, int]:

@@ -93,7 +93,7 @@ def test_state_dict_with_heads_and_cross_attention_shapes(tmp_path):
         (["--demo", "--engine", "e.plan", "--max-shape", "1x64x8x8"], 2, "min <= opt <= max"),
         (["--demo", "--fused-onnx", "/proc/x.onnx"], 2, "cannot write"),
         (["--demo", "--fused-onnx", "f.onnx", "--report", "/proc/r.json"], 2, "cannot write"),
-        (["--demo", "--exporter", "foo"], 2, "--exporter: expected one of dynamo, torchscript"),
+        (["--demo", "--exporter", "foo"], 2, "--exporter: expected one of auto, dynamo, torchscript"),
         (["--demo", "--opset", "17"], 2, "--opset: expected 18.."),
         (["--demo", "--opset", "99"], 2, "--opset: expected 18.."),
         (["--demo", "--onnx", "a.onnx", "--fused-onnx", "a.onnx", "--report", "a.onnx"], 2, "name the same file"),
@@ -433,3 +433,20 @@ def test_tf32_is_written_on_every_node_and_the_graph(tmp_path):
     native = tmp_path / "native.onnx"
     assert cli("--demo", "--fused-onnx", native, "--tf32", "--attention", "native").exit_code == 0
     assert uses_tf32(onnx.load(native))
+
+
+def test_a_model_dynamo_refuses_exports_with_torchscript_by_default(tmp_path):
+    """NesT's fused path (SDPA on 5-D windows): the dynamo exporter refuses it. By default (`--exporter
+    auto`) the CLI exports it with TorchScript, says so, and fuses it; `--exporter dynamo` fails
+    (exit 3) naming the way out. Mutation: auto as dynamo alone: exit 3."""
+    import user_models
+
+    path, report = tmp_path / "w.pt", tmp_path / "r.json"
+    torch.save(user_models.WindowedSDPA().eval(), path)
+    r = cli(path, "--trust-pickle", "--input-shape", "1x16x16x16", "--fused-onnx", tmp_path / "f.onnx", "--report", report)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(report.read_text())
+    assert any("dynamo exporter failed" in w and "TorchScript" in w for w in doc["warnings"]), doc["warnings"]
+    assert [b["fused"] for b in doc["blocks"]] == [True]
+    r = cli(path, "--trust-pickle", "--input-shape", "1x16x16x16", "--exporter", "dynamo", "--fused-onnx", tmp_path / "g.onnx")
+    assert r.exit_code == 3 and "--exporter torchscript" in " ".join(r.output.split())

@@ -3,6 +3,7 @@
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from convattn.models import ConvMHAttn
@@ -256,3 +257,12 @@ class DeepStage(nn.Module):
 
     def forward(self, x):
         return self.attn(self.pool(x))
+
+
+class WindowedSDPA(WindowedAttention):
+    """NesT's fused path: F.scaled_dot_product_attention on the 5-D windows, which the dynamo
+    exporter refuses ("only 4D query, key, and value are supported") and TorchScript's exports."""
+
+    def attend(self, q, k, v):
+        B, H, T, N, D = q.shape
+        return F.scaled_dot_product_attention(q, k, v).permute(0, 2, 3, 4, 1).reshape(B, T, N, H * D)
