@@ -2,7 +2,7 @@
 
     python -m convattn.benchmarks.third_party timm:fastvit_sa12@256 timm:nest_tiny@224 ...
 
-For each model: export (dynamo, else TorchScript), fuse, validate; one line with the blocks fused,
+For each model: export (`auto`: dynamo, else TorchScript), fuse, validate; one line with the blocks fused,
 the verdict and each distinct reason a block was left unfused. Run it from a checkout whose tests/
 folder is importable (timm needs torchvision's schemas on CPU torch: tests/conftest.py).
 """
@@ -32,19 +32,15 @@ def sweep(spec: str) -> str:
 
     start = time.perf_counter()
     module, shape = _build(spec)
-    errors = []
-    for exporter in ("dynamo", "torchscript"):
-        try:
-            exported = export_onnx(module, [shape], exporter=exporter)
-        except ConvattnError as e:
-            errors.append(f"{exporter}: {str(e)[:120]}")
-            continue
-        fusion = fuse_attention(exported.model, exported.input_shapes)
-        result = validate(module, exported.model, fusion.model, exported.input_shapes, blocks=fusion.blocks, seed=0)
-        reasons = sorted({b.reason.split(" (")[0][:100] for b in fusion.blocks if not b.fused})
-        return (f"| {spec} | {exporter} | {len(fusion.fused)}/{len(fusion.blocks)} | "
-                f"{'PASS' if result.passed else 'FAIL'} | {'; '.join(reasons) or '-'} | {time.perf_counter() - start:.0f} s |")
-    return f"| {spec} | - | - | export failed | {'; '.join(errors)} | {time.perf_counter() - start:.0f} s |"
+    try:
+        exported = export_onnx(module, [shape])  # auto: dynamo, else TorchScript
+    except ConvattnError as e:
+        return f"| {spec} | - | - | export failed | {str(e)[:200]} | {time.perf_counter() - start:.0f} s |"
+    fusion = fuse_attention(exported.model, exported.input_shapes)
+    result = validate(module, exported.model, fusion.model, exported.input_shapes, blocks=fusion.blocks, seed=0)
+    reasons = sorted({b.reason.split(" (")[0][:100] for b in fusion.blocks if not b.fused})
+    return (f"| {spec} | {exported.exporter} | {len(fusion.fused)}/{len(fusion.blocks)} | "
+            f"{'PASS' if result.passed else 'FAIL'} | {'; '.join(reasons) or '-'} | {time.perf_counter() - start:.0f} s |")
 
 
 def main(argv=None) -> None:
