@@ -280,8 +280,8 @@ def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, t
 
 def _builder_config(trt, builder, profile: Profile, workspace_bytes, tf32: bool):
     """No precision flags: the graph's types are the engine's. TF32 (on in TensorRT's default
-    config) only where the graph's FlashAttention nodes allow it: an exact-fp32 graph gets an
-    exact-fp32 engine, TensorRT's own convs and matmuls included."""
+    config) only where the fused graph was made with tf32 (`fuse.uses_tf32`): an exact-fp32 graph
+    gets an exact-fp32 engine, TensorRT's own convs and matmuls included."""
     config = builder.create_builder_config()
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)

@@ -465,7 +465,7 @@ def _solve(cand: _Candidate, g: _Graph):
     if out is None and len(q_root) > 4 and len(cand.out_perm) == len(q_root) and _same(q_view, identity_view(q_root)):
         if tuple(cand.out_perm) != tuple(range(len(q_root))):
             raise _NotFusable("the windowed attention's output is transposed; the kernel writes (B, heads, ..., S, D)")
-        out, out_layout = cand.out, "BHSD"  # written 4-D, then reshaped to Q's batch axes (fuse_attention)
+        out, out_layout = cand.out, "BHSD"  # written 4-D, then reshaped to Q's batch axes (_rewrite)
     if out is None:
         rank4 = len(cand.out_perm) == 4
         out_layout = {(0, 1, 2, 3): "BHSD", (0, 1, 3, 2): "BHDS"}.get(tuple(cand.out_perm)) if rank4 else None

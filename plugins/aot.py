@@ -67,9 +67,15 @@ class AotArtifact:
     def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b)):
         """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
         exactly what TensorRT's aot_impl returns and what `launch_artifact` passes."""
-        batch, heads, seq_q, _ = logical_shape(q_shape, self.layouts[0], self.num_heads)
-        grid = self.grid(batch, heads, seq_q, cdiv)
+        grid = self.grid(*self._queries(q_shape), cdiv)
         return grid, self.threads_per_block, self.shared_mem, self.scalar_args(q_shape, k_shape, v_shape)
+
+    def _queries(self, q_shape) -> tuple:
+        """(batch, heads, S_q) the kernel runs over, for the grid and its `num_heads` alike: heads from
+        Q's shape where its layout has a heads axis (BHSD/BHDS: a merged window axis may be dynamic),
+        else the attribute (NCHW/BSC pack them into the channels)."""
+        batch, heads, seq_q, _ = logical_shape(q_shape, self.layouts[0], self.num_heads)
+        return batch, heads, seq_q
 
     def scalar_args(self, q_shape, k_shape, v_shape):
         """The int32 extra arguments, in order, for concrete or symbolic input shapes."""
@@ -78,9 +84,7 @@ class AotArtifact:
         strides = {}
         for t, shape, layout in (("q", q_shape, ql), ("k", k_shape, kl), ("v", v_shape, vl), ("o", o_shape, ol)):
             strides.update(zip((f"stride_{t}{a}" for a in "bhsd"), layout_strides(shape, layout, self.num_heads)))
-        # Heads from Q's shape where its layout has a heads axis (BHSD/BHDS: a merged window axis
-        # may be dynamic), else the attribute (NCHW/BSC pack them into the channels).
-        _, heads, seq_q, _ = logical_shape(q_shape, ql, self.num_heads)
+        _, heads, seq_q = self._queries(q_shape)
         seq_kv = logical_shape(k_shape, kl, self.num_heads)[2]
         values = {**strides, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv}
         return [values[n] for n in self.scalar_arg_names]
