@@ -6,9 +6,12 @@ Paths: einsum; SDPA with each backend (math, flash, efficient, cuDNN; the contig
 SDPA needs are part of the block); ours JIT (`ConvMHAttn(attention="flash")`: its 1x1 convs as
 `bmm` products, then `flash_attention` reading them in place: the Triton kernel, or at head_dim 512
 on Hopper the Gluon kernel of `plugins/hopper.py`); ours AOT (cuDNN convs around the Triton
-kernel's PTX TensorRT would embed, launched through the CUDA driver API: the engine path); fp32 rows
-also run both with TF32 (`-tf32`: PyTorch's switch for the JIT block, the `tf32` artifact for AOT);
-on Hopper, d=64..256 rows also run the Gluon kernel (`ours-gluon`), which is dispatched at 512 only.
+kernel's PTX TensorRT would embed, launched through the CUDA driver API: the engine path); on
+Hopper, fp16/bf16 rows at head dims 64..512 also run the engine's other tactic, the Hopper kernel's
+AOT PTX with its descriptors in the scratch output (`ours-aot-hopper`: TensorRT times both and keeps
+the faster); fp32 rows also run both with TF32 (`-tf32`: PyTorch's switch for the JIT block, the
+`tf32` artifact for AOT); on Hopper, d=64..256 rows also run the Gluon kernel through JIT
+(`ours-gluon`), which `flash_attention` dispatches at 512 only.
 Shapes: d=8 and 64 at S=1024..65536, d=32 and d=128, the VAE's d=512, fp32 exact vs TF32. Median time from
 triton.testing.do_bench, peak extra memory from torch.cuda.max_memory_allocated over the
 inputs and weights. Writes <gpu>.json (raw), <gpu>.md (table) and, with --tune, configs.json.
@@ -31,8 +34,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from convattn.models import ConvMHAttn
 from convattn.plugins import flash as flash_mod
-from convattn.plugins.aot import compile_artifact, launch_artifact
+from convattn.plugins.aot import compile_artifact, compile_hopper_artifact, launch_artifact, scratch_shape
 from convattn.plugins.flash import config_key, pick_config
+from convattn.plugins.hopper import aot_problem
 from convattn.plugins.tune import tune
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -83,10 +87,18 @@ def block_fn(name, m: ConvMHAttn, x, art=None):
             return m.out_conv(out)
         return gluon
 
+    scratch = None
+    if art.scratch_bytes:  # the engine's buffer for the plugin's second output: allocated once, as TensorRT's
+        from convattn.plugins.op import FlashAttentionAttrs
+
+        q_shape = (x.shape[0], m.q_conv.out_channels, *x.shape[2:])
+        (n,) = scratch_shape(q_shape, q_shape, FlashAttentionAttrs(m.num_heads, art.scale))
+        scratch = torch.empty(n, device=x.device, dtype=x.dtype)
+
     def aot():
         q, k, v = m.q_conv(x), m.k_conv(x), m.v_conv(x)
         out = torch.empty_like(q)
-        launch_artifact(art, q, k, v, out)
+        launch_artifact(art, q, k, v, out, scratch=scratch)
         return m.out_conv(out)
     return aot
 
@@ -186,8 +198,13 @@ def main():
         ours = ("ours-jit", "ours-aot") + (("ours-jit-tf32", "ours-aot-tf32") if dname == "fp32" else ())
         if dname != "fp32" and d in (64, 128, 256) and major == 9:
             ours += ("ours-gluon",)
+        if aot_problem(arch, dname, d, d, ("NCHW",) * 3, s, s) is None:
+            arts["hopper"] = compile_hopper_artifact(head_dim=d, num_heads=heads, dtype=dname, scale=d**-0.5,
+                                                     layouts=("NCHW",) * 4, seq_kv=s)
+            ours += ("ours-aot-hopper",)
         for name in ("einsum", *BACKENDS, *ours):
-            row["results"][name] = measure(block_fn(name, m, x, arts[name.endswith("tf32")]))
+            art = arts["hopper"] if name == "ours-aot-hopper" else arts[name.endswith("tf32")]
+            row["results"][name] = measure(block_fn(name, m, x, art))
         rows.append(row)
         print(_line(row), flush=True)
         (args.out / f"{_slug(gpu)}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")

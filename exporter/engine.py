@@ -224,8 +224,25 @@ def build_engine(
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     trt = _trt()
     with tensorrt_errors(trt):
-        return _build(trt, set_plugin_mode(fused, plugin_mode), Path(plan_path), profile, plugin_mode,
-                      workspace_bytes, timing_cache, model_sha256)
+        return _build(trt, fixed_dims(set_plugin_mode(fused, plugin_mode), profile), Path(plan_path), profile,
+                      plugin_mode, workspace_bytes, timing_cache, model_sha256)
+
+
+def fixed_dims(model: onnx.ModelProto, profile: Profile) -> onnx.ModelProto:
+    """`model` (changed in place) with every input dim the profile fixes (min == max) written as a
+    constant, so that TensorRT knows it at build, as a plugin's shape expressions do: a fixed
+    sequence length lets the plugin offer its Hopper (TMA) kernel (`trt_plugin.hopper_problem`).
+    Dims the profile lets vary stay dynamic. The inner shape annotations go (TensorRT infers its own)."""
+    for vi in model.graph.input:
+        if vi.name not in profile.shapes:
+            continue
+        lo, _, hi = profile.shapes[vi.name]
+        for dim, a, b in zip(vi.type.tensor_type.shape.dim, lo, hi):
+            if a == b:
+                dim.Clear()
+                dim.dim_value = a
+    del model.graph.value_info[:]
+    return model
 
 
 @contextlib.contextmanager

@@ -5,18 +5,24 @@ argument as a double since 3.4, and we need no C wrapper) for one (layout, head 
 config, scale, GPU arch) and returns what a foreign launcher needs. It runs without a GPU.
 
 The argument list is TensorRT's AOT convention: input pointers (Q, K, V), then int32 scalars
-(the strides that are not 1, heads, S_q, S_kv), then the output pointer. Triton >= 3.3 appends
-two hidden pointer parameters (global and profile scratch) to every kernel. Our kernel needs
-neither (both sizes are 0, checked), so `compile_artifact` deletes them from the PTX entry's
-parameter list: the PTX then declares exactly the arguments TensorRT passes, whatever it does
-or does not append, since cuLaunchKernel reads only as many parameters as the entry declares.
-`launch_artifact` passes exactly that list, so its parity test proves what an engine carrying
-this PTX computes. The cubin keeps Triton's signature (hidden parameters included).
+(the strides that are not 1, heads, S_q, S_kv), then the output pointers: the attention output,
+then the plugin's second output, "scratch". Triton >= 3.3 appends two hidden pointer parameters
+(global and profile scratch) to every kernel:
+- the Triton kernel (`compile_artifact`) needs neither (both sizes are 0, checked): both are
+  deleted from the PTX entry's parameter list;
+- the Hopper kernel (`compile_hopper_artifact`) makes its TMA descriptors on the device and keeps
+  them in global scratch, one slot per program at base + linear program id x slot size. Its
+  `global_scratch` parameter stays, right after the output, where TensorRT passes the scratch
+  output (`scratch_shape` sizes it for every program); `profile_scratch` is deleted.
+The PTX then declares exactly the arguments TensorRT passes (cuLaunchKernel reads only as many
+parameters as the entry declares). `launch_artifact` passes exactly that list, so its parity
+test proves what an engine carrying this PTX computes. The cubin keeps Triton's signature.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import sys
@@ -57,6 +63,7 @@ class AotArtifact:
     triton_version: str
     hidden_params_removed: int
     tf32: bool = False
+    scratch_bytes: int = 0  # global scratch per program (the Hopper kernel's TMA descriptors)
     arg_order: list[str] = field(default_factory=list)
     constants: dict = field(default_factory=dict)  # compiled in: unit strides, scale, tile sizes
 
@@ -84,10 +91,36 @@ class AotArtifact:
         strides = {}
         for t, shape, layout in (("q", q_shape, ql), ("k", k_shape, kl), ("v", v_shape, vl), ("o", o_shape, ol)):
             strides.update(zip((f"stride_{t}{a}" for a in "bhsd"), layout_strides(shape, layout, self.num_heads)))
-        _, heads, seq_q = self._queries(q_shape)
+        batch, heads, seq_q = self._queries(q_shape)
         seq_kv = logical_shape(k_shape, kl, self.num_heads)[2]
-        values = {**strides, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv}
+        values = {**strides, "batch": batch, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv}
         return [values[n] for n in self.scalar_arg_names]
+
+
+# The plugin's second output, "scratch": global memory for AOT kernels that need it (QDP has no
+# workspace). Sized for the kernel that needs the most, whichever tactic runs: SCRATCH_BYTES per
+# program of SCRATCH_ROWS query rows, in elements of the query's dtype (2 bytes or more), for the
+# head dims the Hopper kernel takes; one element elsewhere. Output shapes are fixed before a tactic is.
+SCRATCH_ROWS, SCRATCH_BYTES = 64, 512
+
+
+def scratch_shape(q_shape, v_shape, attrs: FlashAttentionAttrs, cdiv=lambda a, b: -(-a // b)) -> tuple:
+    """The scratch output's shape, for concrete shapes or TensorRT's shape expressions (`cdiv`: theirs)."""
+    from .hopper import HEAD_DIMS
+
+    b, h, s_q, d = logical_shape(q_shape, attrs.q_layout, attrs.num_heads)
+    if _static(d) not in HEAD_DIMS or _static(logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]) != _static(d):
+        return (1,)
+    return (cdiv(s_q, SCRATCH_ROWS) * b * h * (SCRATCH_BYTES // 2),)
+
+
+def _static(dim):
+    """An int, or a build-time constant shape expression's value; None for anything else."""
+    if isinstance(dim, int):
+        return dim
+    if getattr(dim, "is_fake", False) or not dim.is_constant:
+        return None
+    return dim.constant_value()
 
 
 def _out_shape(q_shape, v_shape, art: AotArtifact):
@@ -168,18 +201,61 @@ def compile_artifact(
     )
 
 
+@functools.cache
+def compile_hopper_artifact(*, head_dim: int, num_heads: int, dtype: str, scale: float, layouts, seq_kv: int) -> AotArtifact:
+    """The Hopper (TMA, wgmma) kernel of `convattn.plugins.hopper` for TensorRT's AOT path: contiguous
+    1x1-conv maps in (Q, K, V), any output layout, descriptors made on the device in the scratch
+    output. `seq_kv`: the (static) key length, for the kernel's tail masking. The caller checked
+    `hopper.aot_problem`. No GPU needed."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, scale=scale,
+                                      layouts=tuple(layouts), seq_kv=seq_kv), "compile_hopper_artifact")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from .hopper import BLOCK_M, BLOCK_N, NUM_WARPS, _wide_attn_aot
+
+    fn = _wide_attn_aot
+    constants = {"QK_SCALE": qk_scale(scale), "D": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
+                 "EVEN_N": seq_kv % BLOCK_N == 0, "num_warps": NUM_WARPS}
+    pointers = ("Q", "K", "V", "Out")
+    signature = {n: "constexpr" if n in constants else f"*{dtype}" if n in pointers else "i32" for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    src = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): c for n, c in constants.items()},
+                         attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    md = compiled.metadata
+    if md.profile_scratch_size or md.global_scratch_size > SCRATCH_BYTES or BLOCK_M < SCRATCH_ROWS \
+            or SCRATCH_BYTES % max(md.global_scratch_align, 1):
+        raise RuntimeError(f"the Hopper kernel's scratch ({md.global_scratch_size} B per program, align "
+                           f"{md.global_scratch_align}) does not fit the plugin's ({SCRATCH_BYTES} B per {SCRATCH_ROWS} rows)")
+    n_user = len([t for t in signature.values() if t != "constexpr"])
+    ptx, removed = strip_hidden_params(compiled.asm["ptx"], md.name, n_user=n_user + 1)  # keep global_scratch
+    isa = re.search(r"^\.version\s+(\d+\.\d+)", ptx, re.M).group(1)
+    scalar_names = [n for n, t in signature.items() if t == "i32"]
+    return AotArtifact(
+        kernel_name=md.name, ptx=ptx, cubin=compiled.asm["cubin"], shared_mem=md.shared, num_warps=md.num_warps,
+        threads_per_block=32 * md.num_warps, config=KernelConfig(BLOCK_M, BLOCK_N, NUM_WARPS, 1), arch="sm_90",
+        layouts=tuple(layouts), head_dim=head_dim, head_dim_v=head_dim, num_heads=num_heads, dtype=dtype, scale=scale,
+        scalar_arg_names=scalar_names, ptx_isa=isa, min_driver=PTX_ISA_DRIVER.get(isa, ("?", "unknown"))[1],
+        triton_version=triton.__version__, hidden_params_removed=removed, scratch_bytes=md.global_scratch_size,
+        arg_order=["Q", "K", "V", *scalar_names, "Out", "Scratch"], constants=constants,
+    )
+
+
 _ASSUME_ALIGNED_SHAPES = False
 
 
-def _compile_in_child(kwargs: dict) -> "AotArtifact":
+def _compile_in_child(kwargs: dict, function: str = "compile_artifact") -> "AotArtifact":
     """`compile_artifact` in a child process without TRITON_INTERPRET: under the interpreter (the
     CPU tests) every @triton.jit function of this process is an interpreted one, and
     `triton.compile` needs the real ones."""
     import pickle
     import subprocess
 
-    code = ("import pickle, sys; from convattn.plugins.aot import compile_artifact; "
-            "sys.stdout.buffer.write(pickle.dumps(compile_artifact(**pickle.loads(sys.stdin.buffer.read()))))")
+    code = (f"import pickle, sys; from convattn.plugins.aot import {function}; "
+            f"sys.stdout.buffer.write(pickle.dumps({function}(**pickle.loads(sys.stdin.buffer.read()))))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(kwargs), env=env, capture_output=True)
     if done.returncode:
@@ -204,10 +280,11 @@ def strip_hidden_params(ptx: str, name: str, n_user: int) -> tuple[str, int]:
     return ptx[: m.start(1)] + "\n\t" + kept + "\n" + ptx[m.end(1):], len(extra)
 
 
-def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None) -> None:
+def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None, scratch=None) -> None:
     """Run the artifact's PTX through the CUDA driver API with TensorRT's argument list.
 
-    q, k, v, out: CUDA torch tensors, contiguous in the artifact's layouts."""
+    q, k, v, out: CUDA torch tensors, contiguous in the artifact's layouts. `scratch`: the plugin's
+    second output (`scratch_shape`), passed after `out` to a kernel that reads it."""
     import ctypes
 
     import torch
@@ -224,6 +301,12 @@ def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None) -
     grid, _, _, scalars = art.launch_for(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *scalars, out.data_ptr()]
     types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(scalars) + [ctypes.c_void_p]
+    if art.scratch_bytes:
+        if scratch is None or scratch.numel() * scratch.element_size() < art.scratch_bytes * math.prod(grid):
+            raise ValueError(f"launch_artifact: the kernel needs {art.scratch_bytes} B of scratch per program "
+                             f"x {math.prod(grid)} programs")
+        values.append(scratch.data_ptr())
+        types.append(ctypes.c_void_p)
     stream = torch.cuda.current_stream().cuda_stream if stream is None else stream
     _check(drv.cuLaunchKernel(func, *grid, art.threads_per_block, 1, 1, art.shared_mem, stream,
                               (tuple(values), tuple(types)), 0))

@@ -20,8 +20,13 @@ timing were measured at on an H100. The others wait for their GPU tests and benc
 
 What it takes: sm_90, fp16/bf16, a head_dim of `HEAD_DIMS` for Q, K and V, and the views a 1x1 conv gives
 (pixels contiguous, heads stacked in the channels, rows 16-byte aligned) for TMA. Anything else
-runs the Triton kernel, and so does the AOT/TensorRT path: a TMA descriptor is a 128-byte
-kernel parameter built on the host per launch, which TensorRT's AOT plugin interface cannot pass.
+runs the Triton kernel.
+
+Two entry points share the body (`_attend`): `_wide_attn_fwd` (JIT) takes TMA descriptors made on
+the host, 128-byte kernel parameters that TensorRT's AOT interface cannot pass; `_wide_attn_aot`
+takes TensorRT's argument list (pointers, int32 extras) and makes the descriptors on the device,
+in Triton's global scratch, which the TensorRT plugin provides as its second output
+(`aot.compile_hopper_artifact`, `aot.scratch_shape`). It serves a node where `aot_problem` says so.
 """
 
 from __future__ import annotations
@@ -81,6 +86,34 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, q_bias_ptr, stride_ob, strid
                    q_batch_rows, k_batch_rows, v_batch_rows, num_heads, seq_q, seq_kv, qk_scale,
                    D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
                    HAS_Q_BIAS: gl.constexpr, num_warps: gl.constexpr):
+    """The JIT entry: TMA descriptors made on the host (128-byte kernel parameters)."""
+    _attend(q_desc, k_desc, v_desc, out_ptr, q_bias_ptr, stride_ob, stride_oh, stride_os, stride_od,
+            q_batch_rows, k_batch_rows, v_batch_rows, num_heads, seq_q, seq_kv, qk_scale,
+            D, BLOCK_M, BLOCK_N, EVEN_N, HAS_Q_BIAS, num_warps)
+
+
+@gluon.jit
+def _wide_attn_aot(Q, K, V, stride_ob, stride_oh, stride_os, stride_od, batch, num_heads, seq_q, seq_kv, Out,
+                   QK_SCALE: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   EVEN_N: gl.constexpr, num_warps: gl.constexpr):
+    """The AOT entry, in TensorRT's argument order (inputs, int32 extras, output): contiguous 1x1-conv
+    maps (B, H*D, S) and the descriptors made here, on the device. Triton keeps them in its hidden
+    `global_scratch` parameter (one slot per program), which the plugin's second output fills."""
+    tile: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    rows = batch * num_heads * D
+    q_desc = tma.make_tensor_descriptor(Q, [rows, seq_q], [seq_q, 1], [D // 2, BLOCK_M], tile)
+    k_desc = tma.make_tensor_descriptor(K, [rows, seq_kv], [seq_kv, 1], [D // 2, BLOCK_N], tile)
+    v_desc = tma.make_tensor_descriptor(V, [rows, seq_kv], [seq_kv, 1], [D // 2, BLOCK_N], tile)
+    _attend(q_desc, k_desc, v_desc, Out, Out, stride_ob, stride_oh, stride_os, stride_od,
+            num_heads * D, num_heads * D, num_heads * D, num_heads, seq_q, seq_kv, QK_SCALE,
+            D, BLOCK_M, BLOCK_N, EVEN_N, False, num_warps)
+
+
+@gluon.jit
+def _attend(q_desc, k_desc, v_desc, out_ptr, q_bias_ptr, stride_ob, stride_oh, stride_os, stride_od,
+            q_batch_rows, k_batch_rows, v_batch_rows, num_heads, seq_q, seq_kv, qk_scale,
+            D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, EVEN_N: gl.constexpr,
+            HAS_Q_BIAS: gl.constexpr, num_warps: gl.constexpr):
     dtype: gl.constexpr = q_desc.dtype
     bh = gl.program_id(1)
     b = bh // num_heads
@@ -155,6 +188,28 @@ def _wide_attn_fwd(q_desc, k_desc, v_desc, out_ptr, q_bias_ptr, stride_ob, strid
     dcol = gl.arange(0, D, layout=gl.SliceLayout(0, st_layout))
     ptrs = out_ptr + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_os + gl.expand_dims(dcol, 0) * stride_od
     gl.store(ptrs, o, mask=gl.expand_dims(rows < seq_q, 1))
+
+
+AOT_LAYOUTS = ("NCHW", "BHDS")  # Q, K, V of the AOT kernel: contiguous (B, H*D, S) maps, as 1x1 convs write them
+
+
+def aot_problem(arch: str, dtype: str, head_dim: int, head_dim_v: int, layouts, seq_q, seq_kv) -> str | None:
+    """Why the AOT kernel (`aot.compile_hopper_artifact`) cannot serve a TensorRT node; None when it can.
+    `seq_q`, `seq_kv`: ints where the network fixes them at build, else None (a TMA descriptor's rows
+    must be a multiple of 16 bytes, and a plugin cannot choose its kernel at run time)."""
+    if arch != "sm_90":
+        return f"needs a Hopper (sm_90) GPU, got {arch}"
+    if dtype not in ("fp16", "bf16"):
+        return f"fp16/bf16 only, got {dtype}"
+    if head_dim not in HEAD_DIMS or head_dim_v != head_dim:
+        return f"head_dim one of {HEAD_DIMS} for Q, K and V, got {head_dim} and {head_dim_v}"
+    if any(layout not in AOT_LAYOUTS for layout in layouts[:3]):
+        return f"Q, K, V layouts among {AOT_LAYOUTS}, got {tuple(layouts[:3])}"
+    if seq_q is None or seq_kv is None:
+        return "the sequence lengths vary with the profile (TMA needs them fixed at build, rows of 16-byte multiples)"
+    if (seq_q * 2) % 16 or (seq_kv * 2) % 16:
+        return f"TMA needs 16-byte aligned rows (pixels per map {seq_q}, {seq_kv})"
+    return None
 
 
 def unsupported(q, k, v) -> str | None:

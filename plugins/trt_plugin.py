@@ -14,6 +14,16 @@ driven as TensorRT's ONNX parser and builder drive it (`tests/trt_harness.py`):
 - the node's `aot` attribute makes it STRICT_AOT or STRICT_JIT;
 - shape expressions have no reflected operators: `op.output_shape` and `op.layout_view` keep the
   shape-derived operand on the left.
+
+Two outputs: the attention output, and "scratch" (`aot.scratch_shape`), global memory for the
+Hopper kernel's device-side TMA descriptors (a QDP plugin has no workspace). The ONNX node lists
+only the first: onnx-tensorrt accepts a node with fewer outputs than its layer
+(`ModelImporter.cpp`: node outputs <= layer outputs), and nothing consumes the scratch.
+
+Tactics: 1..N run the Triton kernel's configs (`tactic_configs`); `HOPPER_TACTIC` runs the Hopper
+(TMA, wgmma) kernel where `hopper.aot_problem` allows it, fp16/bf16 on sm_90 with sequence
+lengths fixed at build. TensorRT times them all and keeps the fastest: if the Hopper kernel is
+slower, or a TensorRT could not give it its scratch, the engine still has the Triton kernel.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
@@ -24,8 +34,9 @@ from .kernel import KernelConfig, candidate_configs, default_config, smem_limit
 from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
-IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out: one dtype
-IO_TYPES_32 = "FP32, FP32, FP32, FP32"
+IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out, scratch: one dtype
+IO_TYPES_32 = "FP32, FP32, FP32, FP32, FP32"
+HOPPER_TACTIC = 1000  # beside the Triton configs' 1..N
 
 
 @functools.cache
@@ -77,11 +88,16 @@ def _register(trtp) -> None:
 
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
-              q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str) -> trtp.TensorDesc:
-        out = q.like()
+              q_layout: str, k_layout: str, v_layout: str, out_layout: str,
+              tf32: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        from .aot import scratch_shape
+
+        out, scratch = q.like(), q.like()
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
-        out.shape_expr = trtp.ShapeExprs.from_tuple(output_shape(tuple(q.shape_expr), tuple(v.shape_expr), attrs))
-        return out
+        shapes = tuple(q.shape_expr), tuple(v.shape_expr)
+        out.shape_expr = trtp.ShapeExprs.from_tuple(output_shape(*shapes, attrs))
+        scratch.shape_expr = trtp.ShapeExprs.from_tuple(scratch_shape(*shapes, attrs, cdiv=trtp.cdiv))
+        return out, scratch
 
     @trtp.autotune(PLUGIN_ID)
     def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
@@ -90,10 +106,13 @@ def _register(trtp) -> None:
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
         # One combination per element size: the tactic lists differ (fp32 tiles fit less SMEM).
-        return [
-            trtp.AutoTuneCombination(types, "LINEAR", list(range(1, len(tactic_configs(head_dim, dtype, arch)) + 1)))
-            for types, dtype in ((IO_TYPES_16, "fp16"), (IO_TYPES_32, "fp32"))
-        ]
+        combinations = []
+        for types, dtype in ((IO_TYPES_16, "fp16"), (IO_TYPES_32, "fp32")):
+            tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch)) + 1))
+            if hopper_problem(q, k, v, attrs, dtype) is None:
+                tactics.append(HOPPER_TACTIC)
+            combinations.append(trtp.AutoTuneCombination(types, "LINEAR", tactics))
+        return combinations
 
     @trtp.impl(PLUGIN_ID)
     def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: str, scale: str, q_layout: str,
@@ -105,8 +124,13 @@ def _register(trtp) -> None:
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
         views = [bhsd_view(torch_tensor(t), layout, attrs.num_heads) for t, layout in zip((q, k, v, outputs[0]), layouts)]
-        config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic)
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            if tactic == HOPPER_TACTIC:
+                from .hopper import hopper_attention
+
+                hopper_attention(*views, attrs.scale)
+                return
+            config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic)
             flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32)
 
 
@@ -118,17 +142,24 @@ def _register_aot(trtp) -> None:
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str, q_layout: str,
              k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs,
              tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        from .aot import compile_artifact
+        from .aot import compile_artifact, compile_hopper_artifact
 
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
         dtype = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[q.dtype]
         arch = _arch()
         head_dim = static_head_dim(q, attrs.q_layout, attrs.num_heads)
-        config = tactic_config(head_dim, dtype, arch, tactic)
-        art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, attrs.num_heads),
-                               num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
-                               arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32)
+        if tactic == HOPPER_TACTIC:
+            problem = hopper_problem(q, k, v, attrs, dtype)
+            if problem:  # TensorRT asks only for tactics autotune offered
+                raise ValueError(f"tactic {tactic} (the Hopper kernel) cannot serve this node: {problem}")
+            art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
+                                          layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
+        else:
+            config = tactic_config(head_dim, dtype, arch, tactic)
+            art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, attrs.num_heads),
+                                   num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
+                                   arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32)
         (gx, gy, gz), threads, smem, extras = art.launch_for(
             tuple(q.shape_expr), tuple(k.shape_expr), tuple(v.shape_expr), cdiv=trtp.cdiv)
         launch = trtp.KernelLaunchParams()
@@ -150,14 +181,33 @@ def _arch() -> str:
     return device_arch(torch.device("cuda"))[0]
 
 
+def static_logical_shape(desc, layout: str, num_heads: int) -> tuple:
+    """(B, heads, S, D) of a TensorDesc where its shape expressions are build-time constants; 0
+    for a size that depends on a dynamic dim. (Outside get_output_shapes/get_launch_params there
+    is no expression builder, so no arithmetic on expressions: dynamic dims count as 0.)"""
+    dims = tuple(e.constant_value() if e.is_constant else 0 for e in desc.shape_expr)
+    return logical_shape(dims, layout, num_heads)
+
+
+def hopper_problem(q, k, v, attrs: FlashAttentionAttrs, dtype: str) -> str | None:
+    """Why the Hopper AOT kernel cannot serve this node (`hopper.aot_problem`); None when it can."""
+    try:
+        from .hopper import aot_problem
+    except ImportError:  # a Triton without Gluon
+        return "needs Triton's Gluon"
+    (_, _, seq_q, d), (_, _, seq_kv, _), (_, _, _, d_v) = (
+        static_logical_shape(t, layout, attrs.num_heads) for t, layout in ((q, attrs.q_layout), (k, attrs.k_layout),
+                                                                            (v, attrs.v_layout)))
+    return aot_problem(_arch(), dtype, d, d_v, (attrs.q_layout, attrs.k_layout, attrs.v_layout),
+                       seq_q or None, seq_kv or None)
+
+
 def static_head_dim(desc, layout: str, num_heads: int) -> int:
     """A head dim from a TensorDesc's shape expressions: it must be a build-time constant (the
     kernel is compiled for it), as the channel count of an NCHW map or BSC tokens is."""
-    # Dynamic dims as 0: outside get_output_shapes/get_launch_params there is no expression
-    # builder, so no arithmetic on them; a head dim that depends on one comes out 0.
-    dims = tuple(e.constant_value() if e.is_constant else 0 for e in desc.shape_expr)
-    head_dim = logical_shape(dims, layout, num_heads)[3]
+    head_dim = static_logical_shape(desc, layout, num_heads)[3]
     if head_dim < 1:
+        dims = tuple(e.constant_value() if e.is_constant else 0 for e in desc.shape_expr)
         raise ValueError(f"the head dim of a {layout} input must be a static dimension, got shape {dims} (0: dynamic)")
     return head_dim
 

@@ -77,6 +77,7 @@ def cached(key):
     kind, exporter, opset = key
     factories = {
         "einsum": lambda: (ConvMHAttn(16, 16, 2, "einsum"), [(1, 16, 7, 9)]),
+        "einsum_d64": lambda: (ConvMHAttn(128, 128, 2, "einsum"), [(1, 128, 8, 8)]),
         "sdpa": lambda: (ConvMHAttn(16, 16, 2, "sdpa"), [(1, 16, 7, 9)]),
         "seed_einsum": lambda: (SeedEinsum(16, 16, 2), [(1, 16, 5, 3)] * 3),
         "seed_sdpa": lambda: (SeedSDPA(16, 16, 2), [(1, 16, 5, 3)] * 3),

@@ -337,3 +337,41 @@ def test_kernel_allocates_nothing_with_q_bias_and_out(d):
     assert torch.cuda.max_memory_allocated() == before
     ref = ref64(q + bias.view(1, heads, 1, d), k, v, d**-0.5)
     assert (out.double() - ref).abs().max() <= 2e-2
+
+
+@pytest.mark.parametrize("dtype,d,layouts,s_q,s_kv", [
+    ("fp16", 512, ("NCHW",) * 4, 4096, 4096), ("bf16", 512, ("NCHW",) * 4, 1000, 72),
+    ("fp16", 64, ("BHDS", "BHDS", "BHDS", "BSC"), 1000, 4096), ("fp16", 128, ("NCHW",) * 4, 256, 136),
+    ("bf16", 256, ("NCHW",) * 4, 4096, 1000),
+])
+def test_hopper_aot_launch_is_bit_identical_to_jit(dtype, d, layouts, s_q, s_kv):
+    """The Hopper kernel as a TensorRT engine runs it: descriptors made on the device in the scratch
+    output, launched through the driver with TensorRT's argument list (inputs, int32 extras, output,
+    scratch). Bit for bit what the JIT kernel (host descriptors) computes, and within fp16 error of
+    float64. The scratch is offset by 128 bytes from a 256-byte boundary: the alignment Triton asks."""
+    from convattn.plugins.aot import SCRATCH_BYTES, compile_hopper_artifact, launch_artifact, scratch_shape
+    from convattn.plugins.hopper import hopper_attention, unsupported
+    from convattn.plugins.op import FlashAttentionAttrs, bhsd_view, output_shape
+
+    dt, b, heads = DTYPES[dtype], 2, max(1, 256 // d)
+    torch.manual_seed(d + s_q)
+    shape = {"NCHW": lambda s: (b, heads * d, s), "BHDS": lambda s: (b, heads, d, s)}
+    q, k, v = (torch.randn(shape[layouts[0]](s), device="cuda").to(dt) for s in (s_q, s_kv, s_kv))
+    if layouts[0] == "NCHW":
+        q, k, v = (t.unsqueeze(-1) for t in (q, k, v))  # (B, C, S, 1): an NCHW map of S x 1 pixels
+    attrs = FlashAttentionAttrs(heads, d**-0.5, *layouts)
+    art = compile_hopper_artifact(head_dim=d, num_heads=heads, dtype=dtype, scale=d**-0.5, layouts=layouts, seq_kv=s_kv)
+    aot = torch.full(output_shape(q.shape, v.shape, attrs), float("nan"), device="cuda", dtype=dt)
+    (n,) = scratch_shape(q.shape, v.shape, attrs)
+    scratch = torch.full((n + 128,), float("nan"), device="cuda", dtype=dt)[64:]  # 128-byte offset
+    assert scratch.data_ptr() % 256 == 128 and n * 2 >= art.scratch_bytes * (-(-s_q // 64)) * b * heads
+    assert art.scratch_bytes <= SCRATCH_BYTES
+    launch_artifact(art, q, k, v, aot, scratch=scratch)
+    torch.cuda.synchronize()
+    views = [bhsd_view(t, layout, heads) for t, layout in zip((q, k, v), layouts)]
+    assert unsupported(*views) is None
+    jit = torch.full_like(aot, float("nan"))
+    hopper_attention(*views, bhsd_view(jit, layouts[3], heads), d**-0.5)
+    assert torch.equal(aot, jit)
+    err = (bhsd_view(aot, layouts[3], heads).double() - ref64(*views, d**-0.5)).abs().max().item()
+    assert err <= 2 * sdpa_error(*views, d**-0.5, ref64(*views, d**-0.5)) + 1e-3

@@ -78,7 +78,22 @@ def test_shape_rule_on_tensorrt_expressions(trt, layout):
     arrays = [rng.standard_normal(concrete(s, env)).astype(np.float32) for s in (q_shape, kv_shape, kv_shape)]
     out = flash_attention_reference(*arrays, FlashAttentionAttrs(HEADS, 0.3, layout, layout, layout, layout))
     assert built.output_shape == out.shape
-    assert built.output_dtypes == [core.float32]
+    assert built.output_dtypes == [core.float32] * 2  # the output and the scratch
+    assert built.output_shapes[1] == (1,)  # head dim 8: no kernel of ours needs scratch
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "BHDS"])
+def test_scratch_output_covers_every_program_of_the_hopper_kernel(trt, layout):
+    """The second output, on TensorRT's expressions: 512 bytes (256 fp16 elements) per 64 query rows
+    per batch x head, dynamic sizes included; the kernel's own need (its PTX: 384 B a program) fits.
+    Mutation: cdiv(S, 64) as S // 64 fails (S = 35 x 3 = 105 rows: 2 blocks, not 1)."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    shapes = {"NCHW": [("B", 128, "H", "W")] * 3, "BHDS": [("B", 2, 64, "S")] * 3}[layout]
+    env = {"B": 3, "H": 15, "W": 7, "S": 105}
+    built = h.build_node(core, h.parse_node(core, node(layout)), [core.float16] * 3, shapes, env, tactics=[])
+    assert built.output_dtypes == [core.float16] * 2
+    assert built.output_shapes[1] == (2 * 3 * HEADS * 256,)
 
 
 def test_string_attributes_arrive_with_a_nul_and_work(trt):
@@ -283,6 +298,14 @@ def fused_demo():
 
 
 @pytest.fixture(scope="session")
+def fused_d64():
+    """A fused ConvMHAttn(128, 128, 2) graph: head dim 64, one the Hopper kernel takes."""
+    from conftest import cached
+
+    return cached(("einsum_d64", "dynamo", 18))[3].model
+
+
+@pytest.fixture(scope="session")
 def windowed():
     """Fused windowed-attention graphs (timm's NesT pattern) from both exporters, made before any
     harness replaces `tensorrt`."""
@@ -475,3 +498,131 @@ def test_python_errors_of_the_tensorrt_path_are_exit_4(fused_demo, trt, tmp_path
     with pytest.raises(EngineBuildError, match=r"(AttributeError|ZeroDivisionError)") as e:
         engine.build_engine(_typed(fused_demo), tmp_path / "m.plan", engine.parse_profiles(["input"], [(1, 16, 7, 9)]))
     assert e.value.exit_code == 4 and "\n" not in str(e.value)
+
+
+# The Hopper kernel's tactic: (layout, q shape, k/v shape) with fixed sizes, head dim 64 (2 heads of 128
+# channels, NCHW) and the sequence lengths TMA accepts: S_q = 8 x 12 = 96 (a masked tail block), S_kv 56.
+HOPPER_SHAPES = {"NCHW": [(2, 128, 8, 12), (2, 128, 7, 8), (2, 128, 7, 8)],
+                 "BHDS": [(2, 2, 64, 96), (2, 2, 64, 56), (2, 2, 64, 56)]}
+
+
+@pytest.mark.parametrize("case,offered", [
+    ("fixed", True), ("dynamic", False), ("unaligned", False), ("fp32", False), ("sm_80", False), ("head_dim_8", False),
+])
+def test_hopper_tactic_only_where_its_kernel_can_run(trt, monkeypatch, case, offered):
+    """The Hopper tactic is offered for fp16/bf16 on sm_90 with S fixed at build and 16-byte rows;
+    otherwise only the Triton configs. Mutation: dropping the fixed-S check offers it for "dynamic"."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    shapes = [list(s) for s in HOPPER_SHAPES["NCHW"]]
+    dtype = core.float32 if case == "fp32" else core.float16
+    if case == "dynamic":
+        shapes = [["B", 128, "H", "W"]] * 3
+    if case == "unaligned":
+        shapes = [[2, 128, 7, 9]] * 3  # 63 pixels: rows of 126 bytes
+    if case == "sm_80":
+        monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_80")
+    if case == "head_dim_8":
+        shapes = [[2, 16, 8, 12]] * 3
+    env = {"B": 2, "H": 8, "W": 12}
+    built = h.build_node(core, h.parse_node(core, node("NCHW")), [dtype] * 3, shapes, env, tactics=[])
+    assert (trt_plugin.HOPPER_TACTIC in built.tactics) is offered
+    assert 1 in built.tactics  # the Triton kernel is always a tactic
+
+
+def _hopper_launch(core, layout, dtype, out_layout=None):
+    shapes = HOPPER_SHAPES[layout]
+    trt_dtype = {"fp16": core.float16, "bf16": core.bfloat16}[dtype]
+    plugin = h.parse_node(core, node(layout, out_layout, heads=HEADS, scale=64**-0.5))
+    built = h.build_node(core, plugin, [trt_dtype] * 3, shapes, {}, tactics=[trt_plugin.HOPPER_TACTIC])
+    return built, built.launches[trt_plugin.HOPPER_TACTIC]
+
+
+@pytest.mark.parametrize("layout,out_layout", [("NCHW", "NCHW"), ("BHDS", "BSC")])
+def test_hopper_tactic_launch_is_tensorrts_argument_list_plus_scratch(trt, layout, out_layout):
+    """The Hopper tactic's PTX entry takes inputs, int32 extras, output, then the scratch output (Triton's
+    global scratch, read by the body); profile scratch is gone. Extras, grid and the scratch size are
+    checked against values written out here from torch's strides. Mutation: keeping profile_scratch
+    (strip n_user + 2) fails the parameter list."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    built, launch = _hopper_launch(core, layout, "fp16", out_layout)
+    entry = re.search(rf"\.entry\s+{launch.kernel_name}\s*\((.*?)\)", launch.ptx, re.S).group(1)
+    params = [p.strip().split()[-1] for p in entry.split(",") if p.strip()]
+    assert len(params) == 3 + len(launch.extras) + 2
+    assert re.search(rf"\[{params[-1]}\]", launch.ptx), "the body must read the scratch pointer"
+    b, heads, s_q, d = 2, HEADS, 96, 64
+    out = torch.empty(b, heads, s_q, d)
+    out = {"NCHW": out.transpose(-1, -2), "BSC": out.transpose(1, 2)}[out_layout]  # contiguous in its layout
+    view = out.contiguous().transpose(-1, -2) if out_layout == "NCHW" else out.contiguous().transpose(1, 2)
+    assert launch.extras == [*view.stride(), b, heads, s_q, 56]
+    assert launch.grid == (2, b * heads, 1) and launch.block == (256, 1, 1)
+    assert built.output_shapes[1][0] * 2 >= 384 * launch.grid[0] * launch.grid[1]  # bytes the kernel addresses
+
+
+@pytest.mark.parametrize("max_shape,offered", [(None, True), ("1x128x8x16", False)])
+def test_a_profile_that_fixes_the_sequence_lets_the_hopper_kernel_compete(fused_d64, trt, tmp_path, monkeypatch,
+                                                                         max_shape, offered):
+    """The exported graph's H and W are dynamic; a profile with min == max (the default: the export
+    shape) fixes them, and `build_engine` writes them as constants, so the plugin sees a fixed S and
+    offers the Hopper tactic beside the Triton ones; a profile that lets W vary does not.
+    Mutation: no `fixed_dims` -> not offered for the fixed profile."""
+    from convattn.exporter import engine
+
+    monkeypatch.setattr(engine, "gpu_identity", lambda: ("stand-in", "9.0"))
+    profile = engine.parse_profiles(["input"], [(1, 128, 8, 8)], max_shape=max_shape)
+    engine.build_engine(_typed(fused_d64, "aot", "fp16"), tmp_path / "m.plan", profile)
+    (layer,) = __import__("json").loads((tmp_path / "m.plan").read_bytes())["Layers"]
+    assert (trt_plugin.HOPPER_TACTIC in layer["tactics"]) is offered and 1 in layer["tactics"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("layout,out_layout", [("NCHW", "NCHW"), ("BHDS", "BSC")])
+def test_gpu_hopper_tactic_as_tensorrt_passes_it(trt, layout, out_layout, dtype):
+    """The Hopper tactic's PTX from get_kernel, launched through the CUDA driver with get_launch_params'
+    grid, block, shared memory and extras, then the output and the scratch output (sized by the
+    plugin's shape rule), against float64; and the JIT `impl` of the same tactic, bit for bit."""
+    core, _, _ = trt
+    import ctypes
+
+    from convattn.plugins.aot import _check, _driver, _load_module
+
+    trt_plugin.register_plugin()
+    built, launch = _hopper_launch(core, layout, dtype, out_layout)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(s, generator=gen).to(getattr(torch, DTYPES[dtype])).cuda() for s in HOPPER_SHAPES[layout])
+    out = torch.full(built.output_shape, float("nan"), dtype=q.dtype, device="cuda")
+    scratch = torch.full(built.output_shapes[1], float("nan"), dtype=q.dtype, device="cuda")
+    drv = _driver()
+    func = _check(drv.cuModuleGetFunction(_load_module(launch.ptx), launch.kernel_name.encode()))
+    _check(drv.cuFuncSetAttribute(func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                  launch.shared_mem))
+    values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *launch.extras, out.data_ptr(), scratch.data_ptr()]
+    types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(launch.extras) + [ctypes.c_void_p] * 2
+    _check(drv.cuLaunchKernel(func, *launch.grid, *launch.block, launch.shared_mem,
+                              torch.cuda.current_stream().cuda_stream, (tuple(values), tuple(types)), 0))
+    torch.cuda.synchronize()
+    from convattn.plugins.op import bhsd_view
+
+    views = [bhsd_view(t, layout, HEADS) for t in (q, k, v)]
+    ref = torch.softmax(views[0].double() @ views[1].double().transpose(-1, -2) * 64**-0.5, -1) @ views[2].double()
+    assert (bhsd_view(out, out_layout, HEADS).double() - ref).abs().max() <= TOL[dtype]
+    # The JIT plugin at the same tactic: NVIDIA's enqueue, our impl, the same kernel with host descriptors.
+    jit = h.parse_node(core, node(layout, out_layout, plugin_mode="jit", scale=64**-0.5))
+    trt_dtype = {"fp16": core.float16, "bf16": core.bfloat16}[dtype]
+    assert trt_plugin.HOPPER_TACTIC in h.build_node(core, jit, [trt_dtype] * 3, HOPPER_SHAPES[layout], {}).tactics
+    jit.set_tactic(trt_plugin.HOPPER_TACTIC)
+    out_jit = torch.full_like(out, float("nan"))
+
+    def desc(t):
+        d = core.PluginTensorDesc()
+        d.dims, d.type, d.format = core.Dims(t.shape), trt_dtype, core.TensorFormat.LINEAR
+        return d
+
+    stream = torch.cuda.Stream()
+    outs = (out_jit, scratch)
+    jit.enqueue([desc(t) for t in (q, k, v)], [desc(t) for t in outs], [t.data_ptr() for t in (q, k, v)],
+                [t.data_ptr() for t in outs], [t.stride() for t in (q, k, v)], [t.stride() for t in outs], stream.cuda_stream)
+    stream.synchronize()
+    assert torch.equal(out_jit, out)

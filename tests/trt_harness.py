@@ -139,7 +139,13 @@ def parse_node(core, node: onnx.NodeProto, prefer: str | None = None):
     # does for int and float attributes (11.x takes element 0); NumPy < 2.4 only warns: an error here.
     with warnings.catch_warnings():
         warnings.filterwarnings("error", "Conversion of an array with ndim > 0", DeprecationWarning)
-        return creator.create_plugin(*args)
+        plugin = creator.create_plugin(*args)
+    # ModelImporter.cpp: "Node has more output tensors than TRT expected" (fewer is allowed: the
+    # layer's other outputs are left unnamed)
+    if len(node.output) > plugin.get_num_outputs():
+        raise ParseError(f"Node has more output tensors than TRT expected, expected output size is "
+                         f"{plugin.get_num_outputs()}, actual output size is {len(node.output)}.")
+    return plugin
 
 
 # ------------------------------------------------------------------- the builder's calls
@@ -159,8 +165,9 @@ class Launch:
 class BuiltNode:
     mode: str  # "aot" or "jit"
     output_dtypes: list
-    output_shape: tuple  # evaluated at the env
+    output_shape: tuple  # the first output's, evaluated at the env
     output_exprs: list
+    output_shapes: list  # every output's, evaluated at the env
     tactics: list
     launches: dict = field(default_factory=dict)  # tactic -> Launch (AOT)
     plugin: object = None
@@ -204,8 +211,8 @@ def build_node(core, plugin, in_dtypes, in_shapes, env: dict | None, tactics=Non
     def value(e):  # the builder itself evaluates nothing: env=None skips it
         return None if env is None else e.value(env)
 
-    out_shape = tuple(value(e) for e in out_exprs[0])
-    built = BuiltNode(mode, list(out_dtypes), out_shape, list(out_exprs), valid, plugin=plugin)
+    out_shapes = [tuple(value(e) for e in dims) for dims in out_exprs]
+    built = BuiltNode(mode, list(out_dtypes), out_shapes[0], list(out_exprs), out_shapes, valid, plugin=plugin)
     if mode == "aot":
         chosen = valid if tactics is None else valid[:1] if tactics == "first" else [t for t in valid if t in tactics]
         for t in chosen:
