@@ -10,8 +10,8 @@ kernel's PTX TensorRT would embed, launched through the CUDA driver API: the eng
 Hopper, fp16/bf16 rows at head dims 64..512 also run the engine's other tactic, the Hopper kernel's
 AOT PTX with its descriptors in the scratch output (`ours-aot-hopper`: TensorRT times both and keeps
 the faster); fp32 rows also run both with TF32 (`-tf32`: PyTorch's switch for the JIT block, the
-`tf32` artifact for AOT); on Hopper, d=64..256 rows also run the Gluon kernel through JIT
-(`ours-gluon`), which `flash_attention` dispatches at 512 only.
+`tf32` artifact for AOT). On Hopper the JIT block runs the Gluon kernels where `flash_attention`
+dispatches them (d=512; d=64 and 128 from S=4096 on, the warp-specialized kernel).
 Shapes: d=8 and 64 at S=1024..65536, d=32 and d=128, the VAE's d=512, fp32 exact vs TF32. Median time from
 triton.testing.do_bench, peak extra memory from torch.cuda.max_memory_allocated over the
 inputs and weights. Writes <gpu>.json (raw), <gpu>.md (table) and, with --tune, configs.json.
@@ -70,22 +70,6 @@ def block_fn(name, m: ConvMHAttn, x, art=None):
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = previous
         return jit
-
-    if name == "ours-gluon":  # the Hopper kernel at a head dim it is not dispatched for yet
-        from convattn.plugins.hopper import hopper_attention
-
-        b, c, hh, ww = x.shape
-        heads, d = m.num_heads, c // m.num_heads
-
-        def views(t):
-            return t.view(b, heads, d, hh * ww).transpose(-1, -2)
-
-        def gluon():
-            q, k, v = m.q_conv(x), m.k_conv(x), m.v_conv(x)
-            out = torch.empty_like(q)
-            hopper_attention(views(q), views(k), views(v), views(out), d**-0.5)
-            return m.out_conv(out)
-        return gluon
 
     scratch = None
     if art.scratch_bytes:  # the engine's buffer for the plugin's second output: allocated once, as TensorRT's
@@ -196,8 +180,6 @@ def main():
         row = {"dtype": dname, "B": b, "C": c, "heads": heads, "head_dim": d, "side": side, "S": s,
                "config": cfg.to_dict(), "results": {}}
         ours = ("ours-jit", "ours-aot") + (("ours-jit-tf32", "ours-aot-tf32") if dname == "fp32" else ())
-        if dname != "fp32" and d in (64, 128, 256) and major == 9:
-            ours += ("ours-gluon",)
         if aot_problem(arch, dname, d, d, ("NCHW",) * 3, s, s) is None:
             arts["hopper"] = compile_hopper_artifact(head_dim=d, num_heads=heads, dtype=dname, scale=d**-0.5,
                                                      layouts=("NCHW",) * 4, seq_kv=s)

@@ -20,14 +20,21 @@ commit=${CONVATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 rc=0
 if [ "$what" != bench ]; then
-    # The two files in parallel: mostly Triton compiles, on 16 cores (about half the time of one run).
-    python3 -m pytest -q -p no:warnings tests/test_kernel_gpu.py "$@" > "$out/gpu_kernel.txt" 2>&1 &
-    kernel=$!
+    # Three pytest processes in parallel (mostly Triton compiles, on 16 cores): the kernel file in two
+    # halves, the TensorRT-plugin file.
+    half="jit_kernel or wide_heads or aot_launch_is_bit_identical_to_jit_in_every_layout or fused_vae"
+    python3 -m pytest -q -p no:warnings tests/test_kernel_gpu.py -k "$half" "$@" > "$out/gpu_kernel_a.txt" 2>&1 &
+    a=$!
+    python3 -m pytest -q -p no:warnings tests/test_kernel_gpu.py -k "not ($half)" "$@" > "$out/gpu_kernel_b.txt" 2>&1 &
+    b=$!
     python3 -m pytest -q -p no:warnings tests/test_trt_plugin.py "$@" > "$out/gpu_trt.txt" 2>&1 &
-    trt=$!
-    wait $kernel || rc=1
-    wait $trt || rc=1
-    cat "$out/gpu_kernel.txt" "$out/gpu_trt.txt" > "$out/gpu_tests_$commit.txt" && rm "$out/gpu_kernel.txt" "$out/gpu_trt.txt"
+    t=$!
+    wait $a || rc=1
+    wait $b || rc=1
+    wait $t || rc=1
+    parts=("$out/gpu_kernel_a.txt" "$out/gpu_kernel_b.txt" "$out/gpu_trt.txt")
+    cat "${parts[@]}" > "$out/gpu_tests_$commit.txt" && rm "${parts[@]}"
+    echo "tests: ${SECONDS} s"
     grep -E "passed|failed|FAILED|Error" "$out/gpu_tests_$commit.txt" | tail -30
 fi
 if [ "$what" != tests ]; then
@@ -37,5 +44,6 @@ if [ "$what" != tests ]; then
     fi
     echo "benchmark budget: ${budget} s"
     CONVATTN_COMMIT=$commit python3 benchmarks/attention.py --out "$out" --budget-s "$budget" 2>&1 | tail -40
+    CONVATTN_COMMIT=$commit python3 benchmarks/profile_block.py --out "$out" > /dev/null 2>&1 || echo "profile failed"
 fi
 exit "$rc"

@@ -13,8 +13,8 @@ def flash_attention(q, k, v, *, scale=None, out=None, config=None, q_bias=None, 
     """softmax(scale * (q + q_bias) k^T) v, q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
 
     Any strides (conv-output views are read in place; `out`, (B, H, S_q, D_v), may be a view of the
-    output map); fp16, bf16, fp32; O(S) memory. CUDA tensors run the Triton kernel (or, for
-    head_dim 512 on Hopper, the Gluon kernel); CPU tensors the tiled reference (Triton's interpreter
+    output map); fp16, bf16, fp32; O(S) memory. CUDA tensors run the Triton kernel (or, on Hopper
+    at head dims 64, 128 and 512, a Gluon kernel); CPU tensors the tiled reference (Triton's interpreter
     under TRITON_INTERPRET=1). Without Triton installed, CPU tensors still run the reference.
     `scale` defaults to 1/sqrt(D); `config` (a `KernelConfig`) to the tuned one for this GPU;
     `q_bias` (H*D values, a Q conv's bias) is added by the kernel to its resident Q tile; `tf32`

@@ -203,9 +203,10 @@ def compile_artifact(
 
 @functools.cache
 def compile_hopper_artifact(*, head_dim: int, num_heads: int, dtype: str, scale: float, layouts, seq_kv: int) -> AotArtifact:
-    """The Hopper (TMA, wgmma) kernel of `convattn.plugins.hopper` for TensorRT's AOT path: contiguous
-    1x1-conv maps in (Q, K, V), any output layout, descriptors made on the device in the scratch
-    output. `seq_kv`: the (static) key length, for the kernel's tail masking. The caller checked
+    """The Hopper (TMA, wgmma) kernel for TensorRT's AOT path, the one `hopper.hopper_attention` runs
+    for this head dim (`hopper_ws` at 64 and 128, `hopper` at 256 and 512): contiguous 1x1-conv maps
+    in (Q, K, V), any output layout, descriptors made on the device in the scratch output.
+    `seq_kv`: the (static) key length, for the tail masking and the variant. The caller checked
     `hopper.aot_problem`. No GPU needed."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, scale=scale,
@@ -214,19 +215,27 @@ def compile_hopper_artifact(*, head_dim: int, num_heads: int, dtype: str, scale:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from .hopper import BLOCK_M, BLOCK_N, NUM_WARPS, _wide_attn_aot
+    from . import hopper, hopper_ws
 
-    fn = _wide_attn_aot
-    constants = {"QK_SCALE": qk_scale(scale), "D": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N,
-                 "EVEN_N": seq_kv % BLOCK_N == 0, "num_warps": NUM_WARPS}
+    if head_dim in hopper_ws.HEAD_DIMS:  # the warp-specialized kernel, as `hopper.hopper_attention` runs it
+        ws = hopper_ws.config_for(head_dim, seq_kv)
+        fn, block_m, block_n, num_warps = hopper_ws._ws_attn_aot, ws.consumers * hopper_ws.BLOCK_M, ws.block_n, hopper_ws.NUM_WARPS
+        extra = {"STAGES": ws.stages, "CONSUMERS": ws.consumers, "CONSUMER_REGS": ws.consumer_regs}
+        options = {"num_warps": num_warps, "maxnreg": ws.maxnreg}
+    else:
+        fn, block_m, block_n, num_warps = hopper._wide_attn_aot, hopper.BLOCK_M, hopper.BLOCK_N, hopper.NUM_WARPS
+        extra = {"num_warps": num_warps}
+        options = {"num_warps": num_warps}
+    constants = {"QK_SCALE": qk_scale(scale), "D": head_dim, "BLOCK_M": hopper.BLOCK_M, "BLOCK_N": block_n,
+                 "EVEN_N": seq_kv % block_n == 0, **extra}
     pointers = ("Q", "K", "V", "Out")
     signature = {n: "constexpr" if n in constants else f"*{dtype}" if n in pointers else "i32" for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
     src = GluonASTSource(fn, signature, constexprs={(fn.arg_names.index(n),): c for n, c in constants.items()},
                          attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": NUM_WARPS})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     md = compiled.metadata
-    if md.profile_scratch_size or md.global_scratch_size > SCRATCH_BYTES or BLOCK_M < SCRATCH_ROWS \
+    if md.profile_scratch_size or md.global_scratch_size > SCRATCH_BYTES or block_m < SCRATCH_ROWS \
             or SCRATCH_BYTES % max(md.global_scratch_align, 1):
         raise RuntimeError(f"the Hopper kernel's scratch ({md.global_scratch_size} B per program, align "
                            f"{md.global_scratch_align}) does not fit the plugin's ({SCRATCH_BYTES} B per {SCRATCH_ROWS} rows)")
@@ -236,7 +245,7 @@ def compile_hopper_artifact(*, head_dim: int, num_heads: int, dtype: str, scale:
     scalar_names = [n for n, t in signature.items() if t == "i32"]
     return AotArtifact(
         kernel_name=md.name, ptx=ptx, cubin=compiled.asm["cubin"], shared_mem=md.shared, num_warps=md.num_warps,
-        threads_per_block=32 * md.num_warps, config=KernelConfig(BLOCK_M, BLOCK_N, NUM_WARPS, 1), arch="sm_90",
+        threads_per_block=32 * md.num_warps, config=KernelConfig(block_m, block_n, num_warps, 1), arch="sm_90",
         layouts=tuple(layouts), head_dim=head_dim, head_dim_v=head_dim, num_heads=num_heads, dtype=dtype, scale=scale,
         scalar_arg_names=scalar_names, ptx_isa=isa, min_driver=PTX_ISA_DRIVER.get(isa, ("?", "unknown"))[1],
         triton_version=triton.__version__, hidden_params_removed=removed, scratch_bytes=md.global_scratch_size,

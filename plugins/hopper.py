@@ -14,9 +14,10 @@ told to do otherwise: it puts every warp of a chained dot along the rows. Gluon 
   together, and the softmax of the next block runs while P V finishes.
 - a Q conv's bias (`q_bias`) is added once to the resident Q tile, sparing a pass over Q.
 
-The same kernel compiles for head dims 64, 128 and 256 (`HEAD_DIMS`; no spills, ptxas), where it
-is not the default yet: `flash._hopper_takes` dispatches it at 512 only, the dims its numerics and
-timing were measured at on an H100. The others wait for their GPU tests and benchmark rows.
+The same kernel compiles for head dims 64, 128 and 256 (no spills, ptxas), but is slower there
+than the Triton kernel (run 29, H100): `hopper_attention` runs the warp-specialized kernel of
+`hopper_ws` at 64 and 128, this one at 256 and 512; `flash._hopper_takes` says where the JIT path
+uses them (`HEAD_DIMS`: where the AOT path offers them as a tactic).
 
 What it takes: sm_90, fp16/bf16, a head_dim of `HEAD_DIMS` for Q, K and V, and the views a 1x1 conv gives
 (pixels contiguous, heads stacked in the channels, rows 16-byte aligned) for TMA. Anything else
@@ -238,24 +239,32 @@ def layout_problem(q, k, v) -> str | None:
 
 
 @cache
-def _tile_layout(dtype, head_dim: int):
-    """The shared-memory layout of a [D/2, 64] tile, asked once (it is per-launch CPU time)."""
-    return gl.NVMMASharedLayout.get_default_for([head_dim // 2, BLOCK_M], _GL_DTYPES[dtype])
+def _tile_layout(dtype, rows: int, cols: int):
+    """The shared-memory layout of a [rows, cols] tile, asked once (it is per-launch CPU time)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _GL_DTYPES[dtype])
 
 
-def _descriptor(t):
-    """A 2-D TMA view [row, pixel] of a (B, H, S, D) conv-output view: row = b * batch_rows + h * D + d."""
+def descriptor(t, box_rows: int, box_cols: int = BLOCK_M):
+    """A 2-D TMA view [row, pixel] of a (B, H, S, D) conv-output view, row = b * batch_rows + h * D + d,
+    in boxes of [box_rows, box_cols]; and batch_rows."""
     b, h, s, d = t.shape
     batch_rows = t.stride(0) // t.stride(3) if b > 1 else h * d
     shape = [(b - 1) * batch_rows + h * d, s]
-    return TensorDescriptor(t, shape, [t.stride(3), 1], [d // 2, BLOCK_M], _tile_layout(t.dtype, d)), batch_rows
+    layout = _tile_layout(t.dtype, box_rows, box_cols)
+    return TensorDescriptor(t, shape, [t.stride(3), 1], [box_rows, box_cols], layout), batch_rows
 
 
 def hopper_attention(q, k, v, out, scale: float, q_bias=None) -> None:
     """softmax(scale * (q + q_bias) k^T) v into `out` (any strides); q_bias: H*D contiguous
-    values or None. The caller checked `unsupported`."""
+    values or None. Head dims 64 and 128 run the warp-specialized kernel (`hopper_ws`), 256 and
+    512 this module's. The caller checked `unsupported`."""
+    from . import hopper_ws
+
     b, h, s_q, d = q.shape
-    (qd, qr), (kd, kr), (vd, vr) = (_descriptor(t) for t in (q, k, v))
+    if d in hopper_ws.HEAD_DIMS:
+        hopper_ws.ws_attention(q, k, v, out, scale, q_bias)
+        return
+    (qd, qr), (kd, kr), (vd, vr) = (descriptor(t, d // 2) for t in (q, k, v))
     _wide_attn_fwd[(triton.cdiv(s_q, BLOCK_M), b * h)](
         qd, kd, vd, out, out if q_bias is None else q_bias, *out.stride(), qr, kr, vr, h, s_q, k.shape[2],
         scale * LOG2E, D=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EVEN_N=k.shape[2] % BLOCK_N == 0,
@@ -269,7 +278,7 @@ def compile_for_hopper(dtype=torch.float16, even_n: bool = True, q_bias: bool = 
     from triton.runtime.jit import mangle_type
 
     t = torch.empty(1, head_dim, 64, dtype=dtype).view(1, 1, head_dim, 64).transpose(2, 3)
-    desc = mangle_type(_descriptor(t)[0])
+    desc = mangle_type(descriptor(t, head_dim // 2)[0])
     names = _wide_attn_fwd.arg_names
     constexprs = {"D": head_dim, "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N, "EVEN_N": even_n, "HAS_Q_BIAS": q_bias,
                   "num_warps": NUM_WARPS}

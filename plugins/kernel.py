@@ -14,12 +14,25 @@ extra arguments are int32 only), folded with log2(e) so the kernel uses exp2.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# TF32 operands rounded to nearest (cvt.rna), as cuBLAS rounds them: the tensor cores would otherwise
+# drop the low 13 mantissa bits (truncation), 2-6x PyTorch's own TF32 error (run 29, H100). Off in
+# Triton's CPU interpreter (no inline PTX there; its dots are fp32 anyway).
+ROUND_TF32 = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def _tf32(x, IEEE: tl.constexpr):
+    """An fp32 operand of a TF32 product, rounded to TF32 (to nearest); anything else as it is."""
+    if ROUND_TF32 and not IEEE and x.dtype == tl.float32:
+        x = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return x
 
 
 @triton.jit
@@ -135,6 +148,7 @@ def _attn_body(
     if HAS_Q_BIAS:  # once per program, on the resident tile: no pass over Q, no copy of it
         bias = tl.load(Q_BIAS + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         q = (q.to(tl.float32) + bias.to(tl.float32)[None, :]).to(q.dtype)
+    q = _tf32(q, IEEE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -186,7 +200,7 @@ def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, s
     if IEEE:
         qk = tl.dot(q, kt, input_precision="ieee")
     else:
-        qk = tl.dot(q, kt)
+        qk = tl.dot(q, _tf32(kt, IEEE))
     qk = qk * QK_SCALE
     if MASK_N:
         qk = tl.where(cols[None, :] < seq_kv, qk, float("-inf"))
@@ -197,7 +211,7 @@ def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, s
     if IEEE:
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(_tf32(p.to(v.dtype), IEEE), _tf32(v, IEEE), acc * alpha[:, None])
     return m_new, l_i, acc
 
 

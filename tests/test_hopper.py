@@ -66,3 +66,35 @@ def test_builds_for_hopper_with_tensor_cores_and_no_spills(dtype, even_n, bias, 
                             capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     assert re.search(r"0 bytes spill stores, 0 bytes spill loads", report.stderr), report.stderr
+
+
+WS_BUILD = """
+import sys, torch
+from convattn.plugins.hopper_ws import WsConfig, compile_for_hopper
+c = WsConfig(*map(int, sys.argv[4].split(",")))
+kernel = compile_for_hopper(getattr(torch, sys.argv[1]), False, sys.argv[3] == "q_bias", int(sys.argv[2]), c)
+open(sys.argv[5], "w").write(kernel.asm["ptx"])
+print(kernel.metadata.shared, kernel.metadata.num_warps)
+"""
+
+
+@pytest.mark.parametrize("d,config", [(64, "2,128,3"), (64, "3,64,3"), (128, "2,128,2")])
+def test_warp_specialized_kernel_builds_with_its_partitions_and_no_spills(d, config, tmp_path):
+    """The variants `hopper_ws.config_for` picks: they fit shared memory, run 4 warps per consumer plus
+    a producer warpgroup, hand registers to the consumers (setmaxnreg) and spill nothing (ptxas)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ptx = tmp_path / "kernel.ptx"
+    built = subprocess.run([sys.executable, "-c", WS_BUILD, "float16", str(d), "q_bias", config, str(ptx)], env=env,
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    shared, warps = map(int, built.stdout.split()[-2:])
+    consumers = int(config.split(",")[0])
+    assert shared <= SMEM_LIMITS[90] and warps == 4 * (consumers + 1)
+    text = ptx.read_text()
+    assert "wgmma.mma_async" in text and "setmaxnreg.inc" in text and "cp.async.bulk.tensor" in text
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    report = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", str(ptx), "-o", "/dev/null"],
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert not re.search(r"[1-9]\d* bytes spill stores", report.stderr), report.stderr

@@ -246,11 +246,11 @@ def test_hopper_kernel_vs_float64_and_pytorch(dtype, b, s_q, s_kv, one_conv, log
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("b,h,s_q,s_kv", [(2, 2, 1000, 776), (1, 4, 4096, 4096)])
+@pytest.mark.parametrize("b,h,s_q,s_kv", [(2, 2, 1000, 776), (1, 4, 4096, 4096), (2, 2, 200, 40000)])
 def test_hopper_kernel_at_other_head_dims_vs_float64(d, b, h, s_q, s_kv):
-    """The Gluon kernel compiled for head dims 64..256 (not dispatched by default: hopper.HEAD_DIMS),
-    called directly on multi-head conv views: within 2x PyTorch's own fp16 error. Not yet run on a
-    GPU (written in the session of the commit that generalised the head dim)."""
+    """`hopper_attention` at head dims 64..256 (the warp-specialized kernel at 64 and 128, with both
+    of its variants: 40000 keys picks the three-consumer one at 64; the wide kernel at 256), on
+    multi-head conv views: within 2x PyTorch's own fp16 error."""
     from convattn.plugins.hopper import hopper_attention, unsupported
 
     if torch.cuda.get_device_capability()[0] != 9:
@@ -316,10 +316,11 @@ def test_aot_launch_is_bit_identical_to_jit_in_every_layout(layout, dtype):
     assert (bhsd_view(aot, layout, heads).double() - ref).abs().max() <= (1e-5 if dt == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("d", [64, 512])
+@pytest.mark.parametrize("d", [8, 64, 512])
 def test_kernel_allocates_nothing_with_q_bias_and_out(d):
     """conv -> kernel -> conv with no copies: with `out` given and a Q conv's bias, the call allocates
-    no device memory at all (the Triton kernel at d=64, the Hopper kernel at 512 on sm_90).
+    no device memory at all (the Triton kernel at d=8, on sm_90 the warp-specialized kernel at 64
+    and the wide one at 512).
     Mutations: adding the bias to a copy of q; writing a temporary and copying it into `out`."""
     from convattn.plugins import flash_attention
 

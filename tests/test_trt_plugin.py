@@ -477,9 +477,12 @@ def test_gpu_jit_enqueue_as_tensorrt_calls_it(trt, layout, dtype, monkeypatch):
         d.dims, d.type, d.format = core.Dims(t.shape), trt_dtype, core.TensorFormat.LINEAR
         return d
 
+    scratch = torch.empty(built.output_shapes[1], dtype=tensors[0].dtype, device="cuda")  # TensorRT allocates both
+    outs = (tensors[3], scratch)
     stream = torch.cuda.Stream()
-    plugin.enqueue([desc(t) for t in tensors[:3]], [desc(tensors[3])], [t.data_ptr() for t in tensors[:3]],
-                   [tensors[3].data_ptr()], [t.stride() for t in tensors[:3]], [tensors[3].stride()], stream.cuda_stream)
+    plugin.enqueue([desc(t) for t in tensors[:3]], [desc(t) for t in outs], [t.data_ptr() for t in tensors[:3]],
+                   [t.data_ptr() for t in outs], [t.stride() for t in tensors[:3]], [t.stride() for t in outs],
+                   stream.cuda_stream)
     stream.synchronize()
     q, k, v, out = tensors
     ref = _reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, float(plugin.attrs["scale"].rstrip("\0")))
@@ -556,8 +559,13 @@ def test_hopper_tactic_launch_is_tensorrts_argument_list_plus_scratch(trt, layou
     out = {"NCHW": out.transpose(-1, -2), "BSC": out.transpose(1, 2)}[out_layout]  # contiguous in its layout
     view = out.contiguous().transpose(-1, -2) if out_layout == "NCHW" else out.contiguous().transpose(1, 2)
     assert launch.extras == [*view.stride(), b, heads, s_q, 56]
-    assert launch.grid == (2, b * heads, 1) and launch.block == (256, 1, 1)
-    assert built.output_shapes[1][0] * 2 >= 384 * launch.grid[0] * launch.grid[1]  # bytes the kernel addresses
+    from convattn.plugins.aot import compile_hopper_artifact
+
+    art = compile_hopper_artifact(head_dim=d, num_heads=heads, dtype="fp16", scale=64**-0.5, layouts=(layout,) * 3 + (out_layout,),
+                                  seq_kv=56)
+    rows = art.config.block_m  # query rows per CTA: 128 (two consumer warpgroups of the warp-specialized kernel)
+    assert launch.grid == (-(-s_q // rows), b * heads, 1) and launch.block == (art.threads_per_block, 1, 1)
+    assert built.output_shapes[1][0] * 2 >= art.scratch_bytes * launch.grid[0] * launch.grid[1]  # bytes it addresses
 
 
 @pytest.mark.parametrize("max_shape,offered", [(None, True), ("1x128x8x16", False)])
