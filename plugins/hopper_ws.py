@@ -1,14 +1,15 @@
-"""Head dims 64..256 on Hopper: a warp-specialized Gluon flash-attention kernel (FlashAttention-3's plan).
+"""Head dims 64 and 128 on Hopper: a warp-specialized Gluon flash-attention kernel (FlashAttention-3's plan).
 
 The Triton kernel is one warpgroup doing everything in turn: it waits for its own loads, and its
-softmax stalls the tensor cores. Here a CTA has three partitions (`gl.warp_specialize`):
+softmax stalls the tensor cores. Here a CTA has a producer and 2 or 3 consumers (`gl.warp_specialize`):
 - a producer warp that only issues TMA loads: each consumer's Q tile once, then K and V tiles
-  into rings of `STAGES` buffers, each guarded by a ready and an empty mbarrier;
-- two consumer warpgroups, 64 query rows each (128 per CTA), sharing every K and V tile; each
+  into rings of `WsConfig.stages` buffers, each guarded by a ready and an empty mbarrier;
+- consumer warpgroups of 64 query rows each (128 or 192 per CTA), sharing every K and V tile; each
   runs FA3's intra-warpgroup overlap: S(j+1) = Q K(j+1)^T and O += P(j) V(j) are in flight
   together while the softmax of S(j+1) runs, P stays in registers (the A operand of the second
   product), and a consumer frees a K or V buffer as soon as its product has retired. The warp
-  scheduler interleaves the two consumers' softmax and tensor-core work (no explicit ping-pong).
+  scheduler interleaves the consumers' softmax and tensor-core work (no explicit ping-pong: Gluon
+  exposes no named barriers to order them).
 Registers move to the consumers (`setmaxnreg`): the producer keeps 24.
 
 Layouts as `hopper`: the views a 1x1 conv gives, Q^T, K^T, V^T tiles of [D, 64 or 128] pixels via
