@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
-from .op import FlashAttentionAttrs, layout_strides, logical_shape, output_shape, unit_axis
+from .op import FlashAttentionAttrs, layout_strides, logical_shape, output_shape, static_dim, unit_axis
 
 DTYPES = ("fp16", "bf16", "fp32")  # also Triton's pointer type names
 _STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
@@ -106,21 +106,15 @@ SCRATCH_ROWS, SCRATCH_BYTES = 64, 512
 
 def scratch_shape(q_shape, v_shape, attrs: FlashAttentionAttrs, cdiv=lambda a, b: -(-a // b)) -> tuple:
     """The scratch output's shape, for concrete shapes or TensorRT's shape expressions (`cdiv`: theirs)."""
-    from .hopper import HEAD_DIMS
-
+    try:
+        from .hopper import HEAD_DIMS
+    except ImportError:  # a Triton without Gluon: no kernel of ours reads scratch
+        return (1,)
     b, h, s_q, d = logical_shape(q_shape, attrs.q_layout, attrs.num_heads)
-    if _static(d) not in HEAD_DIMS or _static(logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]) != _static(d):
+    head_dim = static_dim(d)
+    if head_dim not in HEAD_DIMS or static_dim(logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]) != head_dim:
         return (1,)
     return (cdiv(s_q, SCRATCH_ROWS) * b * h * (SCRATCH_BYTES // 2),)
-
-
-def _static(dim):
-    """An int, or a build-time constant shape expression's value; None for anything else."""
-    if isinstance(dim, int):
-        return dim
-    if getattr(dim, "is_fake", False) or not dim.is_constant:
-        return None
-    return dim.constant_value()
 
 
 def _out_shape(q_shape, v_shape, art: AotArtifact):
@@ -294,31 +288,36 @@ def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None, s
 
     q, k, v, out: CUDA torch tensors, contiguous in the artifact's layouts. `scratch`: the plugin's
     second output (`scratch_shape`), passed after `out` to a kernel that reads it."""
+    for t, layout in zip((q, k, v, out), art.layouts):
+        if not t.is_contiguous():
+            raise ValueError(f"launch_artifact: expected contiguous tensors in layout {layout}")
+    grid, threads, shared_mem, scalars = art.launch_for(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    outputs = (out,)
+    if art.scratch_bytes:
+        if scratch is None or scratch.numel() * scratch.element_size() < art.scratch_bytes * math.prod(grid):
+            raise ValueError(f"launch_artifact: the kernel needs {art.scratch_bytes} B of scratch per program "
+                             f"x {math.prod(grid)} programs")
+        outputs = (out, scratch)
+    launch_ptx(art.ptx, art.kernel_name, grid, (threads, 1, 1), shared_mem, (q, k, v), scalars, outputs, stream)
+
+
+def launch_ptx(ptx: str, kernel_name: str, grid, block, shared_mem: int, inputs, extras, outputs,
+               stream: int | None = None) -> None:
+    """Launch a PTX entry through the CUDA driver API as TensorRT launches an AOT plugin's kernel:
+    the inputs' pointers, the int32 extras, the outputs' pointers (torch tensors' data)."""
     import ctypes
 
     import torch
 
     drv = _driver()
-    mod = _load_module(art.ptx)
-    func = _check(drv.cuModuleGetFunction(mod, art.kernel_name.encode()))
-    if art.shared_mem > 48 * 1024:
+    func = _check(drv.cuModuleGetFunction(_load_module(ptx), kernel_name.encode()))
+    if shared_mem > 48 * 1024:
         _check(drv.cuFuncSetAttribute(
-            func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, art.shared_mem))
-    for t, layout in zip((q, k, v, out), art.layouts):
-        if not t.is_contiguous():
-            raise ValueError(f"launch_artifact: expected contiguous tensors in layout {layout}")
-    grid, _, _, scalars = art.launch_for(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *scalars, out.data_ptr()]
-    types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(scalars) + [ctypes.c_void_p]
-    if art.scratch_bytes:
-        if scratch is None or scratch.numel() * scratch.element_size() < art.scratch_bytes * math.prod(grid):
-            raise ValueError(f"launch_artifact: the kernel needs {art.scratch_bytes} B of scratch per program "
-                             f"x {math.prod(grid)} programs")
-        values.append(scratch.data_ptr())
-        types.append(ctypes.c_void_p)
+            func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem))
+    values = [t.data_ptr() for t in inputs] + list(extras) + [t.data_ptr() for t in outputs]
+    types = [ctypes.c_void_p] * len(inputs) + [ctypes.c_int32] * len(extras) + [ctypes.c_void_p] * len(outputs)
     stream = torch.cuda.current_stream().cuda_stream if stream is None else stream
-    _check(drv.cuLaunchKernel(func, *grid, art.threads_per_block, 1, 1, art.shared_mem, stream,
-                              (tuple(values), tuple(types)), 0))
+    _check(drv.cuLaunchKernel(func, *grid, *block, shared_mem, stream, (tuple(values), tuple(types)), 0))
 
 
 _MODULES: dict = {}

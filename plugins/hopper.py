@@ -100,14 +100,22 @@ def _wide_attn_aot(Q, K, V, stride_ob, stride_oh, stride_os, stride_od, batch, n
     """The AOT entry, in TensorRT's argument order (inputs, int32 extras, output): contiguous 1x1-conv
     maps (B, H*D, S) and the descriptors made here, on the device. Triton keeps them in its hidden
     `global_scratch` parameter (one slot per program), which the plugin's second output fills."""
-    tile: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    rows = batch * num_heads * D
-    q_desc = tma.make_tensor_descriptor(Q, [rows, seq_q], [seq_q, 1], [D // 2, BLOCK_M], tile)
-    k_desc = tma.make_tensor_descriptor(K, [rows, seq_kv], [seq_kv, 1], [D // 2, BLOCK_N], tile)
-    v_desc = tma.make_tensor_descriptor(V, [rows, seq_kv], [seq_kv, 1], [D // 2, BLOCK_N], tile)
+    q_desc, k_desc, v_desc = device_descriptors(Q, K, V, batch * num_heads * D, seq_q, seq_kv, D // 2, BLOCK_M, BLOCK_N)
     _attend(q_desc, k_desc, v_desc, Out, Out, stride_ob, stride_oh, stride_os, stride_od,
             num_heads * D, num_heads * D, num_heads * D, num_heads, seq_q, seq_kv, QK_SCALE,
             D, BLOCK_M, BLOCK_N, EVEN_N, False, num_warps)
+
+
+@gluon.jit
+def device_descriptors(Q, K, V, rows, seq_q, seq_kv, BOX_ROWS: gl.constexpr, Q_COLS: gl.constexpr,
+                       KV_COLS: gl.constexpr):
+    """TMA descriptors of contiguous (B, H*D, S) maps, [rows, pixel] in boxes of [BOX_ROWS, cols], made
+    on the device: the AOT entries' view (Triton keeps them in its global scratch)."""
+    tile: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_desc = tma.make_tensor_descriptor(Q, [rows, seq_q], [seq_q, 1], [BOX_ROWS, Q_COLS], tile)
+    k_desc = tma.make_tensor_descriptor(K, [rows, seq_kv], [seq_kv, 1], [BOX_ROWS, KV_COLS], tile)
+    v_desc = tma.make_tensor_descriptor(V, [rows, seq_kv], [seq_kv, 1], [BOX_ROWS, KV_COLS], tile)
+    return q_desc, k_desc, v_desc
 
 
 @gluon.jit

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
-from .hopper import _add_bias, _softmax, descriptor
+from .hopper import _add_bias, _softmax, descriptor, device_descriptors
 from .kernel import LOG2E
 
 HEAD_DIMS = (64, 128)
@@ -200,11 +199,7 @@ def _ws_attn_aot(Q, K, V, stride_ob, stride_oh, stride_os, stride_od, batch, num
                  STAGES: gl.constexpr, EVEN_N: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     """The AOT entry in TensorRT's argument order (as `hopper._wide_attn_aot`): contiguous (B, H*D, S)
     maps, descriptors made on the device in Triton's global scratch (the plugin's second output)."""
-    tile: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    rows = batch * num_heads * D
-    q_desc = tma.make_tensor_descriptor(Q, [rows, seq_q], [seq_q, 1], [D, BLOCK_M], tile)
-    k_desc = tma.make_tensor_descriptor(K, [rows, seq_kv], [seq_kv, 1], [D, BLOCK_N], tile)
-    v_desc = tma.make_tensor_descriptor(V, [rows, seq_kv], [seq_kv, 1], [D, BLOCK_N], tile)
+    q_desc, k_desc, v_desc = device_descriptors(Q, K, V, batch * num_heads * D, seq_q, seq_kv, D, BLOCK_M, BLOCK_N)
     _attend_ws(q_desc, k_desc, v_desc, Out, Out, stride_ob, stride_oh, stride_os, stride_od,
                num_heads * D, num_heads * D, num_heads * D, num_heads, seq_q, seq_kv, QK_SCALE,
                D, BLOCK_M, BLOCK_N, STAGES, EVEN_N, False, CONSUMERS, CONSUMER_REGS)
@@ -241,7 +236,6 @@ def compile_for_hopper(dtype=None, even_n: bool = True, q_bias: bool = False, he
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
     c = config or config_for(head_dim, 4096)

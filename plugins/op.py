@@ -67,6 +67,16 @@ def _bsc(shape, heads):  # (B, S, heads*D): token-major, channel = head*D + d
 _LAYOUT_RULES = {"NCHW": (4, "s", _nchw), "BHSD": (4, "d", _bhsd), "BHDS": (4, "s", _bhds), "BSC": (3, "d", _bsc)}
 
 
+def static_dim(dim) -> int | None:
+    """An int, or a TensorRT shape expression's value where it is a build-time constant; None for a
+    dynamic (or, outside a shape calculation, fake) expression."""
+    if isinstance(dim, int):
+        return dim
+    if getattr(dim, "is_fake", False) or not dim.is_constant:
+        return None
+    return dim.constant_value()
+
+
 def layout_view(shape, layout: str, num_heads: int):
     """(sizes, element strides) of the (B, heads, S, D) view of a contiguous tensor of `shape` in `layout`."""
     if layout not in _LAYOUT_RULES:

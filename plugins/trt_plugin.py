@@ -31,7 +31,7 @@ slower, or a TensorRT could not give it its scratch, the engine still has the Tr
 import functools
 
 from .kernel import KernelConfig, candidate_configs, default_config, smem_limit
-from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape
+from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, static_dim
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out, scratch: one dtype
@@ -181,12 +181,15 @@ def _arch() -> str:
     return device_arch(torch.device("cuda"))[0]
 
 
+def _static_dims(desc) -> tuple:
+    """A TensorDesc's dims where they are build-time constants, 0 where dynamic. (Outside
+    get_output_shapes/get_launch_params there is no expression builder, so no arithmetic on them.)"""
+    return tuple(static_dim(e) or 0 for e in desc.shape_expr)
+
+
 def static_logical_shape(desc, layout: str, num_heads: int) -> tuple:
-    """(B, heads, S, D) of a TensorDesc where its shape expressions are build-time constants; 0
-    for a size that depends on a dynamic dim. (Outside get_output_shapes/get_launch_params there
-    is no expression builder, so no arithmetic on expressions: dynamic dims count as 0.)"""
-    dims = tuple(e.constant_value() if e.is_constant else 0 for e in desc.shape_expr)
-    return logical_shape(dims, layout, num_heads)
+    """(B, heads, S, D) of a TensorDesc; 0 for a size that depends on a dynamic dim."""
+    return logical_shape(_static_dims(desc), layout, num_heads)
 
 
 def hopper_problem(q, k, v, attrs: FlashAttentionAttrs, dtype: str) -> str | None:
@@ -207,8 +210,8 @@ def static_head_dim(desc, layout: str, num_heads: int) -> int:
     kernel is compiled for it), as the channel count of an NCHW map or BSC tokens is."""
     head_dim = static_logical_shape(desc, layout, num_heads)[3]
     if head_dim < 1:
-        dims = tuple(e.constant_value() if e.is_constant else 0 for e in desc.shape_expr)
-        raise ValueError(f"the head dim of a {layout} input must be a static dimension, got shape {dims} (0: dynamic)")
+        raise ValueError(f"the head dim of a {layout} input must be a static dimension, got shape {_static_dims(desc)} "
+                         "(0: dynamic)")
     return head_dim
 
 

@@ -425,6 +425,27 @@ def _gpu_tensors(layout, env, dtype, seed):
 TOL = {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}
 
 
+def _enqueue_as_tensorrt(core, plugin, trt_dtype, inputs, outputs):
+    """NVIDIA's JIT `enqueue` with real CUDA pointers, LINEAR descriptors and strides, on a stream of its own."""
+    def desc(t):
+        d = core.PluginTensorDesc()
+        d.dims, d.type, d.format = core.Dims(t.shape), trt_dtype, core.TensorFormat.LINEAR
+        return d
+
+    stream = torch.cuda.Stream()
+    plugin.enqueue([desc(t) for t in inputs], [desc(t) for t in outputs], [t.data_ptr() for t in inputs],
+                   [t.data_ptr() for t in outputs], [t.stride() for t in inputs], [t.stride() for t in outputs],
+                   stream.cuda_stream)
+    stream.synchronize()
+
+
+def _launch_as_tensorrt(launch, inputs, outputs):
+    """The PTX from get_kernel with get_launch_params' grid, block, shared memory and extras."""
+    from convattn.plugins.aot import launch_ptx
+
+    launch_ptx(launch.ptx, launch.kernel_name, launch.grid, launch.block, launch.shared_mem, inputs, launch.extras, outputs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -432,25 +453,13 @@ def test_gpu_aot_launch_as_tensorrt_passes_it(trt, layout, dtype):
     """The PTX TensorRT got from get_kernel, launched through the CUDA driver with exactly the grid,
     block, shared memory and int32 extras it got from get_launch_params, against float64."""
     core, _, _ = trt
-    import ctypes
-
-    from convattn.plugins.aot import _check, _driver, _load_module
-
     trt_plugin.register_plugin()
     (q_shape, kv_shape), env = SHAPES[layout]
     trt_dtype = {"fp32": core.float32, "fp16": core.float16, "bf16": core.bfloat16}[dtype]
     plugin = h.parse_node(core, node(layout))
     launch = h.build_node(core, plugin, [trt_dtype] * 3, [q_shape, kv_shape, kv_shape], env, tactics=[1]).launches[1]
     q, k, v, out = _gpu_tensors(layout, env, dtype, seed=len(layout))
-    drv = _driver()
-    func = _check(drv.cuModuleGetFunction(_load_module(launch.ptx), launch.kernel_name.encode()))
-    if launch.shared_mem > 48 * 1024:
-        _check(drv.cuFuncSetAttribute(func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                      launch.shared_mem))
-    values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *launch.extras, out.data_ptr()]
-    types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(launch.extras) + [ctypes.c_void_p]
-    _check(drv.cuLaunchKernel(func, *launch.grid, *launch.block, launch.shared_mem,
-                              torch.cuda.current_stream().cuda_stream, (tuple(values), tuple(types)), 0))
+    _launch_as_tensorrt(launch, (q, k, v), (out,))
     torch.cuda.synchronize()
     ref = _reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, float(plugin.attrs["scale"].rstrip("\0")))
     assert (out.double().cpu() - ref).abs().max() <= TOL[dtype]
@@ -471,19 +480,8 @@ def test_gpu_jit_enqueue_as_tensorrt_calls_it(trt, layout, dtype, monkeypatch):
     built = h.build_node(core, plugin, [trt_dtype] * 3, [q_shape, kv_shape, kv_shape], env)
     plugin.set_tactic(built.tactics[0])
     tensors = _gpu_tensors(layout, env, dtype, seed=7)
-
-    def desc(t):
-        d = core.PluginTensorDesc()
-        d.dims, d.type, d.format = core.Dims(t.shape), trt_dtype, core.TensorFormat.LINEAR
-        return d
-
     scratch = torch.empty(built.output_shapes[1], dtype=tensors[0].dtype, device="cuda")  # TensorRT allocates both
-    outs = (tensors[3], scratch)
-    stream = torch.cuda.Stream()
-    plugin.enqueue([desc(t) for t in tensors[:3]], [desc(t) for t in outs], [t.data_ptr() for t in tensors[:3]],
-                   [t.data_ptr() for t in outs], [t.stride() for t in tensors[:3]], [t.stride() for t in outs],
-                   stream.cuda_stream)
-    stream.synchronize()
+    _enqueue_as_tensorrt(core, plugin, trt_dtype, tensors[:3], (tensors[3], scratch))
     q, k, v, out = tensors
     ref = _reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), layout, float(plugin.attrs["scale"].rstrip("\0")))
     assert (out.double().cpu() - ref).abs().max() <= TOL[dtype]
@@ -592,24 +590,13 @@ def test_gpu_hopper_tactic_as_tensorrt_passes_it(trt, layout, out_layout, dtype)
     grid, block, shared memory and extras, then the output and the scratch output (sized by the
     plugin's shape rule), against float64; and the JIT `impl` of the same tactic, bit for bit."""
     core, _, _ = trt
-    import ctypes
-
-    from convattn.plugins.aot import _check, _driver, _load_module
-
     trt_plugin.register_plugin()
     built, launch = _hopper_launch(core, layout, dtype, out_layout)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(s, generator=gen).to(getattr(torch, DTYPES[dtype])).cuda() for s in HOPPER_SHAPES[layout])
     out = torch.full(built.output_shape, float("nan"), dtype=q.dtype, device="cuda")
     scratch = torch.full(built.output_shapes[1], float("nan"), dtype=q.dtype, device="cuda")
-    drv = _driver()
-    func = _check(drv.cuModuleGetFunction(_load_module(launch.ptx), launch.kernel_name.encode()))
-    _check(drv.cuFuncSetAttribute(func, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                  launch.shared_mem))
-    values = [q.data_ptr(), k.data_ptr(), v.data_ptr(), *launch.extras, out.data_ptr(), scratch.data_ptr()]
-    types = [ctypes.c_void_p] * 3 + [ctypes.c_int32] * len(launch.extras) + [ctypes.c_void_p] * 2
-    _check(drv.cuLaunchKernel(func, *launch.grid, *launch.block, launch.shared_mem,
-                              torch.cuda.current_stream().cuda_stream, (tuple(values), tuple(types)), 0))
+    _launch_as_tensorrt(launch, (q, k, v), (out, scratch))
     torch.cuda.synchronize()
     from convattn.plugins.op import bhsd_view
 
@@ -622,15 +609,5 @@ def test_gpu_hopper_tactic_as_tensorrt_passes_it(trt, layout, out_layout, dtype)
     assert trt_plugin.HOPPER_TACTIC in h.build_node(core, jit, [trt_dtype] * 3, HOPPER_SHAPES[layout], {}).tactics
     jit.set_tactic(trt_plugin.HOPPER_TACTIC)
     out_jit = torch.full_like(out, float("nan"))
-
-    def desc(t):
-        d = core.PluginTensorDesc()
-        d.dims, d.type, d.format = core.Dims(t.shape), trt_dtype, core.TensorFormat.LINEAR
-        return d
-
-    stream = torch.cuda.Stream()
-    outs = (out_jit, scratch)
-    jit.enqueue([desc(t) for t in (q, k, v)], [desc(t) for t in outs], [t.data_ptr() for t in (q, k, v)],
-                [t.data_ptr() for t in outs], [t.stride() for t in (q, k, v)], [t.stride() for t in outs], stream.cuda_stream)
-    stream.synchronize()
+    _enqueue_as_tensorrt(core, jit, trt_dtype, (q, k, v), (out_jit, scratch))
     assert torch.equal(out_jit, out)
