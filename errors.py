@@ -49,6 +49,12 @@ class EngineBuildError(ConvattnError):
     exit_code = 4
 
 
+class DriverError(EngineBuildError):
+    """A plan cannot run here: its PTX needs a newer driver, or it was built for another GPU family."""
+
+    exit_code = 4
+
+
 class TensorRTUnavailable(ConvattnError):
     """An engine was asked for, but the `tensorrt` package cannot be imported here."""
 

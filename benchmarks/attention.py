@@ -34,7 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from convattn.models import ConvMHAttn
 from convattn.plugins import flash as flash_mod
-from convattn.plugins.aot import compile_artifact, compile_hopper_artifact, launch_artifact, scratch_shape
+from convattn.plugins.aot import compile_artifact, compile_hopper_artifact, launch_artifact
+from convattn.plugins.op import scratch_shape
 from convattn.plugins.flash import config_key, pick_config
 from convattn.plugins.hopper import aot_problem
 from convattn.plugins.tune import tune

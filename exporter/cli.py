@@ -337,7 +337,7 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
     import torch
 
     if torch.cuda.is_available():
-        from convattn.exporter.engine import validate_engine
+        from convattn.exporter.validate import validate_engine
 
         with stage("validate engine"):
             engine_report = validate_engine(o.engine, model_module, unfused, names, input_shapes, dtype=o.dtype,
@@ -349,7 +349,12 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
     else:
         out.print("[yellow]warning:[/] engine built but not validated: no CUDA GPU in this process")
     if torch.cuda.is_available() and any(b.fused for b in blocks):
-        built.sidecar["paths"] = _compare_paths(o, built, unfused, profile, names)
+        from convattn.exporter.engine import compare_paths
+
+        with stage("engine (TensorRT's own attention, for comparison)"):
+            built.sidecar["paths"] = compare_paths(built.plan, unfused, profile, names,
+                                                   built.sidecar.get("device_memory_bytes"))
+        _print_paths(built.sidecar["paths"])
     if o.triton_repo:
         name = o.engine.stem.replace(".", "_")
         target = triton_repository(o.triton_repo, name, o.engine, fused, profile, force=o.force)
@@ -387,22 +392,7 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
     out.print(f"fused graph: {fused_path}" + (f"; exported graph: {onnx_path}" if onnx_path else ""))
 
 
-def _compare_paths(o: Options, built, unfused, profile, names) -> dict:
-    """Our plugin against TensorRT's own attention (the unfused graph), same profile, same inputs:
-    median time at the opt shape and device memory, so the report shows what each path costs."""
-    import tempfile
-
-    import torch
-
-    from convattn.exporter.engine import build_engine, time_engine
-
-    feeds = {n: torch.randn(profile.shapes[n][1], device="cuda") for n in names}
-    result = {"plugin": {"ms": time_engine(built.plan, feeds),
-                         "device_memory_bytes": built.sidecar.get("device_memory_bytes")}}
-    with tempfile.TemporaryDirectory() as tmp, stage("engine (TensorRT's own attention, for comparison)"):
-        native = build_engine(unfused, Path(tmp) / "native.plan", profile)
-        result["native"] = {"ms": time_engine(native.plan, feeds),
-                            "device_memory_bytes": native.sidecar.get("device_memory_bytes")}
+def _print_paths(result: dict) -> None:
     table = Table(title="attention path comparison (opt shape, median of 20)", title_justify="left")
     for col in ("path", "ms", "engine device memory"):
         table.add_column(col)
@@ -410,7 +400,6 @@ def _compare_paths(o: Options, built, unfused, profile, names) -> dict:
         mem = r["device_memory_bytes"]
         table.add_row(name, f"{r['ms']:.3f}", f"{mem / 1e6:.1f} MB" if mem else "?")
     out.print(table)
-    return result
 
 
 def _heads(d: dict) -> str:

@@ -10,28 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx
 
 import convattn
-from convattn.errors import ConvattnError, EngineBuildError, InputError, TensorRTUnavailable, first_line
-from convattn.plugins.op import PLUGIN_MODES
+from convattn.errors import (ConvattnError, DriverError, EngineBuildError, InputError, ModelError, TensorRTUnavailable,
+                             first_line)
+from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, int32_problem, logical_shape,
+                                 undeclared_attributes)
 
 from .files import write_atomic
 from .fuse import plugin_modes, set_plugin_mode, uses_tf32
 from .graph import graph_inputs, parse_shape
 from .precision import graph_precision
-
-if TYPE_CHECKING:
-    from .validate import ValidationReport
 
 _TRT_DTYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16"}
 
@@ -89,7 +86,8 @@ def sidecar_path(plan: str | Path) -> Path:
 
 
 def sidecar(*, trt_version: str, gpu: str, compute_capability: str, profile: Profile, plugin_mode: str, dtype: str,
-            model_sha256: str | None, device_memory_bytes: int | None = None, tf32: bool = False) -> dict:
+            model_sha256: str | None, device_memory_bytes: int | None = None, tf32: bool = False,
+            kernels: list | None = None) -> dict:
     """What the plan needs to be served: an engine runs only on the TensorRT version and GPU
     family it was built for, and a JIT engine needs the Python plugin in the serving process."""
     return {
@@ -101,10 +99,66 @@ def sidecar(*, trt_version: str, gpu: str, compute_capability: str, profile: Pro
         "needs_python_plugin": plugin_mode == "jit",
         "precision": dtype,
         "tf32": tf32,
+        "ptx": ptx_requirements(kernels or []),
         "device_memory_bytes": device_memory_bytes,
         "convattn": convattn.__version__,
         "source_model_sha256": model_sha256,
     }
+
+
+def ptx_requirements(kernels: list[dict]) -> dict | None:
+    """What the PTX an AOT plan carries needs from the serving machine: its PTX ISA, target and the
+    oldest CUDA driver that loads it (the newest over its kernels); None when it carries none (JIT)."""
+    if not kernels:
+        return None
+    def key(k):
+        return tuple(int(x) for x in k["ptx_isa"].split("."))
+
+    newest = max(kernels, key=key)
+    return {"ptx_isa": newest["ptx_isa"], "targets": sorted({k["target"] for k in kernels}),
+            "min_cuda": newest["min_cuda"], "min_driver": newest["min_driver"],
+            "max_shared_mem": max(k["shared_mem"] for k in kernels),
+            "kernels": sorted({k["kernel"] for k in kernels})}
+
+
+def check_driver(meta: dict, driver_cuda: str | None = None, capability: str | None = None) -> None:
+    """Refuse, in one line, a plan this machine cannot load: PTX newer than its driver (a CUDA error at
+    load otherwise), or a GPU of another family. `driver_cuda` ("12.8") and `capability` ("9.0")
+    default to this machine's."""
+    need = (meta.get("ptx") or {}).get("min_cuda")
+    if need and need != "?":
+        have = driver_cuda or _driver_cuda()
+        if have and tuple(map(int, have.split("."))) < tuple(map(int, need.split("."))):
+            raise DriverError(f"the engine's PTX (ISA {meta['ptx']['ptx_isa']}) needs a CUDA {need} driver (Linux >= "
+                              f"{meta['ptx']['min_driver']}); this machine's driver is CUDA {have}: update the driver, "
+                              "or build the engine with a Triton whose PTX this driver loads")
+    want = meta.get("compute_capability")
+    if want:
+        have_cc = capability or gpu_identity()[1]
+        if have_cc != want:
+            raise DriverError(f"the engine was built for compute capability {want} ({meta.get('gpu')}); this GPU is "
+                              f"{have_cc}: rebuild it on this GPU family")
+
+
+def _driver_cuda() -> str | None:
+    """The CUDA version this machine's driver supports, "12.8"; None if it cannot be asked."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        try:
+            from cuda import cuda as driver
+        except ImportError:
+            driver = None
+    try:
+        if driver is not None:
+            err, version = driver.cuDriverGetVersion()
+        else:
+            import torch
+
+            version = torch._C._cuda_getDriverVersion()
+    except Exception:  # noqa: BLE001  (best effort: TensorRT reports what it cannot load)
+        return None
+    return f"{version // 1000}.{version % 1000 // 10}"
 
 
 def triton_repository(repo: str | Path, name: str, plan: str | Path, model: onnx.ModelProto, profile: Profile,
@@ -223,9 +277,60 @@ def build_engine(
     if plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     trt = _trt()
+    check_attributes(fused)
+    check_int32(fused, {name: hi for name, (_, _, hi) in profile.shapes.items()})
     with tensorrt_errors(trt):
         return _build(trt, fixed_dims(set_plugin_mode(fused, plugin_mode), profile), Path(plan_path), profile,
                       plugin_mode, workspace_bytes, timing_cache, model_sha256)
+
+
+def check_attributes(model: onnx.ModelProto) -> None:
+    """Refuse a FlashAttention node with an attribute the plugin does not declare: TensorRT's parser
+    would drop it without a word (loadFields passes declared fields only), and the kernel would run
+    as if it were not there."""
+    for node in model.graph.node:
+        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+            extra = undeclared_attributes(a.name for a in node.attribute)
+            if extra:
+                raise EngineBuildError(f"{node.name}: attribute(s) {', '.join(extra)} are not fields of the FlashAttention "
+                                       "plugin: TensorRT's ONNX parser would drop them and the kernel ignore them; "
+                                       "re-fuse the graph with this convattn")
+
+
+def check_int32(model: onnx.ModelProto, shapes: dict) -> None:
+    """Refuse (ModelError, one line) a profile whose largest shapes give a FlashAttention node a tensor
+    the kernels cannot index with int32 (`op.int32_problem`); shapes per graph input, from ONNX shape
+    inference (a node whose input shapes it cannot infer is left to the plugin)."""
+    nodes = [n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    if not nodes:
+        return
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for vi in m.graph.input:
+        for dim, n in zip(vi.type.tensor_type.shape.dim, shapes.get(vi.name, ())):
+            dim.Clear()
+            dim.dim_value = int(n)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True).graph
+    except Exception:  # noqa: BLE001  (best effort)
+        return
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.input, *inferred.value_info]}
+    for node in nodes:
+        q, k, v = (dims.get(name) for name in node.input[:3])
+        try:
+            attrs = FlashAttentionAttrs.from_attributes({a.name: a.s for a in node.attribute
+                                                         if a.type == onnx.AttributeProto.STRING})
+        except ValueError:
+            continue  # the plugin refuses it inside TensorRT, with TensorRT's report
+        if not all(s and None not in s for s in (q, k, v)):
+            continue
+        (b, h, s_q, d), (_, _, s_kv, _), (_, _, _, d_v) = (logical_shape(s, layout, attrs.num_heads) for s, layout in
+                                                             ((q, attrs.q_layout), (k, attrs.k_layout), (v, attrs.v_layout)))
+        problem = int32_problem(b, h, s_q, s_kv, d, d_v)
+        if problem:
+            raise ModelError(f"{node.name}: at the profile's largest shapes {problem}: narrow --max-shape")
 
 
 def fixed_dims(model: onnx.ModelProto, profile: Profile) -> onnx.ModelProto:
@@ -258,8 +363,9 @@ def tensorrt_errors(trt):
 
 
 def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, timing_cache, model_sha256):
-    from convattn.plugins.trt_plugin import register_plugin
+    from convattn.plugins.trt_plugin import emitted_kernels, register_plugin
 
+    emitted_kernels(clear=True)
     if not register_plugin() and plugin_mode == "aot" and plugin_modes(fused):  # a graph of ours needs AOT
         raise EngineBuildError(f"TensorRT {trt.__version__} has no AOT Python plugins (tensorrt.plugin.aot_impl, "
                                "TensorRT >= 10.12): pass --plugin-mode jit, or use a newer TensorRT")
@@ -281,12 +387,14 @@ def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, t
     if plan is None:
         raise EngineBuildError("TensorRT could not build the engine: " + " | ".join(log.messages[-10:]))
     engine = trt.Runtime(log).deserialize_cuda_engine(plan)
+    kernels = emitted_kernels()
     memory = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", None)
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
     gpu, capability = gpu_identity()
     meta = sidecar(trt_version=trt.__version__, gpu=gpu, compute_capability=capability, profile=profile,
                    plugin_mode=plugin_mode, dtype=graph_precision(fused), tf32=tf32, model_sha256=model_sha256,
-                   device_memory_bytes=int(memory) if memory is not None else None)
+                   device_memory_bytes=int(memory) if memory is not None else None,
+                   kernels=kernels if plugin_mode == "aot" else None)
     meta["attention_layers"] = attention_layers(info)
     write_atomic(plan_path, bytes(plan))
     write_atomic(sidecar_path(plan_path), (json.dumps(meta, indent=2) + "\n").encode())
@@ -327,6 +435,9 @@ def _bound(plan: str | Path, feeds: dict):
 
     from convattn.plugins.trt_plugin import register_plugin
 
+    meta = sidecar_path(plan)
+    if meta.exists():  # a plan this machine cannot load: one line now, not a CUDA error inside TensorRT
+        check_driver(json.loads(meta.read_text()))
     register_plugin()  # a JIT engine needs it; an AOT engine does not, but it does no harm
     log = _Log(trt)
     engine = trt.Runtime(log).deserialize_cuda_engine(Path(plan).read_bytes())
@@ -401,59 +512,16 @@ class _Log:
         return Log()
 
 
-def validate_engine(
-    plan,
-    module,
-    unfused: onnx.ModelProto,
-    input_names: list[str],
-    input_shapes: list[tuple[int, ...]],
-    *,
-    dtype: str = "fp32",
-    blocks: list | None = None,
-    seed: int | None = None,
-    tf32: bool = False,
-) -> ValidationReport:
-    """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
-    the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
-    the same inputs x8 (large logits: where a naive fp16 softmax overflows). Needs CUDA and
-    TensorRT; memory notes give the engine's peak and where einsum would run out of memory."""
-    import numpy as np
+def compare_paths(plan: str | Path, unfused: onnx.ModelProto, profile: Profile, names: list[str],
+                  plugin_memory: int | None = None) -> dict:
+    """Our plugin's engine (`plan`) against TensorRT's own attention (an engine of the unfused graph),
+    same profile, same inputs: median ms at the opt shape and device memory, {"plugin": .., "native": ..}."""
     import torch
 
-    from convattn.plugins.ort_op import run as run_onnx
-
-    from .validate import (DTYPES, ValidationReport, _block_memory, _compare, _flat, _run_torch, _variants,
-                           einsum_oom_side)
-
-    seed = secrets.randbits(31) if seed is None else seed
-    gen = torch.Generator().manual_seed(seed)
-    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
-    comparisons, notes = [], []
-    for label, factor in (("", 1.0), (" (x8 inputs)", 8.0)):
-        inputs = [x * factor for x in base]
-        ref = _run_torch(module, inputs, torch.float64)
-        scale = max(1.0, float(np.abs(ref).max()))
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        outputs = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
-        peak = torch.cuda.max_memory_allocated() - before
-        got = _flat([o.double().cpu().numpy() for o in outputs])  # every output, as the reference flattens them
-        # a TF32 engine (fp32 graph, --tf32) is held to TF32's tolerance
-        comparisons.append(_compare(f"tensorrt engine{label}", "tf32" if tf32 and dtype == "fp32" else dtype, got, ref, scale))
-        feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
-        if dtype != "bf16":  # the unfused graph is typed in `dtype` too; ONNX Runtime's CPU kernels have no bf16
-            comparisons.append(_compare(f"onnxruntime unfused{label}", dtype, _flat(run_onnx(unfused, feeds)), ref, scale))
-        for name, variant in _variants(module).items():
-            got = _run_torch(variant, inputs, DTYPES[dtype], "cuda")
-            comparisons.append(_compare(f"{name} (cuda){label}", dtype, got, ref, scale))
-        if not label:
-            notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
-                         "(the engine's own activation memory is in the sidecar)")
-    _, total = torch.cuda.mem_get_info()
-    batch = input_shapes[0][0]
-    memory = _block_memory(blocks, batch, dtype)
-    for m in memory:
-        side = einsum_oom_side(batch, m.heads, total, dtype)
-        notes.append(f"block {m.block}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
-                     f"at {side}x{side} pixels (batch {batch})")
-    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
+    feeds = {n: torch.randn(profile.shapes[n][1], device="cuda") for n in names}
+    result = {"plugin": {"ms": time_engine(plan, feeds), "device_memory_bytes": plugin_memory}}
+    with tempfile.TemporaryDirectory() as tmp:
+        native = build_engine(unfused, Path(tmp) / "native.plan", profile)
+        result["native"] = {"ms": time_engine(native.plan, feeds),
+                            "device_memory_bytes": native.sidecar.get("device_memory_bytes")}
+    return result

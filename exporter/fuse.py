@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from .graph import graph_inputs, recorded_shapes
 from convattn.errors import InputError, ModelError, first_line
 from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute, logical_shape,
-                                 native_attention_applies)
+                                 int32_problem, native_attention_applies, scratch_name)
 
 # ---------------------------------------------------------------- views: atoms of a root tensor
 
@@ -702,6 +702,12 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     onnx.helper.set_model_props(fused, {**{p.key: p.value for p in model.metadata_props}, TF32_KEY: str(int(tf32))})
     onnx.checker.check_model(fused)
     _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
+    for b in blocks:
+        d = b.details
+        problem = b.fused and "seq_q" in d and int32_problem(d["batch"], d["num_heads"], d["seq_q"], d["seq_kv"],
+                                                             d["head_dim"], d["head_dim_v"])
+        if problem:
+            raise ModelError(f"block {b.name}: at the export shape {problem}: export a smaller batch or map")
     return FusionResult(fused, blocks, notes)
 
 
@@ -717,9 +723,10 @@ def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool)
                 merged[t.name] = _merge_heads(graph, names, t, int(g.shape(t)[-1]))
         inputs = [merged.get(t.name, t) for t in inputs]
         y = gs.Variable(names(f"{name}/FlashAttention_output"), out.dtype) if len(g.shape(out)) > 4 else out
+        scratch = gs.Variable(names(scratch_name(y.name)), out.dtype)  # named: TensorRT 10.16+ requires it
         graph.nodes.append(
             gs.Node(OP_TYPE, _node_name(name), replace(attrs, tf32=tf32).onnx_attributes(plugin_mode), inputs,
-                    [y], domain=DOMAIN)
+                    [y, scratch], domain=DOMAIN)
         )
         if y is not out:  # back to Q's (B, X..., S, D_v)
             seq = _dims(graph, names, y, 2, 3, out.shape[-2:-1] if out.shape else None)

@@ -296,3 +296,55 @@ def einsum_oom_side(batch: int, heads: int, memory_bytes: int, dtype: str) -> in
     while einsum_bytes_at(batch, heads, side * side, side * side, dtype) <= memory_bytes:
         side += 8
     return side
+
+
+def validate_engine(
+    plan,
+    module,
+    unfused: onnx.ModelProto,
+    input_names: list[str],
+    input_shapes: list[tuple[int, ...]],
+    *,
+    dtype: str = "fp32",
+    blocks: list | None = None,
+    seed: int | None = None,
+    tf32: bool = False,
+) -> ValidationReport:
+    """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
+    the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
+    the same inputs x8 (large logits: where a naive fp16 softmax overflows). Needs CUDA and
+    TensorRT; memory notes give the engine's peak and where einsum would run out of memory."""
+    from .engine import run_engine
+
+    seed = secrets.randbits(31) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
+    comparisons, notes = [], []
+    for label, factor in (("", 1.0), (" (x8 inputs)", 8.0)):
+        inputs = [x * factor for x in base]
+        ref = _run_torch(module, inputs, torch.float64)
+        scale = max(1.0, float(np.abs(ref).max()))
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        outputs = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
+        peak = torch.cuda.max_memory_allocated() - before
+        got = _flat([o.double().cpu().numpy() for o in outputs])  # every output, as the reference flattens them
+        # a TF32 engine (fp32 graph, --tf32) is held to TF32's tolerance
+        comparisons.append(_compare(f"tensorrt engine{label}", "tf32" if tf32 and dtype == "fp32" else dtype, got, ref, scale))
+        feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
+        if dtype != "bf16":  # the unfused graph is typed in `dtype` too; ONNX Runtime's CPU kernels have no bf16
+            comparisons.append(_compare(f"onnxruntime unfused{label}", dtype, _flat(run_onnx(unfused, feeds)), ref, scale))
+        for name, variant in _variants(module).items():
+            got = _run_torch(variant, inputs, DTYPES[dtype], "cuda")
+            comparisons.append(_compare(f"{name} (cuda){label}", dtype, got, ref, scale))
+        if not label:
+            notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
+                         "(the engine's own activation memory is in the sidecar)")
+    _, total = torch.cuda.mem_get_info()
+    batch = input_shapes[0][0]
+    memory = _block_memory(blocks, batch, dtype)
+    for m in memory:
+        side = einsum_oom_side(batch, m.heads, total, dtype)
+        notes.append(f"block {m.block}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
+                     f"at {side}x{side} pixels (batch {batch})")
+    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)

@@ -13,7 +13,7 @@ then the plugin's second output, "scratch". Triton >= 3.3 appends two hidden poi
 - the Hopper kernel (`compile_hopper_artifact`) makes its TMA descriptors on the device and keeps
   them in global scratch, one slot per program at base + linear program id x slot size. Its
   `global_scratch` parameter stays, right after the output, where TensorRT passes the scratch
-  output (`scratch_shape` sizes it for every program); `profile_scratch` is deleted.
+  output (`op.scratch_shape` sizes it for every program); `profile_scratch` is deleted.
 The PTX then declares exactly the arguments TensorRT passes (cuLaunchKernel reads only as many
 parameters as the entry declares). `launch_artifact` passes exactly that list, so its parity
 test proves what an engine carrying this PTX computes. The cubin keeps Triton's signature.
@@ -29,7 +29,8 @@ import sys
 from dataclasses import dataclass, field
 
 from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
-from .op import FlashAttentionAttrs, layout_strides, logical_shape, output_shape, static_dim, unit_axis
+from .op import (SCRATCH_BYTES, SCRATCH_ROWS, FlashAttentionAttrs, layout_strides, logical_shape, output_shape,
+                 unit_axis)
 
 DTYPES = ("fp16", "bf16", "fp32")  # also Triton's pointer type names
 _STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
@@ -95,26 +96,6 @@ class AotArtifact:
         seq_kv = logical_shape(k_shape, kl, self.num_heads)[2]
         values = {**strides, "batch": batch, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv}
         return [values[n] for n in self.scalar_arg_names]
-
-
-# The plugin's second output, "scratch": global memory for AOT kernels that need it (QDP has no
-# workspace). Sized for the kernel that needs the most, whichever tactic runs: SCRATCH_BYTES per
-# program of SCRATCH_ROWS query rows, in elements of the query's dtype (2 bytes or more), for the
-# head dims the Hopper kernel takes; one element elsewhere. Output shapes are fixed before a tactic is.
-SCRATCH_ROWS, SCRATCH_BYTES = 64, 512
-
-
-def scratch_shape(q_shape, v_shape, attrs: FlashAttentionAttrs, cdiv=lambda a, b: -(-a // b)) -> tuple:
-    """The scratch output's shape, for concrete shapes or TensorRT's shape expressions (`cdiv`: theirs)."""
-    try:
-        from .hopper import HEAD_DIMS
-    except ImportError:  # a Triton without Gluon: no kernel of ours reads scratch
-        return (1,)
-    b, h, s_q, d = logical_shape(q_shape, attrs.q_layout, attrs.num_heads)
-    head_dim = static_dim(d)
-    if head_dim not in HEAD_DIMS or static_dim(logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]) != head_dim:
-        return (1,)
-    return (cdiv(s_q, SCRATCH_ROWS) * b * h * (SCRATCH_BYTES // 2),)
 
 
 def _out_shape(q_shape, v_shape, art: AotArtifact):
@@ -287,7 +268,7 @@ def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None, s
     """Run the artifact's PTX through the CUDA driver API with TensorRT's argument list.
 
     q, k, v, out: CUDA torch tensors, contiguous in the artifact's layouts. `scratch`: the plugin's
-    second output (`scratch_shape`), passed after `out` to a kernel that reads it."""
+    second output (`op.scratch_shape`), passed after `out` to a kernel that reads it."""
     for t, layout in zip((q, k, v, out), art.layouts):
         if not t.is_contiguous():
             raise ValueError(f"launch_artifact: expected contiguous tensors in layout {layout}")

@@ -27,7 +27,7 @@ Two entry points share the body (`_attend`): `_wide_attn_fwd` (JIT) takes TMA de
 the host, 128-byte kernel parameters that TensorRT's AOT interface cannot pass; `_wide_attn_aot`
 takes TensorRT's argument list (pointers, int32 extras) and makes the descriptors on the device,
 in Triton's global scratch, which the TensorRT plugin provides as its second output
-(`aot.compile_hopper_artifact`, `aot.scratch_shape`). It serves a node where `aot_problem` says so.
+(`aot.compile_hopper_artifact`, `op.scratch_shape`). It serves a node where `aot_problem` says so.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .kernel import LOG2E
+from .op import HOPPER_HEAD_DIMS
 
 HEAD_DIM = 512  # the Stable Diffusion VAE's, and the one `flash_attention` dispatches here
-HEAD_DIMS = (64, 128, 256, 512)  # compile without spills; two TMA boxes of D/2 <= 256 rows
+HEAD_DIMS = HOPPER_HEAD_DIMS  # compile without spills; two TMA boxes of D/2 <= 256 rows
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 8
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 

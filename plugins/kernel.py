@@ -286,13 +286,37 @@ def candidate_configs(head_dim: int, dtype_bytes: int, head_dim_v: int | None = 
     def keep(c: KernelConfig) -> bool:
         dv = c.dv_block(bdv)
         acc_regs = c.block_m * dv / (c.num_warps * 32)  # fp32 accumulator per thread
-        # Q stays in shared memory; K and V tiles take one buffer per pipeline stage (the
-        # kernel's two bodies, aligned and not, reuse the same allocation).
-        need = dtype_bytes * (c.block_m * bd + c.num_stages * c.block_n * (bd + dv))
+        need = smem_estimate(c, head_dim, dtype_bytes, head_dim_v)
         return acc_regs <= 128 and need <= smem and (dv <= 128 or c.block_m <= 64 or c.block_dv is not None)
 
     # Nothing fits (fp32 wide heads on a 99 KB GPU): the smallest tiles the tensor-core dot allows.
     return [c for c in configs if keep(c)] or [KernelConfig(16, 16, 4, 1, None, 128 if bdv > 128 else None)]
+
+
+def smem_estimate(c: KernelConfig, head_dim: int, dtype_bytes: int, head_dim_v: int | None = None) -> int:
+    """Shared memory bytes a config takes: Q stays in shared memory; K and V tiles take one buffer
+    per pipeline stage (the kernel's two bodies, aligned and not, reuse the same allocation). Equal
+    to what Triton 3.6 allocates for the configs checked (`test_every_node_has_a_tactic_without_opt_in`)."""
+    bd, dv = block_dim(head_dim), c.dv_block(block_dim(head_dim_v or head_dim))
+    return dtype_bytes * (c.block_m * bd + c.num_stages * c.block_n * (bd + dv))
+
+
+# Dynamic shared memory a kernel may take without an opt-in (cuFuncSetAttribute(
+# CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)); whether TensorRT opts an AOT plugin's kernel in is
+# not documented, so every node also gets a tactic within it (`no_opt_in_config`).
+SMEM_WITHOUT_OPT_IN = 48 * 1024
+
+
+def no_opt_in_config(head_dim: int, dtype_bytes: int, head_dim_v: int | None = None) -> KernelConfig | None:
+    """The largest-tile config within SMEM_WITHOUT_OPT_IN (it needs no scratch either), None where
+    none exists: fp32 heads wider than 256 (a 16-row Q tile and a 16-key K tile of 512 fp32 columns
+    are 64 KiB)."""
+    wide = block_dim(head_dim_v or head_dim) > 128
+    small = [KernelConfig(bm, bn, w, st, None, 128 if wide else None)
+             for bm, bn, w, st in ((64, 32, 4, 2), (64, 32, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1))]
+    fits = [c for c in (*candidate_configs(head_dim, dtype_bytes, head_dim_v), *small)
+            if smem_estimate(c, head_dim, dtype_bytes, head_dim_v) <= SMEM_WITHOUT_OPT_IN]
+    return max(fits, key=lambda c: (c.block_m, c.block_n, c.num_stages), default=None)
 
 
 def register_cap(block_m: int, block_d: int, num_warps: int, block_n: int = 64, dtype_bytes: int = 2) -> int | None:

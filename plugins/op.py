@@ -168,11 +168,21 @@ class FlashAttentionAttrs:
                 values["tf32"] = {"0": False, "1": True}[values["tf32"]]
         except (ValueError, KeyError) as e:
             raise ValueError(f"FlashAttention attributes: expected num_heads an integer, scale a number and tf32 "
-                             f"0 or 1, got {attrs.get('num_heads')!r}, {attrs.get('scale')!r}, {attrs.get('tf32')!r}") from e
+                             f"0 or 1, each an ONNX STRING, got {attrs.get('num_heads')!r}, {attrs.get('scale')!r}, "
+                             f"{attrs.get('tf32')!r}") from e
         return cls(**values)
 
 
 PLUGIN_MODES = ("aot", "jit")
+# The node attributes TensorRT's ONNX parser reads itself (lookup, implementation); every other
+# attribute reaches the plugin only if it is one of its fields (onnx-tensorrt loadFields passes the
+# creator's declared fields and drops the rest without a word).
+PARSER_ATTRIBUTES = ("plugin_namespace", "plugin_version", "aot")
+
+
+def undeclared_attributes(names) -> list[str]:
+    """Attribute names a FlashAttention node carries that neither the plugin nor the parser reads."""
+    return [n for n in names if n not in FlashAttentionAttrs.__dataclass_fields__ and n not in PARSER_ATTRIBUTES]
 
 
 def aot_attribute(plugin_mode: str) -> int:
@@ -202,6 +212,55 @@ def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple:
     if attrs.out_layout == "BHSD":
         return (b, h, s_q, d_v)
     return (b, h, d_v, s_q)
+
+
+# The node's second output, "scratch": global memory for the AOT kernels that need it (a Quickly
+# Deployable Plugin has no workspace): the Hopper kernels keep their device-side TMA descriptors there,
+# SCRATCH_BYTES per program of SCRATCH_ROWS query rows. The node names it (`scratch_name`): TensorRT
+# 10.16/11.x's ONNX parser requires a node to name every output of its layer. Output shapes are fixed
+# before a tactic is, so it is sized for the kernel that needs the most, at the head dims that have a
+# Hopper tactic (HOPPER_HEAD_DIMS, Q and V alike); one element elsewhere. Nothing reads it after the node.
+SCRATCH_ROWS, SCRATCH_BYTES = 64, 512
+HOPPER_HEAD_DIMS = (64, 128, 256, 512)
+
+
+def scratch_shape(q_shape, v_shape, attrs: FlashAttentionAttrs, cdiv=lambda a, b: -(-a // b)) -> tuple:
+    """The scratch output's shape (elements of the query's dtype), for concrete shapes or TensorRT's
+    shape expressions (`cdiv`: theirs)."""
+    b, h, s_q, d = logical_shape(q_shape, attrs.q_layout, attrs.num_heads)
+    head_dim = static_dim(d)
+    if head_dim not in HOPPER_HEAD_DIMS or static_dim(logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]) != head_dim:
+        return (1,)
+    return (cdiv(s_q, SCRATCH_ROWS) * b * h * (SCRATCH_BYTES // 2),)
+
+
+def scratch_name(output: str) -> str:
+    """The name a fused node gives its scratch output, from its attention output's name."""
+    return f"{output}_scratch"
+
+
+INT32_MAX = 2**31 - 1
+
+
+def int32_problem(batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: int, head_dim_v: int) -> str | None:
+    """Why the kernels cannot address these sizes, None where they can: their int32 extras (strides,
+    lengths) and in-tile offsets index each of Q, K, V and the output with 32-bit integers, so no one
+    of them may hold more than 2^31 - 1 elements."""
+    sizes = {"Q": batch * heads * seq_q * head_dim, "K": batch * heads * seq_kv * head_dim,
+             "V": batch * heads * seq_kv * head_dim_v, "the output": batch * heads * seq_q * head_dim_v}
+    for name, n in sizes.items():
+        if n > INT32_MAX:
+            return (f"{name} holds {n:,} elements (batch {batch}, {heads} heads, S_q {seq_q}, S_kv {seq_kv}, head dims "
+                    f"{head_dim}/{head_dim_v}), more than the 2^31 - 1 the kernels index with int32")
+    return None
+
+
+def make_node(inputs, output: str, attrs: FlashAttentionAttrs, plugin_mode: str = "aot", name: str = ""):
+    """The fused node as an ONNX NodeProto: (q, k, v) -> (output, its scratch), our domain, every attribute."""
+    import onnx
+
+    return onnx.helper.make_node(OP_TYPE, list(inputs), [output, scratch_name(output)], name, domain=DOMAIN,
+                                 **attrs.onnx_attributes(plugin_mode))
 
 
 def native_attention_applies(dtype: str, head_dim: int) -> bool:

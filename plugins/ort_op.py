@@ -13,16 +13,17 @@ import functools
 import signal
 import threading
 
+import numpy as np
 import onnx
 
-from .op import DOMAIN, OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs
+from .op import DOMAIN, OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs, scratch_shape
 
 
 def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` whose FlashAttention nodes are in ONNX Runtime's custom-op domain.
 
     ONNX Runtime's Python custom ops take float32 only: a node of an fp16/bf16 graph reads its
-    inputs through Casts to fp32 and its output goes back through a Cast, so the graph runs with
+    inputs through Casts to fp32 and its outputs go back through Casts, so the graph runs with
     the node's inputs and output rounded as the kernel's are (the kernel accumulates in fp32)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -37,9 +38,9 @@ def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
                 for i, name in enumerate(node.input):
                     nodes.append(onnx.helper.make_node("Cast", [name], [f"{name}/fp32"], to=onnx.TensorProto.FLOAT))
                     node.input[i] = f"{name}/fp32"
-                result = node.output[0]
-                node.output[0] = f"{result}/fp32"
-                nodes += [node, onnx.helper.make_node("Cast", [node.output[0]], [result], to=low)]
+                results = list(node.output)
+                node.output[:] = [f"{name}/fp32" for name in results]
+                nodes += [node, *(onnx.helper.make_node("Cast", [f"{name}/fp32"], [name], to=low) for name in results)]
                 continue
         nodes.append(node)
     del out.graph.node[:]
@@ -68,9 +69,13 @@ def register() -> str:
 
     attr_types = {n: PyCustomOpDef.dt_string for n in FlashAttentionAttrs.__dataclass_fields__}
 
-    @onnx_op(op_type=OP_TYPE, inputs=[PyCustomOpDef.dt_float] * 3, outputs=[PyCustomOpDef.dt_float], attrs=attr_types)
+    # The node's two outputs, as the TensorRT plugin declares them: the attention output and the
+    # scratch (`op.scratch_shape`; only the Hopper kernels write it, so here it is zeros).
+    @onnx_op(op_type=OP_TYPE, inputs=[PyCustomOpDef.dt_float] * 3, outputs=[PyCustomOpDef.dt_float] * 2,
+             attrs=attr_types)
     def _flash_attention(q, k, v, **attrs):
-        return flash_attention_reference(q, k, v, FlashAttentionAttrs.from_attributes(attrs))
+        node = FlashAttentionAttrs.from_attributes(attrs)
+        return flash_attention_reference(q, k, v, node), np.zeros(scratch_shape(q.shape, v.shape, node), np.float32)
 
     return get_library_path()
 

@@ -15,10 +15,10 @@ driven as TensorRT's ONNX parser and builder drive it (`tests/trt_harness.py`):
 - shape expressions have no reflected operators: `op.output_shape` and `op.layout_view` keep the
   shape-derived operand on the left.
 
-Two outputs: the attention output, and "scratch" (`aot.scratch_shape`), global memory for the
-Hopper kernel's device-side TMA descriptors (a QDP plugin has no workspace). The ONNX node lists
-only the first: onnx-tensorrt accepts a node with fewer outputs than its layer
-(`ModelImporter.cpp`: node outputs <= layer outputs), and nothing consumes the scratch.
+Two outputs: the attention output, and "scratch" (`op.scratch_shape`), global memory for the
+Hopper kernel's device-side TMA descriptors (a QDP plugin has no workspace). The ONNX node names
+both (`op.scratch_name`): the ONNX parser of TensorRT 10.16 and 11.x requires a node to name every
+output of its layer (tests/PARSER_RULES.md); nothing consumes the scratch.
 
 Tactics: 1..N run the Triton kernel's configs (`tactic_configs`); `HOPPER_TACTIC` runs the Hopper
 (TMA, wgmma) kernel where `hopper.aot_problem` allows it, fp16/bf16 on sm_90 with sequence
@@ -30,8 +30,10 @@ slower, or a TensorRT could not give it its scratch, the engine still has the Tr
 # annotations with inspect.signature and needs real classes (trtp.TensorDesc, int, ...), not strings.
 import functools
 
-from .kernel import KernelConfig, candidate_configs, default_config, smem_limit
-from .op import OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, static_dim
+from .kernel import (SMEM_WITHOUT_OPT_IN, KernelConfig, candidate_configs, default_config, no_opt_in_config,
+                     smem_estimate, smem_limit)
+from .op import (OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, scratch_shape,
+                 static_dim)
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out, scratch: one dtype
@@ -50,7 +52,13 @@ def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> tuple[Kern
     # A profile admits many lengths: the config tuned for the longest recorded one leads.
     first = next((c for c in (recorded_config(arch, dtype, head_dim, s) for s in (16384, 4096, 1024)) if c), None)
     first = first or default_config(head_dim, nbytes, smem=smem_limit(arch))
-    return (first, *(c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first))
+    configs = [first, *(c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first)]
+    # A tactic within 48 KiB of shared memory, if the list has none: an engine still builds where
+    # TensorRT does not opt a kernel in to more (not documented either way).
+    safe = no_opt_in_config(head_dim, nbytes)
+    if safe is not None and not any(smem_estimate(c, head_dim, nbytes) <= SMEM_WITHOUT_OPT_IN for c in configs):
+        configs.append(safe)
+    return tuple(configs)
 
 
 def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int) -> KernelConfig:
@@ -90,8 +98,6 @@ def _register(trtp) -> None:
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
               q_layout: str, k_layout: str, v_layout: str, out_layout: str,
               tf32: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        from .aot import scratch_shape
-
         out, scratch = q.like(), q.like()
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         shapes = tuple(q.shape_expr), tuple(v.shape_expr)
@@ -142,7 +148,7 @@ def _register_aot(trtp) -> None:
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str, q_layout: str,
              k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs,
              tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        from .aot import compile_artifact, compile_hopper_artifact
+        from .aot import PTX_ISA_DRIVER, compile_artifact, compile_hopper_artifact
 
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
@@ -160,6 +166,9 @@ def _register_aot(trtp) -> None:
             art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, attrs.num_heads),
                                    num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
                                    arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32)
+        _EMITTED.append({"kernel": art.kernel_name, "ptx_isa": art.ptx_isa, "target": art.arch + ("a" if art.arch == "sm_90" else ""),
+                         "min_driver": art.min_driver, "min_cuda": PTX_ISA_DRIVER.get(art.ptx_isa, ("?",))[0],
+                         "shared_mem": art.shared_mem, "scratch_bytes": art.scratch_bytes, "tactic": tactic})
         (gx, gy, gz), threads, smem, extras = art.launch_for(
             tuple(q.shape_expr), tuple(k.shape_expr), tuple(v.shape_expr), cdiv=trtp.cdiv)
         launch = trtp.KernelLaunchParams()
@@ -170,6 +179,18 @@ def _register_aot(trtp) -> None:
         for i, value in enumerate(extras):
             extra_args[i] = trtp.SymInt32(value)
         return art.kernel_name, art.ptx, launch, extra_args
+
+
+_EMITTED: list[dict] = []  # every AOT kernel handed to TensorRT in this process (what a plan may carry)
+
+
+def emitted_kernels(clear: bool = False) -> list[dict]:
+    """The AOT kernels `aot_impl` has returned (name, PTX ISA, target, minimum driver, shared memory,
+    scratch), oldest first; `clear=True` empties the record (before a build)."""
+    kernels = list(_EMITTED)
+    if clear:
+        _EMITTED.clear()
+    return kernels
 
 
 def _arch() -> str:

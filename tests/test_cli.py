@@ -254,14 +254,14 @@ import numpy as np
 from onnx import TensorProto, helper
 import convattn.plugins.reference as reference
 from convattn.plugins import ort_op
-from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs
+from convattn.plugins.op import DOMAIN, FlashAttentionAttrs, make_node
 
 real = reference.flash_attention_reference
 def interrupted(*args, **kwargs):  # Ctrl-C arrives while ONNX Runtime is inside our Python op
     os.kill(os.getpid(), signal.SIGINT)
     return real(*args, **kwargs)
 reference.flash_attention_reference = interrupted
-node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], domain=DOMAIN, **FlashAttentionAttrs(2, 0.25).onnx_attributes())
+node = make_node("qkv", "o", FlashAttentionAttrs(2, 0.25))
 io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8, 2, 2]) for n in "qkvo"]
 model = helper.make_model(helper.make_graph([node], "g", io[:3], io[3:]),
                           opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])

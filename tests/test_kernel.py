@@ -227,7 +227,13 @@ def test_fp32_products_follow_pytorchs_tf32_switch(monkeypatch):
     monkeypatch.setattr(flash, "_attn_fwd", Spy())
     q = torch.randn(1, 2, 16, 8)
     flash.flash_attention(q, q, q)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    flash.flash_attention(q, q, q)
-    flash.flash_attention(q, q, q, tf32=False)
+    # torch serves allow_tf32 through __getattr__/__setattr__: set and restore it through them
+    # (monkeypatch's undo would delattr it, which pytest >= 9 reports as a teardown error).
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        flash.flash_attention(q, q, q)
+        flash.flash_attention(q, q, q, tf32=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     assert seen == [True, False, True]

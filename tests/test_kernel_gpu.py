@@ -350,7 +350,8 @@ def test_hopper_aot_launch_is_bit_identical_to_jit(dtype, d, layouts, s_q, s_kv)
     output, launched through the driver with TensorRT's argument list (inputs, int32 extras, output,
     scratch). Bit for bit what the JIT kernel (host descriptors) computes, and within fp16 error of
     float64. The scratch is offset by 128 bytes from a 256-byte boundary: the alignment Triton asks."""
-    from convattn.plugins.aot import SCRATCH_BYTES, compile_hopper_artifact, launch_artifact, scratch_shape
+    from convattn.plugins.aot import compile_hopper_artifact, launch_artifact
+    from convattn.plugins.op import SCRATCH_BYTES, scratch_shape
     from convattn.plugins.hopper import hopper_attention, unsupported
     from convattn.plugins.op import FlashAttentionAttrs, bhsd_view, output_shape
 

@@ -67,12 +67,12 @@ def test_onnxruntime_custom_op_runs_the_node(elem):
     import onnx
     from onnx import TensorProto, helper
 
-    from convattn.plugins.op import DOMAIN, OP_TYPE
+    from convattn.plugins.op import DOMAIN, make_node, scratch_shape
 
     kind = getattr(TensorProto, elem)
     np_type = np.float16 if elem == "FLOAT16" else np.float32
     attrs = FlashAttentionAttrs(2, 0.25)
-    node = helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], domain=DOMAIN, **attrs.onnx_attributes())
+    node = make_node("qkv", "o", attrs)  # two outputs: the attention output and the scratch, as TensorRT's plugin
     inputs = [helper.make_tensor_value_info(n, kind, ["b", 8, "h", "w"]) for n in "qkv"]
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", kind, ["b", 8, "h", "w"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
@@ -81,6 +81,7 @@ def test_onnxruntime_custom_op_runs_the_node(elem):
     q = rng.standard_normal((1, 8, 3, 5)).astype(np_type)
     k, v = (rng.standard_normal((1, 8, 2, 2)).astype(np_type) for _ in range(2))
     (out,) = session(model).run(None, {"q": q, "k": k, "v": v})
+    assert session(model).get_outputs()[0].name == "o" and node.output[1] == "o_scratch"
     as_heads = lambda t: t.astype(np.float64).reshape(1, 2, 4, -1).transpose(0, 1, 3, 2)  # noqa: E731
     expected = naive(as_heads(q), as_heads(k), as_heads(v), 0.25).transpose(0, 1, 3, 2).reshape(1, 8, 3, 5)
     assert out.dtype == np_type

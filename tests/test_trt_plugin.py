@@ -15,7 +15,7 @@ import torch
 import trt_harness as h
 from convattn.errors import EngineBuildError
 from convattn.plugins import trt_plugin
-from convattn.plugins.op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs
+from convattn.plugins.op import LAYOUTS, OP_TYPE, FlashAttentionAttrs, make_node
 
 VERSIONS = list(h.WHEELS)
 # Symbolic input shapes per layout (strings: dynamic dims), the env they are evaluated at, and the
@@ -41,7 +41,7 @@ def trt(request, monkeypatch):
 def node(layout="NCHW", out_layout=None, plugin_mode="aot", heads=HEADS, scale=D**-0.5, tf32=False):
     out_layout = out_layout or layout
     attrs = FlashAttentionAttrs(heads, scale, layout, layout, layout, out_layout, tf32)
-    return onnx.helper.make_node(OP_TYPE, ["q", "k", "v"], ["o"], "n", domain=DOMAIN, **attrs.onnx_attributes(plugin_mode))
+    return make_node("qkv", "o", attrs, plugin_mode, name="n")
 
 
 def concrete(shape, env):

@@ -2,11 +2,8 @@
 
 - `tensorrt(version)`: a context in which `import tensorrt` is `trt_core.make_core(version)` and
   `import tensorrt.plugin` is NVIDIA's Python from the pinned bindings wheel of that version.
-- `parse_node`: onnx-tensorrt's fallback plugin importer: the creator is looked up by op_type,
-  `plugin_version` and `plugin_namespace` (never the domain); `loadFields` passes only the creator's
-  declared fields, ONNX FLOAT as one kFLOAT32, INT as one kINT32, STRING as kCHAR whose length
-  counts the trailing NUL; the node attribute `aot` forces STRICT_AOT/STRICT_JIT, else the network's
-  PREFER_* flag decides (importerUtils.cpp `createPlugin`).
+- `parse_node`: onnx-tensorrt's plugin importer, rule by rule as each supported release runs it, with
+  file:line citations (`onnx_tensorrt`, table in tests/PARSER_RULES.md).
 - `build_node`: the builder's calls, in its order: output dtypes, symbolic output shapes, format
   combinations, configure, tactics, then per tactic `get_launch_params` + `get_kernel` (AOT).
 - `Builder`, `OnnxParser`, `Runtime`: just enough of the core for `convattn.exporter.engine`.
@@ -22,15 +19,14 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
+import onnx_tensorrt
 import trt_core
 
 # The two TensorRT versions the harness runs against: the newest, and one 10.x (same plugin layer,
@@ -91,61 +87,9 @@ def tensorrt(version: str, aot: bool = True):
         trt_plugin.register_plugin.cache_clear()
 
 
-# ------------------------------------------------------------------- onnx-tensorrt
+# ------------------------------------------------------------------- onnx-tensorrt: `onnx_tensorrt`
 
-
-class ParseError(Exception):
-    pass
-
-
-def load_fields(core, field_names, node: onnx.NodeProto) -> list:
-    """onnx-tensorrt `loadFields`: the creator's declared fields only, in its order."""
-    attrs = {a.name: a for a in node.attribute}
-    fields = []
-    for declared in field_names:
-        a = attrs.get(declared.name)
-        if a is None:
-            continue  # onnx-tensorrt warns and leaves it to the creator's default
-        if a.type == onnx.AttributeProto.FLOAT:
-            data, kind = np.array([a.f], np.float32), core.PluginFieldType.FLOAT32
-        elif a.type == onnx.AttributeProto.INT:
-            data, kind = np.array([a.i], np.int32), core.PluginFieldType.INT32
-        elif a.type == onnx.AttributeProto.STRING:
-            data, kind = a.s + b"\0", core.PluginFieldType.CHAR  # std::string copied with its NUL
-        else:
-            raise ParseError(f"attribute {a.name}: type {a.type} not modelled")
-        fields.append(core.PluginField(declared.name, data, kind))
-    return fields
-
-
-def parse_node(core, node: onnx.NodeProto, prefer: str | None = None):
-    """The plugin TensorRT's ONNX parser creates for `node`; `prefer`: the network's
-    PREFER_AOT/PREFER_JIT_PYTHON_PLUGINS flag ("aot", "jit" or None)."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    version = attrs.get("plugin_version", b"1").decode()
-    namespace = attrs.get("plugin_namespace", b"").decode()
-    creator = core.get_plugin_registry().get_creator(node.op_type, version, namespace)
-    if creator is None:
-        raise ParseError(f"no plugin creator for {node.op_type} version {version} namespace {namespace!r}")
-    fields = core.PluginFieldCollection(load_fields(core, creator.field_names, node))
-    args = [node.op_type, namespace, fields, core.TensorRTPhase.BUILD]
-    if hasattr(core, "QuickPluginCreationRequest"):  # 10.12+: the request (before: no AOT)
-        request = core.QuickPluginCreationRequest
-        if "aot" in attrs:
-            args.append(request.STRICT_AOT if attrs["aot"] else request.STRICT_JIT)
-        else:
-            args.append({"aot": request.PREFER_AOT, "jit": request.PREFER_JIT, None: request.UNKNOWN}[prefer])
-    # NumPy >= 2.4 refuses int()/float() of a 1-element array, which TensorRT 10's create_plugin
-    # does for int and float attributes (11.x takes element 0); NumPy < 2.4 only warns: an error here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", "Conversion of an array with ndim > 0", DeprecationWarning)
-        plugin = creator.create_plugin(*args)
-    # ModelImporter.cpp: "Node has more output tensors than TRT expected" (fewer is allowed: the
-    # layer's other outputs are left unnamed)
-    if len(node.output) > plugin.get_num_outputs():
-        raise ParseError(f"Node has more output tensors than TRT expected, expected output size is "
-                         f"{plugin.get_num_outputs()}, actual output size is {len(node.output)}.")
-    return plugin
+ParseError, load_fields, parse_node = onnx_tensorrt.ParseError, onnx_tensorrt.load_fields, onnx_tensorrt.parse_node
 
 
 # ------------------------------------------------------------------- the builder's calls
@@ -332,7 +276,7 @@ class _Blob(bytes):
 
 
 class OnnxParser:
-    """onnx-tensorrt, for the plugin nodes: each one's input shapes and dtypes from ONNX shape
+    """onnx-tensorrt, for the plugin nodes (`onnx_tensorrt`): each one's input shapes and dtypes from ONNX shape
     inference (dim_param -> a symbol), its plugin from `parse_node`. Other nodes are accepted."""
 
     def __init__(self, network, logger):
@@ -355,16 +299,20 @@ class OnnxParser:
                  onnx.TensorProto.BFLOAT16: core.bfloat16}
         prefer = ("aot" if "PREFER_AOT_PYTHON_PLUGINS" in self.network.flags
                   else "jit" if "PREFER_JIT_PYTHON_PLUGINS" in self.network.flags else None)
-        for node in model.graph.node:
-            if node.domain in ("", "ai.onnx") or not any(a.name == "plugin_namespace" for a in node.attribute):
-                continue
+        registry = core.get_plugin_registry()
+        for index, node in enumerate(model.graph.node):
+            registered = any(name == node.op_type for name, _, _ in registry.creators)
+            if onnx_tensorrt.dispatch(node, registered) == "builtin":
+                continue  # TensorRT's own importers: judged by a real parser (tests/test_trt_rtx.py)
             try:
+                plugin = parse_node(core, node, prefer)
                 shapes = [[d.dim_value if d.HasField("dim_value") else (d.dim_param or f"{name}_{i}")
                            for i, d in enumerate(types[name].shape.dim)] for name in node.input]
                 dtypes = [dtype[types[name].elem_type] for name in node.input]
-                plugin = parse_node(core, node, prefer)
             except Exception as e:
-                self.errors.append(f"node {node.name} ({node.op_type}): {type(e).__name__}: {e}")
+                # onnx-tensorrt's error format: node index, name, operator, code, description
+                self.errors.append(f"In node {index} with name: {node.name} and operator: {node.op_type}: "
+                                   f"{e if isinstance(e, ParseError) else f'{type(e).__name__}: {e}'}")
                 return False
             self.network.plugin_layers.append((node, plugin, shapes, dtypes))
         return True
