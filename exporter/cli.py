@@ -30,14 +30,16 @@ from rich.markup import escape
 from rich.table import Table
 
 import convattn
-from convattn.errors import ConvattnError, InputError, ModelError, ParityError, first_line
+from convattn.errors import ConvattnError, InputError, ModelError, OutputError, ParityError, first_line
 from convattn.exporter.engine import sidecar_path
-from convattn.exporter.files import check_distinct, check_output, write_atomic
+from convattn.exporter.files import Outputs, check_distinct, check_output
 from convattn.exporter.graph import parse_shape, parse_size
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.split("\n")[0])
+app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.split("\n")[0],
+                  rich_markup_mode=None)  # help as written: "[default: ...]" literal, no Rich markup, no <bool>
 # Piped or captured output gets wide lines: tables fold at 80 columns otherwise.
-out = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+# soft_wrap: a message is one line whatever the width (Rich would hard-wrap it when piped); tables keep the width.
+out = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
 @contextmanager
@@ -50,11 +52,22 @@ def stage(name: str):
         warnings.simplefilter("always")
         yield
     LIBRARY_WARNINGS.extend(f"{name}: {w.category.__name__}: {str(w.message).strip()}" for w in caught)
-    LIBRARY_WARNINGS.extend(f"{name}: log {r.levelname} {r.name}: {first_line(r.getMessage())}" for r in logged
+    LIBRARY_WARNINGS.extend(f"{name}: log {r.levelname} {r.name}: {first_line(_message(r))}" for r in logged
                             if r.levelno >= logging.WARNING)
+    if TERMINATED:  # a library swallowed the exception SIGTERM raised: stop here all the same
+        raise Terminated
     if INTERRUPTED:  # a library swallowed the KeyboardInterrupt (torch's export can): stop here all the same
         raise KeyboardInterrupt
     out.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f}s)[/]")
+
+
+def _message(record: logging.LogRecord) -> str:
+    """A log record's text; a library's malformed record (torch's serializer logs a format with two %s
+    and one argument) as its raw format and arguments, never an exception that ends the run."""
+    try:
+        return record.getMessage()
+    except Exception:  # noqa: BLE001
+        return f"{record.msg} {record.args!r}"
 
 
 @contextmanager
@@ -80,6 +93,7 @@ def _library_logs(records: list):
 
 LIBRARY_WARNINGS: list[str] = []  # torch's, onnx's...: in the report, printed with --verbose
 INTERRUPTED: list[int] = []  # SIGINTs seen during this run, whatever the libraries did with the KeyboardInterrupt
+TERMINATED: list[int] = []  # SIGTERMs, likewise
 
 
 def _versions() -> dict:
@@ -164,21 +178,51 @@ def export(
         INTERRUPTED.append(signum)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    TERMINATED.clear()
+
+    def on_sigterm(signum, frame):
+        TERMINATED.append(signum)
+        raise Terminated
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = [signal.signal(sig, handler) for sig, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, on_sigterm))] \
+        if main_thread else None
+    outputs = Outputs(force=opts.force)
     try:
-        code = _run(opts)
+        code = _run(opts, outputs)
+        if TERMINATED:
+            raise Terminated
+        if INTERRUPTED:
+            raise KeyboardInterrupt
+        if code == 0:
+            outputs.commit()  # every file at once; a failed run (any other exit) leaves none
     except KeyboardInterrupt:
         code = _interrupted()
+    except Terminated:
+        code = _terminated()
     except ConvattnError as e:
-        if INTERRUPTED:
+        if TERMINATED:
+            code = _terminated()
+        elif INTERRUPTED:
             code = _interrupted()
         else:
             out.print(f"[bold red]error:[/] {escape(str(e))}")
             code = e.exit_code
     finally:
+        outputs.discard()
         if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+                signal.signal(sig, handler)
     raise typer.Exit(code)
+
+
+class Terminated(BaseException):
+    """SIGTERM: ends the run as Ctrl-C does, nothing half-written (exit 143)."""
+
+
+def _terminated() -> int:
+    out.print("[bold red]terminated[/]: no partial output was written")
+    return 143
 
 
 def _interrupted() -> int:
@@ -210,7 +254,9 @@ def _check_options(o: Options) -> None:
         raise InputError("--min/opt/max-shape, --workspace, --timing-cache and --triton-repo need --engine")
 
 
-def _run(o: Options) -> int:
+
+def _run(o: Options, outputs: Outputs) -> int:
+    """The pipeline; every file goes through `outputs` (staged, put in place by the caller on success)."""
     LIBRARY_WARNINGS.clear()
     from convattn.exporter.export import export_onnx
     from convattn.exporter.fuse import fuse_attention
@@ -221,7 +267,11 @@ def _run(o: Options) -> int:
     _check_options(o)
     input_shapes = [parse_shape(s) for s in o.shapes]
     budget = parse_size(o.validate_memory, "--validate-memory") if o.validate_memory else None
-    fused_onnx, demo_folder = _checked_outputs(o)
+    fused_onnx, _ = _checked_outputs(o)
+    if o.engine is not None:  # before any stage runs: a run that cannot end in an engine costs nothing
+        from convattn.exporter.engine import require_tensorrt
+
+        require_tensorrt()
 
     with stage("load"):
         loaded = load_model(o.model, heads=o.heads, trust_pickle=o.trust_pickle, imports=o.imports)
@@ -251,10 +301,8 @@ def _run(o: Options) -> int:
         result = validate(loaded.module, unfused, fused, input_shapes, dtype=o.dtype,
                           blocks=fusion.blocks, seed=o.seed, memory_budget=budget)
     if o.onnx_path:
-        write_atomic(o.onnx_path, unfused.SerializeToString())
-    if demo_folder:
-        demo_folder.mkdir(mode=0o700)
-    write_atomic(fused_onnx, fused.SerializeToString())
+        outputs.write(o.onnx_path, unfused.SerializeToString())
+    outputs.write(fused_onnx, fused.SerializeToString())  # a demo run's fresh folder is made here, not before
     warnings_ = exported.warnings + fusion.notes
     _print_summary(fusion, result, warnings_, fused_onnx, o.onnx_path)
     doc = _report(loaded, input_shapes, o.onnx_path, fused_onnx, fusion, warnings_, result)
@@ -265,21 +313,17 @@ def _run(o: Options) -> int:
     for w in LIBRARY_WARNINGS if o.verbose else ():
         out.print(f"  [dim]{escape(w)}[/]")
     code = 0 if result.passed else ParityError.exit_code
-    if o.engine is not None:
-        try:
-            doc["engine"] = _engine_stage(o, fused, profile, exported.input_names, input_shapes,
-                                          loaded.sha256, loaded.module, unfused, fusion.blocks)
-            doc["outputs"]["engine"] = str(o.engine)
-            if not doc["engine"].get("validation", {}).get("passed", True):
-                code = ParityError.exit_code
-        except ConvattnError as e:
-            doc["engine_error"] = str(e)
-            _write_report(o.report, doc)
-            raise
-    _write_report(o.report, doc)
     if not any(b.path in ("plugin", "native") for b in fusion.blocks):  # after the diagnosis is printed
         raise ModelError(f"{len(fusion.blocks)} attention block(s) found, none fusable; first: "
                          f"{fusion.blocks[0].name}: {fusion.blocks[0].reason}")
+    if o.engine is not None:
+        doc["engine"] = _engine_stage(o, fused, profile, exported.input_names, input_shapes,
+                                      loaded.sha256, loaded.module, unfused, fusion.blocks, outputs)
+        doc["outputs"]["engine"] = str(o.engine)
+        if not doc["engine"].get("validation", {}).get("passed", True):
+            code = ParityError.exit_code
+    if o.report:
+        outputs.write(o.report, (json.dumps(doc, indent=2) + "\n").encode())
     out.print("[bold green]PASS[/]" if code == 0 else "[bold red]FAIL[/]: parity outside tolerance (see the table above)")
     return code
 
@@ -297,9 +341,12 @@ def _checked_outputs(o: Options) -> tuple[Path, Path | None]:
         fused_onnx = stem.with_name(stem.name + ".fused.onnx")
     outputs = {"--engine": o.engine, "the engine's sidecar": sidecar_path(o.engine) if o.engine else None,
                "--onnx": o.onnx_path, "--fused-onnx": fused_onnx, "--report": o.report}
-    check_distinct(outputs)
+    # the timing cache is read and rewritten (no --force needed) but may not be the model either
+    check_distinct({**outputs, "--timing-cache": o.timing_cache}, {"input model": o.model})
     for path in outputs.values():
         check_output(demo_folder if demo_folder and path == fused_onnx else path, o.force)
+    if o.triton_repo and o.engine and (o.triton_repo / o.engine.stem.replace(".", "_")).exists() and not o.force:
+        raise OutputError(f"{o.triton_repo / o.engine.stem.replace('.', '_')}: exists; pass --force to overwrite")
     return fused_onnx, demo_folder
 
 
@@ -315,11 +362,15 @@ def _report(loaded, input_shapes, onnx_path, fused_onnx, fusion, warnings, resul
     }
 
 
-def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model_module, unfused, blocks) -> dict:
+def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model_module, unfused, blocks,
+                  outputs: Outputs) -> dict:
     from convattn.exporter.engine import build_engine, triton_repository
 
+    plan = outputs.temporary(o.engine)  # the plan and its sidecar are put in place with the rest
+    outputs.adopt(plan, o.engine)
+    outputs.adopt(sidecar_path(plan), sidecar_path(o.engine))
     with stage(f"engine ({o.plugin_mode}, {o.dtype})"):
-        built = build_engine(fused, o.engine, profile, plugin_mode=o.plugin_mode,
+        built = build_engine(fused, plan, profile, plugin_mode=o.plugin_mode,
                              workspace_bytes=o.workspace_mib * 2**20 if o.workspace_mib else None,
                              timing_cache=o.timing_cache, model_sha256=sha256)
     if built.sidecar.get("device_memory_bytes"):
@@ -340,7 +391,7 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
         from convattn.exporter.validate import validate_engine
 
         with stage("validate engine"):
-            engine_report = validate_engine(o.engine, model_module, unfused, names, input_shapes, dtype=o.dtype,
+            engine_report = validate_engine(built.plan, model_module, unfused, names, input_shapes, dtype=o.dtype,
                                             blocks=blocks, seed=o.seed, tf32=o.tf32)
         _print_parity(engine_report, "engine parity vs float64 PyTorch")
         for note in engine_report.notes:
@@ -357,14 +408,9 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
         _print_paths(built.sidecar["paths"])
     if o.triton_repo:
         name = o.engine.stem.replace(".", "_")
-        target = triton_repository(o.triton_repo, name, o.engine, fused, profile, force=o.force)
+        target = triton_repository(o.triton_repo, name, built.plan, fused, profile, force=o.force)
         out.print(f"  [dim]Triton Inference Server model: {target}[/]")
     return built.sidecar
-
-
-def _write_report(path: Path | None, doc: dict) -> None:
-    if path:
-        write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
@@ -423,14 +469,14 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:
-        if e.code != 130:
+        if e.code not in (130, 143):
             raise
         # Interrupted inside torch's export, Python sometimes still dies of SIGINT at exit (status
         # -2, about 1 run in 30) after the KeyboardInterrupt was handled; the run is over and nothing
         # is half-written: exit with the documented code.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(e.code)
 
 
 if __name__ == "__main__":

@@ -218,15 +218,19 @@ def attention_layers(engine_info_json: str) -> list[str]:
     return names
 
 
-def _trt():
+def require_tensorrt():
+    """The `tensorrt` module, or TensorRTUnavailable (exit 5) in one line: the CLI asks first, before
+    any stage runs, so a run that cannot end in an engine costs nothing."""
     try:
         import tensorrt as trt
     except ImportError as e:
         raise TensorRTUnavailable(
-            f"engine not built: the `tensorrt` Python package is not installed ({e}); "
-            "install convattn[tensorrt] on a machine with an NVIDIA GPU. The fused ONNX and its validation were kept"
-        ) from e
+            f"--engine needs the `tensorrt` Python package, which is not installed ({e}): install "
+            "convattn[tensorrt] on a machine with an NVIDIA GPU, or leave --engine out for the fused ONNX alone") from e
     return trt
+
+
+_trt = require_tensorrt
 
 
 @dataclass

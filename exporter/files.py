@@ -1,4 +1,5 @@
-"""Writing outputs: atomically, readable as the umask says, and never over an existing file unless asked."""
+"""Writing outputs: atomically, readable as the umask says, never over an existing file unless asked,
+never over an input (by inode, not name), and, for a run, all together or not at all (`Outputs`)."""
 
 from __future__ import annotations
 
@@ -57,13 +58,104 @@ def check_output(path: Path | None, force: bool) -> None:
         raise OutputError(f"{path}: cannot write to directory {parent} ({e.strerror})") from e
 
 
-def check_distinct(paths: dict[str, Path | None]) -> None:
-    """Every output its own file: {option: path}."""
-    seen: dict[Path, str] = {}
+def _identity(path: Path):
+    """What makes two spellings one file: (device, inode) where it exists (symlinks followed, hard links
+    alike), else its resolved path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
+def check_distinct(paths: dict[str, Path | None], inputs: dict[str, Path | None] | None = None) -> None:
+    """Every output its own file ({option: path}), and none of them an input ({what: path}): by inode,
+    so another spelling, a symlink or a hard link of the model is refused too, `--force` or not."""
+    owners = {_identity(Path(p)): what for what, p in (inputs or {}).items() if p is not None}
+    for what, p in (inputs or {}).items():
+        if p is not None:
+            owners.setdefault(("path", os.path.realpath(p)), what)
+    seen: dict = {}
     for option, path in paths.items():
         if path is None:
             continue
-        key = Path(os.path.abspath(path))
-        if key in seen:
-            raise OutputError(f"{option} and {seen[key]} name the same file {path}: give each output its own path")
-        seen[key] = option
+        for key in {_identity(Path(path)), ("path", os.path.realpath(path))}:
+            if key in owners:
+                raise OutputError(f"{option} {path} is the {owners[key]}: an output may never replace an input; "
+                                  "give it another path")
+            if key in seen:
+                raise OutputError(f"{option} and {seen[key]} name the same file {path}: give each output its own path")
+            seen[key] = option
+
+
+class Outputs:
+    """A run's outputs, staged as temporary files beside their targets and put in place together only
+    when the run succeeds (`commit`); `discard` (any failure, an interrupt, SIGTERM) removes every
+    temporary, and the folders this made. Without `force` a target is created exclusively (a hard
+    link of the temporary), so of two runs writing the same file one wins and the other gets one
+    line; with `force` it is replaced atomically."""
+
+    def __init__(self, force: bool):
+        self.force = force
+        self.staged: list[tuple[Path, Path]] = []  # (temporary, target)
+        self.made: list[Path] = []  # folders made for targets
+
+    def temporary(self, target: Path) -> Path:
+        """A fresh temporary path beside `target` (the file created empty), for a library that writes the
+        file itself (`engine.build_engine`), staged with `adopt`."""
+        target = Path(target)
+        if not target.parent.exists():
+            target.parent.mkdir(mode=0o700, parents=True)
+            self.made.append(target.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        except OSError as e:
+            raise OutputError(f"{target}: cannot write ({e.strerror})") from e
+        os.close(fd)
+        return Path(tmp)
+
+    def adopt(self, tmp: Path, target: Path) -> None:
+        self.staged.append((Path(tmp), Path(target)))
+
+    def write(self, target: Path, data: bytes) -> None:
+        tmp = self.temporary(target)
+        self.adopt(tmp, target)
+        try:
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError as e:
+            raise OutputError(f"{target}: cannot write ({e.strerror})") from e
+
+    def commit(self) -> None:
+        placed: list[Path] = []
+        try:
+            for tmp, target in self.staged:
+                os.chmod(tmp, 0o666 & ~_umask())
+                if self.force:
+                    os.replace(tmp, target)
+                else:
+                    try:
+                        os.link(tmp, target)
+                    except FileExistsError:
+                        raise OutputError(f"{target}: exists (written by another run meanwhile); pass --force to "
+                                          "overwrite") from None
+                    os.unlink(tmp)
+                placed.append(target)
+        except BaseException:
+            if not self.force:  # what this run created goes again: nothing half-written
+                for target in placed:
+                    Path(target).unlink(missing_ok=True)
+            self.discard()
+            raise
+        self.staged.clear()
+
+    def discard(self) -> None:
+        for tmp, _ in self.staged:
+            Path(tmp).unlink(missing_ok=True)
+        self.staged.clear()
+        for folder in reversed(self.made):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self.made.clear()

@@ -20,6 +20,8 @@ subgraph into a function it does not compute.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -863,10 +865,17 @@ def _inferred_dims(m: onnx.ModelProto, wanted: list[str]) -> dict:
         return found
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    try:
-        return dims(SymbolicShapeInference.infer_shapes(m, auto_merge=True))
-    except Exception:  # noqa: BLE001
-        return found
+    # Where it cannot infer every shape, ONNX Runtime's tool saves the model (sym_shape_infer_temp.onnx
+    # and a <uuid>.data) into the current directory: run it in a temporary one.
+    with tempfile.TemporaryDirectory(prefix="convattn-shapes-") as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            return dims(SymbolicShapeInference.infer_shapes(m, auto_merge=True))
+        except Exception:  # noqa: BLE001
+            return found
+        finally:
+            os.chdir(cwd)
 
 
 def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto:

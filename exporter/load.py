@@ -9,6 +9,7 @@ says what the file is and what was expected. Weights must be finite.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import sys
@@ -107,7 +108,13 @@ def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
         if kind == "torchscript":
             return LoadedModel(torch.jit.load(str(path), map_location="cpu").eval(), "torchscript", str(path))
         if kind == "torch.export":
-            program = torch.export.load(str(path))
+            pickled = [] if trust_pickle else _pt2_pickles(path)
+            if pickled:
+                more = f" (and {len(pickled) - 1} more)" if len(pickled) > 1 else ""
+                raise InputError(f"{path}: a .pt2 whose {pickled[0]}{more}: loading it runs code from the file. "
+                                 "If you trust it, rerun with --trust-pickle")
+            with contextlib.nullcontext() if trust_pickle else _no_unpickling(path):
+                program = torch.export.load(str(path))
             shapes = [tuple(t.shape) for t in program.example_inputs[0]] if program.example_inputs else None
             return LoadedModel(program.module(), "torch.export", str(path), default_input_shapes=shapes)
     except InputError:
@@ -136,6 +143,77 @@ def _load(path: Path, heads, trust_pickle, attention) -> LoadedModel:
     if isinstance(obj, dict):
         return _from_state_dict(path, obj, heads, attention)
     raise InputError(f"{path}: {what}, got a {type(obj).__name__}")
+
+
+def _pt2_pickles(path: Path) -> list[str]:
+    """What in a torch.export archive would run code when torch loads it, read before anything of it is
+    unpickled (the archive's own JSON configs, and torch's restricted `weights_only` loader): weights and
+    tensor constants saved with `use_pickle` (torch.load with weights_only=False), opaque constants
+    (pickle.loads) and TorchScript objects, sample inputs or legacy payloads that only load with
+    weights_only=False (torch falls back to it), AOTInductor code (a shared library). Names from
+    torch's own `pt2_archive.constants`."""
+    import io
+    import json
+
+    from torch.export.pt2_archive import constants as c
+
+    found = []
+    with zipfile.ZipFile(path) as z:
+        entries = {n.split("/", 1)[-1]: n for n in z.namelist() if "/" in n}
+
+        def safe_to_load(name: str) -> bool:
+            try:
+                torch.load(io.BytesIO(z.read(entries[name])), map_location="cpu", weights_only=True)
+                return True
+            except Exception:  # noqa: BLE001  (what weights_only refuses, torch would unpickle)
+                return False
+
+        if any(name.startswith(c.AOTINDUCTOR_DIR) for name in entries):
+            found.append("AOTInductor code (a shared library torch loads into this process)")
+        models = [n[len(c.MODELS_DIR):-len(".json")] for n in entries if n.startswith(c.MODELS_DIR) and n.endswith(".json")]
+        for model in models:
+            for fmt, what in ((c.WEIGHTS_CONFIG_FILENAME_FORMAT, "weight"), (c.CONSTANTS_CONFIG_FILENAME_FORMAT, "constant")):
+                config = fmt.format(model)
+                if config not in entries:
+                    continue
+                for fqn, meta in json.loads(z.read(entries[config])).get("config", {}).items():
+                    name = meta.get("path_name", "")
+                    if meta.get("use_pickle"):
+                        found.append(f"{what} {fqn!r} is pickled (use_pickle)")
+                    elif name.startswith(c.OPAQUE_OBJ_FILENAME_PREFIX):
+                        found.append(f"constant {fqn!r} is an opaque pickled object")
+                    elif name.startswith(c.CUSTOM_OBJ_FILENAME_PREFIX):
+                        found.append(f"constant {fqn!r} is a pickled TorchScript object")
+            for name in (c.SAMPLE_INPUTS_FILENAME_FORMAT.format(model), f"{c.WEIGHTS_DIR}{model}.pt",
+                         f"{c.CONSTANTS_DIR}{model}.pt"):
+                if name in entries and not safe_to_load(name):
+                    found.append(f"{name} holds Python objects torch's safe loader refuses (it would unpickle them)")
+    return found
+
+
+@contextlib.contextmanager
+def _no_unpickling(path: Path):
+    """Defence in depth around torch.export.load: any full unpickling (torch.load with weights_only=False,
+    pickle.load/loads) the inspection did not foresee is refused before it runs."""
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise InputError(f"{path}: loading this .pt2 would unpickle Python objects, which runs code from the file. "
+                         "If you trust it, rerun with --trust-pickle")
+
+    real_load = torch.load
+
+    def guarded_load(*args, weights_only=None, **kwargs):
+        if weights_only is False:
+            refuse()
+        return real_load(*args, weights_only=True if weights_only is None else weights_only, **kwargs)
+
+    saved = (torch.load, pickle.load, pickle.loads)
+    torch.load, pickle.load, pickle.loads = guarded_load, refuse, refuse
+    try:
+        yield
+    finally:
+        torch.load, pickle.load, pickle.loads = saved
 
 
 def _from_state_dict(path: Path, state: dict, heads, attention) -> LoadedModel:

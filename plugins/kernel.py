@@ -295,10 +295,13 @@ def candidate_configs(head_dim: int, dtype_bytes: int, head_dim_v: int | None = 
 
 def smem_estimate(c: KernelConfig, head_dim: int, dtype_bytes: int, head_dim_v: int | None = None) -> int:
     """Shared memory bytes a config takes: Q stays in shared memory; K and V tiles take one buffer
-    per pipeline stage (the kernel's two bodies, aligned and not, reuse the same allocation). Equal
-    to what Triton 3.6 allocates for the configs checked (`test_every_node_has_a_tactic_without_opt_in`)."""
+    per pipeline stage (the kernel's two bodies, aligned and not, reuse the same allocation); exact
+    fp32 products (FMA dots) also convert the fp32 P tile through shared memory. At least what Triton
+    3.6 allocated for every config measured (H200, benchmarks/results/no_opt_in_*.md: fp32 d=8 at
+    128x128 took 88 KiB, where the tiles alone are 40)."""
     bd, dv = block_dim(head_dim), c.dv_block(block_dim(head_dim_v or head_dim))
-    return dtype_bytes * (c.block_m * bd + c.num_stages * c.block_n * (bd + dv))
+    p_tile = c.block_m * c.block_n * 4 if dtype_bytes == 4 else 0
+    return dtype_bytes * (c.block_m * bd + c.num_stages * c.block_n * (bd + dv)) + p_tile
 
 
 # Dynamic shared memory a kernel may take without an opt-in (cuFuncSetAttribute(

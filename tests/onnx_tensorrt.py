@@ -78,12 +78,15 @@ def _on(rule: str) -> bool:
 # ------------------------------------------------------------------- the rules
 
 
-def dispatch(node: onnx.NodeProto, registered: bool) -> str:
+def dispatch(core, node: onnx.NodeProto) -> str:
     """"builtin" or "plugin": the importer a node gets. op_type alone picks a builtin importer (the
-    domain plays no part); a node with a `plugin_namespace` attribute whose creator is registered is
+    domain plays no part); a node with a `plugin_namespace` attribute whose creator is registered under
+    exactly (op_type, plugin_version, plugin_namespace) -- no domain fallback at this step -- is
     imported as a plugin even where op_type names a builtin (10.16+: shouldImportAsPlugin); a node
     with no builtin importer goes to the FallbackPluginImporter."""
     has_namespace = any(a.name == "plugin_namespace" for a in node.attribute)
+    registered = core.get_plugin_registry().get_creator(
+        node.op_type, _string_attr(node, "plugin_version", "1"), _string_attr(node, "plugin_namespace", "")) is not None
     if _on("dispatch") and has_namespace and registered:
         return "plugin"
     if onnx.defs.has(node.op_type):  # onnx-tensorrt's importers are keyed by op_type, whatever the domain
@@ -166,7 +169,10 @@ def _field_data(a: onnx.AttributeProto):
         return kind, onnx.numpy_helper.to_array(a.t).astype(dtype).ravel()
     if a.type == t.TENSOR and a.t.data_type == onnx.TensorProto.STRING:
         return "CHAR", b"".join(onnx.numpy_helper.to_array(a.t).ravel())
-    return "FLOAT16", None  # MAKE_ERROR(...) not returned: the field is emplaced empty, type {} (0)
+    if a.type == t.TENSOR:  # MAKE_ERROR(...) not returned: the tensor's data as a field of type {} (0),
+        count = int(np.prod(a.t.dims))  # length its element count (TensorRT-RTX's parser: the same)
+        return "FLOAT16", np.frombuffer(onnx.numpy_helper.to_array(a.t).tobytes(), np.float16)[:count].copy()
+    return "FLOAT16", None  # other kinds: emplaced empty, type {} (0)
 
 
 def request(core, node: onnx.NodeProto, prefer: str | None):

@@ -76,7 +76,7 @@ def _judge(core, node, expect):
         node.op_type = "Attention"  # a builtin ONNX op's name, registered under ours
         core.get_plugin_registry().creators[("Attention", "1", "convattn")] = \
             core.get_plugin_registry().get_creator("FlashAttention", "1", "convattn")
-        return parser.dispatch(node, registered=True) == "plugin"
+        return parser.dispatch(core, node) == "plugin"
     try:
         plugin = h.parse_node(core, node, prefer=prefer)
     except h.ParseError as e:

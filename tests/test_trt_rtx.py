@@ -21,7 +21,7 @@ import pytest
 import trt_harness
 import trt_rtx
 from convattn.plugins import trt_plugin
-from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs, native_attention_applies
+from convattn.plugins.op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs, native_attention_applies, output_shape
 
 HARNESS_VERSION = "11.4.0.106"
 
@@ -65,9 +65,9 @@ def test_our_fields_are_the_attributes_dataclass(our_fields):
     assert {t for _, t in our_fields} == {"CHAR"}
 
 
-def _node_model(node: onnx.NodeProto, layout="NCHW") -> onnx.ModelProto:
-    shape = {"NCHW": [1, 16, 7, 9], "BSC": [1, 63, 16], "BHSD": [1, 2, 63, 8], "BHDS": [1, 2, 8, 63]}[layout]
-    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape) for n in "qkv"]
+def _node_model(node: onnx.NodeProto) -> onnx.ModelProto:
+    """The node alone, on NCHW (1, 16, 7, 9) inputs q, k, v."""
+    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 16, 7, 9]) for n in "qkv"]
     out = onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None)
     opsets = [onnx.helper.make_opsetid("", 18)] + [onnx.helper.make_opsetid(d, 1) for d in {node.domain} if d]
     return onnx.helper.make_model(onnx.helper.make_graph([node], "g", vi, [out]), opset_imports=opsets)
@@ -306,6 +306,10 @@ DISPATCH = {  # name -> (model, whether a creator named Relu is registered in na
     "builtin_op_in_our_domain_creator_registered": (_relu(DOMAIN), True),
     "builtin_op_with_plugin_namespace": (_relu("", plugin_namespace="convattn"), False),
     "builtin_op_with_plugin_namespace_creator_registered": (_relu("", plugin_namespace="convattn"), True),
+    "builtin_op_with_another_plugin_namespace_creator_registered": (_relu("", plugin_namespace="other"), True),
+    "builtin_op_with_another_plugin_version_creator_registered": (
+        _relu("", plugin_namespace="convattn", plugin_version="2"), True),
+    "builtin_op_in_our_domain_with_empty_plugin_namespace_creator_registered": (_relu(DOMAIN, plugin_namespace=""), True),
 }
 
 
@@ -315,21 +319,63 @@ def dispatches():
     return dict(zip(DISPATCH, trt_rtx.run_many(cases)))
 
 
-@pytest.mark.parametrize("name", list(DISPATCH))
-def test_dispatch_agrees_with_the_harness(dispatches, name):
-    """Builtin importer or plugin: RTX's (a builtin imports as its layer, no creator called) against
-    the harness's `onnx_tensorrt.dispatch`."""
-    import onnx_tensorrt
+@pytest.fixture(scope="module")
+def harness_dispatches():
+    """name -> "builtin" or "plugin": the harness's OnnxParser on each DISPATCH model, with a creator
+    named Relu (version 1, namespace convattn) in its registry where the case has one."""
+    out = {}
+    for name, (model, registered) in DISPATCH.items():
+        with trt_harness.tensorrt(HARNESS_VERSION) as (core, _):
+            calls = []
 
+            class Creator:
+                name, plugin_version = "Relu", "1"
+                field_names = core.PluginFieldCollection([core.PluginField("alpha", np.array([], np.int8),
+                                                                           core.PluginFieldType.CHAR)])
+
+                def create_plugin(self, *args):
+                    calls.append(args)
+
+            if registered:
+                core.get_plugin_registry().register_creator(Creator(), "convattn")
+            logger = core.Logger()
+            parser = core.OnnxParser(core.Builder(logger).create_network(0), logger)
+            parsed = parser.parse(model.SerializeToString())
+            out[name] = "builtin" if parsed and not calls else "plugin"
+    return out
+
+
+@pytest.mark.parametrize("name", list(DISPATCH))
+def test_dispatch_agrees_with_the_harness(dispatches, harness_dispatches, name):
+    """Builtin importer or plugin: RTX's (a builtin imports as its layer, no creator called; onnx-tensorrt's
+    shouldImportAsPlugin looks the creator up by op_type, plugin_version, plugin_namespace exactly, with
+    no domain fallback) against the harness's OnnxParser."""
     rtx = dispatches[name]
-    model, registered = DISPATCH[name]
     if rtx["parsed"] and rtx["call"] is None:
         rtx_dispatch = "builtin"
         assert [layer["type"] for layer in rtx["network"]["layers"]] == ["ACTIVATION"]
     else:
         rtx_dispatch = "plugin"
         assert rtx["call"] is not None or [e["desc"] for e in rtx["errors"]] == [RTX_NOT_FOUND]
-    assert onnx_tensorrt.dispatch(model.graph.node[0], registered) == rtx_dispatch
+    assert harness_dispatches[name] == rtx_dispatch
+
+
+def test_a_creator_returning_none_is_the_same_error(lookups):
+    """RTX's error code for a creator whose create_plugin returns None, against the harness's parse_node."""
+    with trt_harness.tensorrt(HARNESS_VERSION) as (core, _):
+        class Creator:
+            name, plugin_version = OP_TYPE, "1"
+            field_names = core.PluginFieldCollection([])
+
+            def create_plugin(self, *args):
+                return None
+
+        core.get_plugin_registry().register_creator(Creator(), "convattn")
+        with pytest.raises(trt_harness.ParseError) as e:
+            trt_harness.parse_node(core, _ours())
+    [rtx_error] = lookups[0]["ours_aot"]["errors"]
+    assert rtx_error["desc"] == RTX_CREATE_RETURNED_NONE
+    assert getattr(e.value, "code", None) == rtx_error["code"] == "UNSUPPORTED_NODE"
 
 
 def test_rtx_flags(rtx_info):
@@ -412,7 +458,7 @@ def test_nvidias_plugin_layer_cannot_load_over_rtx():
             "sys.modules['tensorrt'] = trt\n"
             "import tensorrt.plugin\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          env={**__import__("os").environ, "PYTHONPATH": str(trt_rtx.rtx_path())})
+                          env=trt_rtx._child_env(trt_rtx.rtx_path()))
     assert proc.returncode == 1
     assert "AttributeError: module 'tensorrt_rtx_bindings' has no attribute 'ISymExpr'" in proc.stderr
 
@@ -476,6 +522,38 @@ def test_stand_in_computes_what_our_node_computes(graphs, name, dtype):
         assert len(theirs) == len(ours)
         for a, b in zip(ours, theirs):
             np.testing.assert_allclose(b, a, rtol=tol, atol=tol, err_msg=f"{name} {dtype} {attention}")
+
+
+def _layout_shape(layout, s, hw):
+    return {"NCHW": (2, 16, *hw), "BHSD": (2, 2, s, 8), "BHDS": (2, 2, 8, s), "BSC": (2, s, 16)}[layout]
+
+
+LAYOUT_COMBINATIONS = [(q, kv, o) for q in LAYOUTS for kv in LAYOUTS for o in LAYOUTS if o != "NCHW" or q == "NCHW"]
+
+
+@pytest.mark.parametrize("q_layout,kv_layout,out_layout", LAYOUT_COMBINATIONS)
+def test_stand_in_every_layout(q_layout, kv_layout, out_layout):
+    """One node, every layout combination (an NCHW output takes H, W from an NCHW query): the stand-in
+    against our custom op (the CPU reference). heads 2, D 8, S_q 5 x 7, S_kv 4 x 6."""
+    from convattn.plugins import ort_op
+
+    attrs = FlashAttentionAttrs(2, 0.3, q_layout, kv_layout, kv_layout, out_layout)
+    node = onnx.helper.make_node(OP_TYPE, ["q", "k", "v"], ["o", "o_scratch"], "n", domain=DOMAIN,
+                                 **attrs.onnx_attributes("aot"))
+    shapes = {"q": _layout_shape(q_layout, 35, (5, 7)), "k": _layout_shape(kv_layout, 24, (4, 6)),
+              "v": _layout_shape(kv_layout, 24, (4, 6))}
+    vi = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in shapes.items()]
+    out_shape = output_shape(shapes["q"], shapes["v"], attrs)
+    graph = onnx.helper.make_graph([node], "g", vi, [onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT,
+                                                                                          out_shape)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid(DOMAIN, 1)])
+    rng = np.random.default_rng(2)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    [ours] = ort_op.run(model, feeds)
+    for attention in ("onnx", "matmul"):
+        [theirs] = ort_op.session(trt_rtx.native_stand_in(model, attention)).run(None, feeds)
+        assert theirs.shape == ours.shape
+        np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 PROFILES = ["export", "dynamic"]

@@ -158,13 +158,17 @@ def build_node(core, plugin, in_dtypes, in_shapes, env: dict | None, tactics=Non
     out_shapes = [tuple(value(e) for e in dims) for dims in out_exprs]
     built = BuiltNode(mode, list(out_dtypes), out_shapes[0], list(out_exprs), out_shapes, valid, plugin=plugin)
     if mode == "aot":
-        chosen = valid if tactics is None else valid[:1] if tactics == "first" else [t for t in valid if t in tactics]
+        # No custom tactics advertised: TensorRT compiles the default tactic 0 (NvInferRuntime.h, setTactic)
+        offered = valid or [0]
+        chosen = offered if tactics is None else offered[:1] if tactics == "first" else [t for t in offered if t in tactics]
         for t in chosen:
             plugin.set_tactic(t)
             params, extras = core.KernelLaunchParams(), core.ISymExprs()
             plugin.get_launch_params(in_exprs, in_out, n_in, params, extras, builder)
             descs = [d.desc for d in in_out]
             name, ptx = plugin.get_kernel(descs[:n_in], descs[n_in:])
+            if isinstance(name, (bytes, bytearray)):  # pybind11's std::string caster reads bytes as they are
+                name = bytes(name).decode()
             if not isinstance(name, str) or not isinstance(ptx, bytes):  # pybind casts to (std::string, bytes)
                 raise TypeError(f"get_kernel returned ({type(name)}, {type(ptx)})")
             for e in extras:
@@ -299,10 +303,8 @@ class OnnxParser:
                  onnx.TensorProto.BFLOAT16: core.bfloat16}
         prefer = ("aot" if "PREFER_AOT_PYTHON_PLUGINS" in self.network.flags
                   else "jit" if "PREFER_JIT_PYTHON_PLUGINS" in self.network.flags else None)
-        registry = core.get_plugin_registry()
         for index, node in enumerate(model.graph.node):
-            registered = any(name == node.op_type for name, _, _ in registry.creators)
-            if onnx_tensorrt.dispatch(node, registered) == "builtin":
+            if onnx_tensorrt.dispatch(core, node) == "builtin":
                 continue  # TensorRT's own importers: judged by a real parser (tests/test_trt_rtx.py)
             try:
                 plugin = parse_node(core, node, prefer)

@@ -111,7 +111,9 @@ def run(model, *, build: bool = False, profile: dict | None = None, creator: dic
 
 
 def run_many(cases: list[dict], timeout_s: float = CHILD_TIMEOUT_S) -> list[dict]:
-    """Run `cases` through TensorRT-RTX in as few child processes as possible. Per case:
+    """Run `cases` through TensorRT-RTX in as few child processes as possible: one child runs the
+    cases in order; after one that ends it (an abort) or hangs (killed after timeout_s plus 5 s a case),
+    a fresh child takes the rest. Per case:
 
     returncode (0; the child's, negative for a signal, for the case that ended it; None: timed out),
     parsed, errors [{desc, code, node_name, node_operator}], log [[severity, message]], call (what
@@ -143,7 +145,8 @@ def run_many(cases: list[dict], timeout_s: float = CHILD_TIMEOUT_S) -> list[dict
             started = time.monotonic()
             try:
                 proc = subprocess.run([sys.executable, __file__, "--child", str(spec_file)], capture_output=True,
-                                      text=True, timeout=timeout_s, env={**os.environ, "PYTHONPATH": str(path)})
+                                      text=True, timeout=timeout_s + 5 * len(pending),
+                                      env=_child_env(path))
                 returncode, stderr, timed_out = proc.returncode, proc.stderr, False
             except subprocess.TimeoutExpired as e:
                 returncode, timed_out = None, True
@@ -164,6 +167,12 @@ def run_many(cases: list[dict], timeout_s: float = CHILD_TIMEOUT_S) -> list[dict
                 rest = rest[1:]
             pending = rest
     return results
+
+
+def _child_env(path: Path) -> dict:
+    """This environment with the RTX wheels' folder first on PYTHONPATH."""
+    rest = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), *([rest] if rest else [])])}
 
 
 def _read_events(file: Path) -> dict:
@@ -231,7 +240,7 @@ def introspect(timeout_s: float = 60) -> dict:
     """What this TensorRT-RTX offers: its enums (network creation flags, builder flags and the
     default config's, plugin field types), plugin interfaces, read in a child process."""
     proc = subprocess.run([sys.executable, "-c", _INTROSPECT], capture_output=True, text=True, timeout=timeout_s,
-                          env={**os.environ, "PYTHONPATH": str(rtx_path())})
+                          env=_child_env(rtx_path()))
     if proc.returncode:
         raise RuntimeError(f"TensorRT-RTX introspection failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout)

@@ -1,0 +1,113 @@
+"""No file lost or half-written: no output is the input (by inode), a failed run leaves nothing, two
+runs writing one file cannot both win, SIGTERM and Ctrl-C clean up."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from convattn.exporter.cli import app
+from convattn.models import ConvMHAttn
+
+runner = CliRunner()
+OPTIONS = ["--onnx", "--fused-onnx", "--report", "--engine", "--timing-cache"]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("convattn.exporter.engine.require_tensorrt", lambda: None)  # exit 2 must come first
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "m.pt"
+    torch.save(ConvMHAttn(16, 16, 2).state_dict(), path)
+    os.symlink(path, tmp_path / "link.pt")
+    os.link(path, tmp_path / "hard.pt")
+    return path
+
+
+SPELLINGS = {"same path": "m.pt", "another spelling": "sub/../m.pt", "a symlink": "link.pt", "a hard link": "hard.pt"}
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["", "--force"])
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+@pytest.mark.parametrize("option", OPTIONS)
+def test_no_output_may_be_the_input(model, option, spelling, force):
+    """Every output option x every way of naming the model x with and without --force: exit 2, one line,
+    the model byte-identical. Mutation: `check_distinct` by name only (a symlink and a hard link pass,
+    and --report overwrote the model at 8c10fd2)."""
+    before = model.read_bytes()
+    extra = ["--engine", "e.plan"] if option in ("--timing-cache",) else []
+    r = cli(model, "--heads", 2, option, SPELLINGS[spelling], *extra, *(["--force"] if force else []))
+    assert r.exit_code == 2, r.output
+    assert "is the input model" in " ".join(r.output.split()) and r.output.strip().count("\n") == 0
+    assert model.read_bytes() == before
+
+
+def test_a_run_that_exits_3_leaves_nothing(tmp_path, monkeypatch):
+    """Attention found, none fusable (SeedSDPA: attention over channels): the diagnosis is printed,
+    exit 3, and no file of the run exists. Mutation: the fused ONNX written before the check (8c10fd2)."""
+    from convattn.models import SeedSDPA
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(SeedSDPA(16, 16, 2), tmp_path / "seed.pt")
+    r = cli("seed.pt", "--trust-pickle", "--input-shape", "1x16x6x6", "--fused-onnx", "f.onnx", "--report", "r.json",
+            "--onnx", "u.onnx")
+    assert r.exit_code == 3 and "none fusable" in " ".join(r.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed.pt"]
+
+
+def test_a_parity_failure_leaves_nothing(tmp_path, monkeypatch):
+    """Exit 1 (parity failed) is a failed run too: no file. Mutation: commit on any exit."""
+    from convattn.exporter import validate
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(validate.ValidationReport, "passed", property(lambda self: False))
+    r = cli("--demo", "--fused-onnx", "f.onnx", "--report", "r.json")
+    assert r.exit_code == 1 and "FAIL" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_of_two_runs_writing_one_file_one_wins(tmp_path):
+    """Both pass the upfront check (no file yet); the second to finish finds the file and exits 2 in
+    one line, leaving the first's file as it was. Mutation: commit by os.replace without --force."""
+    from convattn.errors import OutputError
+    from convattn.exporter.files import Outputs
+
+    target = tmp_path / "f.onnx"
+    first, second = Outputs(force=False), Outputs(force=False)
+    first.write(target, b"first")
+    second.write(target, b"second")
+    first.commit()
+    with pytest.raises(OutputError, match="exists .written by another run meanwhile.") as e:
+        second.commit()
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx"]
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+
+
+def _demo_process(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.Popen([sys.executable, "-m", "convattn.exporter.entry", "--demo", "--input-shape", "1x64x48x48",
+                             "--fused-onnx", "f.onnx", "--report", "r.json"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("after_s", [0.2, 6.0], ids=["while-importing", "mid-run"])
+def test_sigterm_cleans_up_and_exits_143(tmp_path, after_s):
+    """SIGTERM while the CLI imports, or mid-run (export or validation): exit 143, one line, no file,
+    no hidden temporary. Mutations: no SIGTERM handler in `export` (exit -15 mid-run); none in
+    `entry.main` (exit -15 while importing)."""
+    p = _demo_process(tmp_path)
+    time.sleep(after_s)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err[-2000:]
+    assert "terminated" in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
