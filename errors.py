@@ -61,6 +61,19 @@ class TensorRTUnavailable(ConvattnError):
     exit_code = 5
 
 
+class PluginError(ConvattnError, ValueError):
+    """The FlashAttention op refused its arguments (a layout, a shape, an attribute): a ValueError too,
+    so code written against the op's earlier errors keeps working."""
+
+    exit_code = 2
+
+
+class KernelError(ConvattnError, RuntimeError):
+    """A kernel could not be compiled or launched (Triton, the CUDA driver)."""
+
+    exit_code = 4
+
+
 def first_line(e: BaseException) -> str:
     """The informative line of an exception from a library: the dynamo exporter's `<class ...>`
     summary where there is one, else the first non-empty line, else the type's name."""

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 
+from convattn.errors import InputError
 from convattn.models import ConvMHAttn, flatten_outputs
 from convattn.plugins.ort_op import run as run_onnx
 
@@ -153,10 +154,14 @@ def validate(
             `dtype` (`precision.cast_graph`); their inputs and outputs are fp32.
         input_shapes: one shape per graph input.
         dtype: the precision of the graphs and of the PyTorch runs ("fp32", "fp16", "bf16").
-        blocks: `FusionResult.blocks`, for the memory figures and estimates. Defaults to none.
+        blocks: `FusionResult.blocks`, for the per-block checks, memory figures and estimates. Defaults
+            to every FlashAttention node of `fused` whose output tensor the unfused graph has too (each
+            checked against it, as the CLI checks them), with no memory figures.
         seed: input seed. Defaults to a fresh random one (recorded in the report).
         memory_budget: bytes the S x S paths may take. Defaults to half the available memory.
     """
+    if dtype not in DTYPES:
+        raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     seed = secrets.randbits(31) if seed is None else seed
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     gen = torch.Generator().manual_seed(seed)
@@ -180,7 +185,7 @@ def validate(
         return False
 
     scores = scores_bytes(blocks, batch, "fp32")
-    fused_blocks = [b for b in (blocks or []) if b.fused]
+    fused_blocks = [b for b in blocks if b.fused] if blocks is not None else _fused_nodes(fused, unfused)
     names = [b.details["output"] for b in fused_blocks]
     runs = {}  # one ONNX Runtime run per graph: its outputs, and the fused blocks' output tensors
     if dtype == "bf16":
@@ -206,6 +211,17 @@ def validate(
         fits("per-block check (the unfused graph's block outputs)", scores)  # says why it did not run
     memory = _block_memory(blocks, batch, dtype)
     return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
+
+
+def _fused_nodes(fused: onnx.ModelProto, unfused: onnx.ModelProto) -> list:
+    """A block per FlashAttention node of `fused` whose output tensor `unfused` computes as well."""
+    from convattn.plugins.op import DOMAIN, OP_TYPE
+
+    from .fuse import BlockReport
+
+    made = {o for n in unfused.graph.node for o in n.output}
+    return [BlockReport(n.name or n.output[0], "fused node", True, details={"output": n.output[0]})
+            for n in fused.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN and n.output[0] in made]
 
 
 def block_parity(fused_blocks, want: dict, got: dict, dtype: str) -> list:

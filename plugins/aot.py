@@ -28,6 +28,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from ..errors import KernelError, PluginError
 from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
 from .op import (SCRATCH_BYTES, SCRATCH_ROWS, FlashAttentionAttrs, layout_strides, logical_shape, output_shape,
                  unit_axis)
@@ -127,7 +128,7 @@ def compile_artifact(
     from triton.compiler import ASTSource
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+        raise PluginError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     head_dim_v = head_dim if head_dim_v is None else head_dim_v
     ptr = f"*{dtype}"
     constants = {
@@ -162,7 +163,7 @@ def compile_artifact(
     compiled = triton.compile(src, target=target, options=options)
     md = compiled.metadata
     if getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0):
-        raise RuntimeError("the kernel needs Triton scratch memory; TensorRT's AOT path cannot provide it")
+        raise KernelError("the kernel needs Triton scratch memory; TensorRT's AOT path cannot provide it")
     ptx, removed = strip_hidden_params(compiled.asm["ptx"], md.name, n_user=len([s for s in signature.values() if s != "constexpr"]))
     isa = re.search(r"^\.version\s+(\d+\.\d+)", ptx, re.M).group(1)
     scalar_names = [n for n, s in signature.items() if s == "i32"]
@@ -212,7 +213,7 @@ def compile_hopper_artifact(*, head_dim: int, num_heads: int, dtype: str, scale:
     md = compiled.metadata
     if md.profile_scratch_size or md.global_scratch_size > SCRATCH_BYTES or block_m < SCRATCH_ROWS \
             or SCRATCH_BYTES % max(md.global_scratch_align, 1):
-        raise RuntimeError(f"the Hopper kernel's scratch ({md.global_scratch_size} B per program, align "
+        raise KernelError(f"the Hopper kernel's scratch ({md.global_scratch_size} B per program, align "
                            f"{md.global_scratch_align}) does not fit the plugin's ({SCRATCH_BYTES} B per {SCRATCH_ROWS} rows)")
     n_user = len([t for t in signature.values() if t != "constexpr"])
     ptx, removed = strip_hidden_params(compiled.asm["ptx"], md.name, n_user=n_user + 1)  # keep global_scratch
@@ -243,7 +244,7 @@ def _compile_in_child(kwargs: dict, function: str = "compile_artifact") -> "AotA
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(kwargs), env=env, capture_output=True)
     if done.returncode:
-        raise RuntimeError(f"compiling the AOT kernel failed: {done.stderr.decode(errors='replace').strip()[-2000:]}")
+        raise KernelError(f"compiling the AOT kernel failed: {done.stderr.decode(errors='replace').strip()[-2000:]}")
     return pickle.loads(done.stdout)
 
 
@@ -251,13 +252,13 @@ def strip_hidden_params(ptx: str, name: str, n_user: int) -> tuple[str, int]:
     """Delete the entry parameters after the first `n_user` ones, if the body never reads them."""
     m = re.search(rf"\.entry\s+{re.escape(name)}\s*\((.*?)\)", ptx, re.S)
     if m is None:
-        raise RuntimeError(f"no .entry {name} in the PTX")
+        raise KernelError(f"no .entry {name} in the PTX")
     params = [p.strip() for p in m.group(1).split(",") if p.strip()]
     extra = params[n_user:]
     for p in extra:
         pname = p.split()[-1]
         if re.search(rf"\[{re.escape(pname)}\b", ptx[m.end():]):
-            raise RuntimeError(f"the kernel reads its hidden parameter {pname}; it cannot be removed")
+            raise KernelError(f"the kernel reads its hidden parameter {pname}; it cannot be removed")
     if not extra:
         return ptx, 0
     kept = ",\n\t".join(params[:n_user])
@@ -271,12 +272,12 @@ def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None, s
     second output (`op.scratch_shape`), passed after `out` to a kernel that reads it."""
     for t, layout in zip((q, k, v, out), art.layouts):
         if not t.is_contiguous():
-            raise ValueError(f"launch_artifact: expected contiguous tensors in layout {layout}")
+            raise PluginError(f"launch_artifact: expected contiguous tensors in layout {layout}")
     grid, threads, shared_mem, scalars = art.launch_for(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     outputs = (out,)
     if art.scratch_bytes:
         if scratch is None or scratch.numel() * scratch.element_size() < art.scratch_bytes * math.prod(grid):
-            raise ValueError(f"launch_artifact: the kernel needs {art.scratch_bytes} B of scratch per program "
+            raise PluginError(f"launch_artifact: the kernel needs {art.scratch_bytes} B of scratch per program "
                              f"x {math.prod(grid)} programs")
         outputs = (out, scratch)
     launch_ptx(art.ptx, art.kernel_name, grid, (threads, 1, 1), shared_mem, (q, k, v), scalars, outputs, stream)
@@ -324,7 +325,7 @@ def _check(result):
     drv = _driver()
     if err != drv.CUresult.CUDA_SUCCESS:
         _, msg = drv.cuGetErrorString(err)
-        raise RuntimeError(f"CUDA driver error {err}: {msg.decode() if msg else ''}")
+        raise KernelError(f"CUDA driver error {err}: {msg.decode() if msg else ''}")
     return rest[0] if len(rest) == 1 else (tuple(rest) if rest else None)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import triton
 
+from ..errors import PluginError
 from .device import device_arch
 from .kernel import SMEM_LIMIT, KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
 from .reference import add_q_bias
@@ -51,7 +52,7 @@ def _strides(t) -> list[int]:
     batch or head stride is never the constant 1 that Triton would compile in."""
     st = [0 if t.shape[i] == 1 else t.stride(i) for i in range(2)] + [t.stride(2), t.stride(3)]
     if 1 in st[:2]:
-        raise ValueError(f"unsupported layout: a batch or head axis with stride 1 (strides {t.stride()})")
+        raise PluginError(f"unsupported layout: a batch or head axis with stride 1 (strides {t.stride()})")
     return st
 
 
@@ -86,24 +87,24 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
     `torch.backends.cuda.matmul.allow_tf32` (off by default: exact fp32).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise PluginError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"shapes do not form an attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise PluginError(f"shapes do not form an attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise ValueError(f"expected q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise PluginError(f"expected q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not 1 <= q.shape[3] <= 512 or not 1 <= v.shape[3] <= 512:
-        raise ValueError(f"head dims 1..512 supported, got {q.shape[3]} and {v.shape[3]}")
+        raise PluginError(f"head dims 1..512 supported, got {q.shape[3]} and {v.shape[3]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     shape_o = (*q.shape[:3], v.shape[3])
     if out is None:
         out = torch.empty(shape_o, dtype=q.dtype, device=q.device)
     elif tuple(out.shape) != shape_o or out.dtype != q.dtype:
-        raise ValueError(f"out: expected shape {shape_o} and dtype {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+        raise PluginError(f"out: expected shape {shape_o} and dtype {q.dtype}, got {tuple(out.shape)} {out.dtype}")
     if q.numel() == 0 or k.shape[2] == 0:
-        raise ValueError("empty attention: S_q and S_kv must be >= 1")
+        raise PluginError("empty attention: S_q and S_kv must be >= 1")
     if q_bias is not None:
         if q_bias.numel() != q.shape[1] * q.shape[3] or q_bias.device != q.device:
-            raise ValueError(f"q_bias: expected {q.shape[1] * q.shape[3]} values (heads x head_dim) on {q.device}, "
+            raise PluginError(f"q_bias: expected {q.shape[1] * q.shape[3]} values (heads x head_dim) on {q.device}, "
                              f"got {tuple(q_bias.shape)} on {q_bias.device}")
         q_bias = q_bias.reshape(-1).contiguous()
     if config is None and q.device.type == "cuda" and _hopper_takes(q, k, v):

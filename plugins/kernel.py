@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 import triton
 import triton.language as tl
 
+from ..errors import PluginError
+
 LOG2E = 1.4426950408889634
 # TF32 operands rounded to nearest (cvt.rna), as cuBLAS rounds them: the tensor cores would otherwise
 # drop the low 13 mantissa bits (truncation), 2-6x PyTorch's own TF32 error (run 29, H100). Off in
@@ -355,5 +357,5 @@ def unit_flags(ones) -> dict:
 
 def qk_scale(scale: float) -> float:
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a finite positive float, got {scale}")
+        raise PluginError(f"scale: expected a finite positive float, got {scale}")
     return scale * LOG2E

@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import PluginError
+
 OP_TYPE = "FlashAttention"
 DOMAIN = "convattn"
 ORT_DOMAIN = "ai.onnx.contrib"
@@ -80,14 +82,14 @@ def static_dim(dim) -> int | None:
 def layout_view(shape, layout: str, num_heads: int):
     """(sizes, element strides) of the (B, heads, S, D) view of a contiguous tensor of `shape` in `layout`."""
     if layout not in _LAYOUT_RULES:
-        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        raise PluginError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     rank, _, rule = _LAYOUT_RULES[layout]
     if len(shape) != rank:
-        raise ValueError(f"expected a {rank}-D input for layout {layout}, got {len(shape)} dims")
+        raise PluginError(f"expected a {rank}-D input for layout {layout}, got {len(shape)} dims")
     if layout in ("NCHW", "BSC"):
         c = shape[1] if layout == "NCHW" else shape[2]
         if isinstance(c, int) and c % num_heads:
-            raise ValueError(f"channels must be divisible by num_heads={num_heads}, got {c}")
+            raise PluginError(f"channels must be divisible by num_heads={num_heads}, got {c}")
     return rule(tuple(shape), num_heads)
 
 
@@ -123,14 +125,14 @@ class FlashAttentionAttrs:
 
     def __post_init__(self):
         if self.num_heads < 1:
-            raise ValueError(f"num_heads: expected >= 1, got {self.num_heads}")
+            raise PluginError(f"num_heads: expected >= 1, got {self.num_heads}")
         if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale: expected a finite positive float, got {self.scale}")
+            raise PluginError(f"scale: expected a finite positive float, got {self.scale}")
         for name in ("q_layout", "k_layout", "v_layout", "out_layout"):
             if getattr(self, name) not in LAYOUTS:
-                raise ValueError(f"{name}: expected one of {LAYOUTS}, got {getattr(self, name)!r}")
+                raise PluginError(f"{name}: expected one of {LAYOUTS}, got {getattr(self, name)!r}")
         if self.out_layout == "NCHW" and self.q_layout != "NCHW":
-            raise ValueError("out_layout 'NCHW' takes H and W from the query map: expected q_layout 'NCHW'")
+            raise PluginError("out_layout 'NCHW' takes H and W from the query map: expected q_layout 'NCHW'")
 
     def onnx_attributes(self, plugin_mode: str = "aot") -> dict:
         """Node attributes: ours plus those TensorRT's parser uses to find the plugin. `aot`
@@ -167,7 +169,7 @@ class FlashAttentionAttrs:
             if "tf32" in values:
                 values["tf32"] = {"0": False, "1": True}[values["tf32"]]
         except (ValueError, KeyError) as e:
-            raise ValueError(f"FlashAttention attributes: expected num_heads an integer, scale a number and tf32 "
+            raise PluginError(f"FlashAttention attributes: expected num_heads an integer, scale a number and tf32 "
                              f"0 or 1, each an ONNX STRING, got {attrs.get('num_heads')!r}, {attrs.get('scale')!r}, "
                              f"{attrs.get('tf32')!r}") from e
         return cls(**values)
@@ -188,14 +190,14 @@ def undeclared_attributes(names) -> list[str]:
 def aot_attribute(plugin_mode: str) -> int:
     """The node's `aot` attribute for a plugin mode: 1 (AOT: the engine carries the PTX) or 0 (JIT)."""
     if plugin_mode not in PLUGIN_MODES:
-        raise ValueError(f"plugin mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
+        raise PluginError(f"plugin mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     return int(plugin_mode == "aot")
 
 
 def bhsd_view(t, layout: str, num_heads: int):
     """The kernel's (B, heads, S, D) view of a contiguous torch tensor given in `layout` (no copy)."""
     if not t.is_contiguous():
-        raise ValueError(f"bhsd_view: expected a contiguous tensor in layout {layout}, got strides {t.stride()}")
+        raise PluginError(f"bhsd_view: expected a contiguous tensor in layout {layout}, got strides {t.stride()}")
     sizes, strides = layout_view(tuple(t.shape), layout, num_heads)
     return t.as_strided(sizes, strides, t.storage_offset())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import PluginError
 from .op import FlashAttentionAttrs, layout_view, output_shape
 
 BLOCK_K = 128
@@ -33,7 +34,7 @@ def from_bhsd(o: np.ndarray, layout: str, out_shape, num_heads: int) -> np.ndarr
 def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, block_k: int = BLOCK_K) -> np.ndarray:
     """softmax(scale * q k^T) v for (B, H, S, D) arrays, one key block at a time."""
     if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"expected k, v with equal S and q, k with equal D; got q{q.shape} k{k.shape} v{v.shape}")
+        raise PluginError(f"expected k, v with equal S and q, k with equal D; got q{q.shape} k{k.shape} v{v.shape}")
     q32 = q.astype(np.float32) * np.float32(scale)
     b, h, s_q, _ = q.shape
     m = np.full((b, h, s_q, 1), -np.inf, np.float32)

@@ -30,6 +30,7 @@ slower, or a TensorRT could not give it its scratch, the engine still has the Tr
 # annotations with inspect.signature and needs real classes (trtp.TensorDesc, int, ...), not strings.
 import functools
 
+from ..errors import PluginError
 from .kernel import (SMEM_WITHOUT_OPT_IN, KernelConfig, candidate_configs, default_config, no_opt_in_config,
                      smem_estimate, smem_limit)
 from .op import (OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, scratch_shape,
@@ -158,7 +159,7 @@ def _register_aot(trtp) -> None:
         if tactic == HOPPER_TACTIC:
             problem = hopper_problem(q, k, v, attrs, dtype)
             if problem:  # TensorRT asks only for tactics autotune offered
-                raise ValueError(f"tactic {tactic} (the Hopper kernel) cannot serve this node: {problem}")
+                raise PluginError(f"tactic {tactic} (the Hopper kernel) cannot serve this node: {problem}")
             art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
                                           layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
         else:
@@ -231,7 +232,7 @@ def static_head_dim(desc, layout: str, num_heads: int) -> int:
     kernel is compiled for it), as the channel count of an NCHW map or BSC tokens is."""
     head_dim = static_logical_shape(desc, layout, num_heads)[3]
     if head_dim < 1:
-        raise ValueError(f"the head dim of a {layout} input must be a static dimension, got shape {_static_dims(desc)} "
+        raise PluginError(f"the head dim of a {layout} input must be a static dimension, got shape {_static_dims(desc)} "
                          "(0: dynamic)")
     return head_dim
 

@@ -60,6 +60,26 @@ def test_engine_without_tensorrt_exits_5_before_any_stage_runs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_malformed_library_log_record_does_not_end_the_run(tmp_path, monkeypatch):
+    """torch's serializer logs a format with two %s and one argument; the log capture must keep the
+    record, not die on it (a TypeError ended every such run, exit 1). Mutation: `r.getMessage()` in `stage` (8c10fd2)."""
+    import logging
+
+    from convattn.exporter import load
+
+    real = load.load_model
+
+    def logging_load(*args, **kwargs):
+        logging.getLogger("torch._export.serde.serialize").warning("Loaded %s after failure: %s", "dict")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(load, "load_model", logging_load)
+    report = tmp_path / "r.json"
+    r = cli("--demo", "--fused-onnx", tmp_path / "f.onnx", "--report", report)
+    assert r.exit_code == 0, r.output
+    assert any("Loaded %s after failure" in w for w in json.loads(report.read_text())["library_warnings"])
+
+
 def test_seed_sdpa_is_diagnosed(tmp_path):
     path = tmp_path / "seed.pt"
     torch.save(SeedSDPA(16, 16, 2), path)

@@ -111,3 +111,21 @@ def test_sigterm_cleans_up_and_exits_143(tmp_path, after_s):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143, err[-2000:]
     assert "terminated" in err and "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_an_error_is_one_line_with_stderr_piped(tmp_path):
+    """Rich hard-wrapped a long error at its width when stderr was a pipe (2-4 lines at 8c10fd2).
+    Mutation: the console without soft_wrap."""
+    long = tmp_path / ("a_folder_with_a_long_name_" * 8) / "m.pt"
+    p = subprocess.run([sys.executable, "-m", "convattn.exporter.entry", str(long)], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no such file" in p.stderr, p.stderr
+
+
+def test_help_shows_defaults_literally():
+    """`[default: ...]` in a help text was read as Rich markup and vanished; flags showed `<bool>`.
+    Mutation: rich_markup_mode left at Typer's default."""
+    r = CliRunner().invoke(app, ["--help"], terminal_width=200)
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "[default: beside the engine, or ./<model>.fused.onnx]" in text
+    assert "[default: fresh]" in text and "<bool>" not in text

@@ -66,6 +66,7 @@ CASES = [
     ("an INT where the plugin declares a string arrives as its int32 bytes", "field_types", lambda: ours(num_heads=2),
      "int32 bytes"),
     ("a plugin_namespace node is a plugin even under a builtin op_type", "dispatch", lambda: ours(), "dispatch"),
+    ("a creator that returns no plugin", "created", lambda: ours(), "UNSUPPORTED_NODE: Could not create the plugin."),
 ]
 
 
@@ -77,6 +78,16 @@ def _judge(core, node, expect):
         core.get_plugin_registry().creators[("Attention", "1", "convattn")] = \
             core.get_plugin_registry().get_creator("FlashAttention", "1", "convattn")
         return parser.dispatch(core, node) == "plugin"
+    if expect.endswith("Could not create the plugin."):
+        real = core.get_plugin_registry().get_creator("FlashAttention", "1", "convattn")
+
+        class NoPlugin:  # a creator whose create_plugin returns nothing (a C++ creator's nullptr)
+            field_names = real.field_names
+
+            def create_plugin(self, *args):
+                return None
+
+        core.get_plugin_registry().creators[("FlashAttention", "1", "convattn")] = NoPlugin()
     try:
         plugin = h.parse_node(core, node, prefer=prefer)
     except h.ParseError as e:

@@ -34,6 +34,40 @@ def test_a_wrong_block_fails_its_own_check():
     assert not row.passed and row.max_rel > 1e-2 and not report.passed
 
 
+def test_validate_with_its_defaults_checks_every_fused_block():
+    """Called as a library with no `blocks`, `validate` still checks each fused node against the same
+    tensor of the unfused graph, as the CLI does: a block whose error the output projection hides
+    (its weights scaled to 1e-7) fails. Mutation: no default blocks (the broken graph passes)."""
+    import torch
+
+    from convattn.models import ConvMHAttn
+
+    module = ConvMHAttn(16, 16, 2).eval()
+    with torch.no_grad():
+        module.out_conv.weight.mul_(1e-7)
+    exported, fusion = export_fuse(module, [(1, 16, 7, 9)])
+    broken = onnx.ModelProto()
+    broken.CopyFrom(fusion.model)
+    for node in broken.graph.node:
+        for a in node.attribute:
+            if a.name == "scale":
+                a.s = repr(float(a.s) * 1.5).encode()
+    assert validate(module, exported.model, fusion.model, exported.input_shapes, seed=0).passed
+    report = validate(module, exported.model, broken, exported.input_shapes, seed=0)
+    assert [c.passed for c in report.comparisons if c.path.startswith("block ")] == [False] and not report.passed
+    assert all(c.passed for c in report.comparisons if not c.path.startswith("block "))  # end to end it hides
+
+
+def test_validate_refuses_an_unknown_dtype_with_a_convattn_error():
+    from convattn.errors import ConvattnError
+    from convattn.models import ConvMHAttn
+
+    module = ConvMHAttn(16, 16, 2).eval()
+    exported, fusion = export_fuse(module, [(1, 16, 7, 9)])
+    with pytest.raises(ConvattnError, match="dtype: expected one of fp32, fp16, bf16, got 'fp8'"):
+        validate(module, exported.model, fusion.model, exported.input_shapes, dtype="fp8")
+
+
 def test_a_pass_needs_a_check_in_the_requested_precision():
     rows = [Comparison("onnxruntime fused", "fp32", 0.0, 0.0, 1e-5)]
     assert ValidationReport("fp32", 0, [], rows, []).passed
