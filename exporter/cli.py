@@ -42,15 +42,37 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__.spli
 out = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 160)
 
 
+LONG_STAGE_S = 120  # past this, a stage with a `hint` says it once
+
+
 @contextmanager
-def stage(name: str):
-    """A stage: a spinner, its time, and the libraries' warnings and log records (torch logs its
-    symbolic-shape solver's tracebacks at WARNING) kept for the report, not printed."""
+def stage(name: str, hint: str | None = None):
+    """A stage: a spinner with its running time, and the libraries' warnings and log records (torch logs
+    its symbolic-shape solver's tracebacks at WARNING) kept for the report, not printed. `hint`: printed
+    once if the stage runs longer than LONG_STAGE_S (what to try instead)."""
     start = time.perf_counter()
     logged: list[logging.LogRecord] = []
-    with out.status(f"[bold]{name}[/]…"), warnings.catch_warnings(record=True) as caught, _library_logs(logged):
+    done = threading.Event()
+    with out.status(f"[bold]{name}[/]…") as status, warnings.catch_warnings(record=True) as caught, \
+            _library_logs(logged):
         warnings.simplefilter("always")
-        yield
+
+        def tick():  # progress: the time so far, and the hint once it is long
+            hinted = False
+            while not done.wait(1.0):
+                elapsed = time.perf_counter() - start
+                status.update(f"[bold]{name}[/]… [dim]{elapsed:.0f}s[/]")
+                if hint and not hinted and elapsed > LONG_STAGE_S:
+                    out.print(f"  [yellow]{name} has run {elapsed:.0f}s:[/] {escape(hint)}")
+                    hinted = True
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
     LIBRARY_WARNINGS.extend(f"{name}: {w.category.__name__}: {str(w.message).strip()}" for w in caught)
     LIBRARY_WARNINGS.extend(f"{name}: log {r.levelname} {r.name}: {first_line(_message(r))}" for r in logged
                             if r.levelno >= logging.WARNING)
@@ -279,7 +301,9 @@ def _run(o: Options, outputs: Outputs) -> int:
     input_shapes = input_shapes or loaded.default_input_shapes
     if not input_shapes:
         raise InputError(f"{o.model}: the file does not record input shapes: pass --input-shape BxCxHxW")
-    with stage("export"):
+    slow = ("a dynamic export can take very long for large models (shape solving); --static exports the "
+            "export shape alone, usually in seconds") if o.dynamic else None
+    with stage("export", hint=slow):
         exported = export_onnx(loaded.module, input_shapes, exporter=o.exporter, opset=o.opset, dynamic=o.dynamic)
     out.print(f"  [dim]{exported.exporter} exporter, opset {o.opset}, {len(exported.model.graph.node)} nodes[/]")
     input_shapes = exported.input_shapes

@@ -223,9 +223,21 @@ def _probe(model: onnx.ModelProto, input_shapes, notes: list, max_dim: int = PRO
             continue
         if mode == "exact" and errors:
             notes.append(f"the graph marks dims dynamic but does not run with them >= 2 ({errors[-1]}); it was "
-                         "fused at the export shapes and serves those only: export with --static to say so")
+                         "fused at the export shapes and is written with those dims fixed (it serves that shape "
+                         "only): export with --static to say so")
+            return values, "exact only"
         return values, mode
     raise errors[1] if len(errors) > 1 else errors[0]  # the export shapes' error, not the reduced one
+
+
+def _fix_input_dims(model: onnx.ModelProto, shapes: dict) -> None:
+    """Every dynamic input dim of `model` (changed in place) written as its probe shape's size."""
+    for vi in model.graph.input:
+        if vi.name in shapes:
+            for d, n in zip(vi.type.tensor_type.shape.dim, shapes[vi.name][0]):
+                if not d.HasField("dim_value"):
+                    d.Clear()
+                    d.dim_value = int(n)
 
 
 def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
@@ -701,6 +713,8 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     _rewrite(graph, g, rewrites, plugin_mode, tf32)
     graph.cleanup().toposort()
     fused = gs.export_onnx(graph)
+    if mode == "exact only":  # dynamic in name only: written as the one shape it runs at, not a lie
+        _fix_input_dims(fused, _probe_shapes(model, input_shapes, "exact"))
     onnx.helper.set_model_props(fused, {**{p.key: p.value for p in model.metadata_props}, TF32_KEY: str(int(tf32))})
     onnx.checker.check_model(fused)
     _export_sizes(model, input_shapes or recorded_shapes(model), blocks)

@@ -80,6 +80,17 @@ def test_a_malformed_library_log_record_does_not_end_the_run(tmp_path, monkeypat
     assert any("Loaded %s after failure" in w for w in json.loads(report.read_text())["library_warnings"])
 
 
+def test_a_long_dynamic_export_says_what_to_try(tmp_path, monkeypatch):
+    """A dynamic export that runs long (timm's maxvit: over 45 minutes, --static 24 s) shows its time
+    and, past LONG_STAGE_S, names --static once. Mutation: no hint passed to the export stage."""
+    from convattn.exporter import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "LONG_STAGE_S", 0)
+    r = cli("--demo", "--fused-onnx", tmp_path / "f.onnx")
+    assert r.exit_code == 0, r.output
+    assert " ".join(r.output.split()).count("--static exports the export shape alone") == 1
+
+
 def test_seed_sdpa_is_diagnosed(tmp_path):
     path = tmp_path / "seed.pt"
     torch.save(SeedSDPA(16, 16, 2), path)

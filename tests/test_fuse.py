@@ -194,7 +194,7 @@ def test_a_dynamic_batch_that_only_runs_at_1_is_fused_at_the_export_shape_and_sa
     """The probe runs dynamic dims at >= 2; a graph that claims a dynamic batch but runs at 1 only
     got a raw ONNX Runtime Reshape error (exit 3). Now: fused at the export shapes, with a note
     naming --static, and ONNX Runtime's log line for the failed probe kept off the terminal.
-    Mutation: no "exact" probe: ModelError; session log severity 3: its red ERROR line on stderr."""
+    Mutations: no "exact" probe: ModelError; session log severity 3: its red ERROR line on stderr."""
     import user_models
     from convattn.exporter.export import export_onnx
 
@@ -202,8 +202,11 @@ def test_a_dynamic_batch_that_only_runs_at_1_is_fused_at_the_export_shape_and_sa
     assert not exported.model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")  # "dynamic"
     fusion = fuse_attention(exported.model)
     assert [b.fused for b in fusion.blocks] == [True]
-    assert any("--static" in n and ">= 2" in n for n in fusion.notes)
+    assert any("--static" in n and ">= 2" in n and "written with those dims fixed" in n for n in fusion.notes)
     assert "onnxruntime" not in capfd.readouterr().err
+    # written as the one shape it runs at (it aborted at batch 2 when written dynamic). Mutation: no
+    # `_fix_input_dims` in fuse_attention.
+    assert [d.dim_value for d in fusion.model.graph.input[0].type.tensor_type.shape.dim] == [1, 16, 5, 6]
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -264,3 +267,43 @@ def test_a_probe_that_shrinks_the_sequence_to_one_pixel_grows():
     assert block.fused, block.reason
     assert block.details["probe_seq_q"] > 1 and block.details["seq_q"] == 16
     assert_same_function(module, [(1, 16, 64, 96)], exported, fusion)
+
+
+class ColumnMajorAttention(torch.nn.Module):
+    """Pixels taken column-major (pixel = x * H + y: the map transposed before the flatten) for Q, K
+    and V, and the output written back row-major without transposing: not the NCHW layout's pixel
+    order on the output side, so only a fuser that compares the sequence axes refuses it."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Conv2d(c, c, 1) for _ in range(3))
+        self.heads = heads
+        self.out = torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+
+        def seq(t):  # (B, heads, S, d), pixel = x * H + y
+            return t.transpose(2, 3).reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
+
+        q, k, v = seq(self.q(x)), seq(self.k(x)), seq(self.v(x))
+        o = torch.softmax(q @ k.transpose(-1, -2) * (c // self.heads) ** -0.5, -1) @ v
+        return self.out(o.transpose(-1, -2).reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_column_major_pixel_order_is_never_fused_wrong(exporter):
+    """Whatever the fuser decides, the fused graph computes what PyTorch computes (ONNX Runtime vs
+    float64 at another batch). Mutation: the sequence-axis comparison dropped from
+    `_same_attention_operand` (fused as NCHW: error 0.46 at 8c10fd2)."""
+    from convattn.exporter.export import export_onnx
+    from convattn.plugins.ort_op import session
+
+    module = ColumnMajorAttention().eval()
+    exported = export_onnx(module, [(1, 16, 4, 6)], exporter=exporter)
+    fusion = fuse_attention(exported.model, exported.input_shapes)
+    x = np.random.default_rng(3).standard_normal((2, 16, 4, 6)).astype(np.float32)
+    (got,) = session(fusion.model).run(None, {exported.input_names[0]: x})
+    with torch.no_grad():
+        want = module.double()(torch.from_numpy(x).double()).numpy()
+    assert np.abs(got - want).max() <= 1e-4, [b.reason for b in fusion.blocks]

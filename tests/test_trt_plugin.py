@@ -66,7 +66,8 @@ def test_plugin_registers_with_aot_and_jit(trt):
 def test_shape_rule_on_tensorrt_expressions(trt, layout):
     """Output shapes: symbolic through NVIDIA's ShapeExpr (no reflected operators: `h * d_v` with an
     int on the left is a TypeError), evaluated, against the CPU reference's actual output shape.
-    Mutation: `h * d_v` in op.output_shape fails NCHW and BSC."""
+    Mutations: `h * d_v` in op.output_shape fails NCHW and BSC; H and W swapped in it fails NCHW (the
+    expected shapes are written out here: the reference allocates with the rule under test)."""
     core, _, _ = trt
     trt_plugin.register_plugin()
     (q_shape, kv_shape), env = SHAPES[layout]
@@ -78,6 +79,9 @@ def test_shape_rule_on_tensorrt_expressions(trt, layout):
     arrays = [rng.standard_normal(concrete(s, env)).astype(np.float32) for s in (q_shape, kv_shape, kv_shape)]
     out = flash_attention_reference(*arrays, FlashAttentionAttrs(HEADS, 0.3, layout, layout, layout, layout))
     assert built.output_shape == out.shape
+    # B=3, heads 2 x D 8 = 16 channels, H=5, W=7 (S = 35), written out independently of op.output_shape
+    assert built.output_shape == {"NCHW": (3, 16, 5, 7), "BHSD": (3, 2, 35, 8), "BHDS": (3, 2, 8, 35),
+                                  "BSC": (3, 35, 16)}[layout]
     assert built.output_dtypes == [core.float32] * 2  # the output and the scratch
     assert built.output_shapes[1] == (1,)  # head dim 8: no kernel of ours needs scratch
 
@@ -611,3 +615,72 @@ def test_gpu_hopper_tactic_as_tensorrt_passes_it(trt, layout, out_layout, dtype)
     out_jit = torch.full_like(out, float("nan"))
     _enqueue_as_tensorrt(core, jit, trt_dtype, (q, k, v), (out_jit, scratch))
     assert torch.equal(out_jit, out)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_the_jit_impl_passes_the_nodes_tf32_to_the_kernel(trt, monkeypatch, tf32):
+    """NVIDIA's JIT `enqueue` into our `impl` with the node's tf32 attribute: the kernel call gets it.
+    On the CPU: TensorRT's tensors are stood in by CPU tensors of their shapes, the stream by nothing,
+    the kernel by a recorder. Mutation: the impl's `tf32=attrs.tf32` dropped (the JIT plugin ignores it)."""
+    import contextlib
+
+    from convattn.plugins import flash
+
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    seen = []
+    monkeypatch.setattr(trt_plugin, "torch_tensor", lambda t: torch.zeros(tuple(t.shape)))
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda stream: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(flash, "flash_attention", lambda *a, **kw: seen.append(kw.get("tf32")))
+    (q_shape, kv_shape), env = SHAPES["NCHW"]
+    shapes = [concrete(s, env) for s in (q_shape, kv_shape, kv_shape)]
+    plugin = h.parse_node(core, node("NCHW", plugin_mode="jit", tf32=tf32))
+    built = h.build_node(core, plugin, [core.float32] * 3, shapes, {})
+    plugin.set_tactic(built.tactics[0])
+
+    def desc(shape):
+        d = core.PluginTensorDesc()
+        d.dims, d.type, d.format = core.Dims(shape), core.float32, core.TensorFormat.LINEAR
+        return d
+
+    outs = [built.output_shapes[0], built.output_shapes[1]]
+    strides = lambda s: torch.empty(s).stride()  # noqa: E731
+    plugin.enqueue([desc(s) for s in shapes], [desc(s) for s in outs], [4096] * 3, [8192, 16384],
+                   [strides(s) for s in shapes], [strides(s) for s in outs], 0)
+    assert seen == [tf32]
+
+
+def test_aot_v_strides_come_from_v_when_its_head_dim_differs(monkeypatch):
+    """D_v != D (V's channels 2 x 16, Q's and K's 2 x 8) and S_kv != S_q: the extras TensorRT receives,
+    replayed through the kernel (Triton's interpreter) against float64. Mutation: V's strides computed
+    from K's shape in `AotArtifact.scalar_args` (no test had D_v != D)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("replays in Triton's CPU interpreter (the GPU tests launch the PTX)")
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    env = {"B": 2, "H": 3, "W": 5, "H2": 4, "W2": 3}
+    shapes = [("B", 16, "H", "W"), ("B", 16, "H2", "W2"), ("B", 32, "H2", "W2")]
+    with h.tensorrt(VERSIONS[0]) as (core, _):
+        trt_plugin.register_plugin()
+        plugin = h.parse_node(core, node("NCHW"))
+        built = h.build_node(core, plugin, [core.float32] * 3, shapes, env, tactics=[1])
+    launch = built.launches[1]
+    from convattn.plugins.aot import compile_artifact
+    from convattn.plugins.kernel import _attn_fwd
+
+    art = compile_artifact(head_dim=8, head_dim_v=16, num_heads=HEADS, dtype="fp32", arch=90, layouts=("NCHW",) * 4,
+                           config=trt_plugin.tactic_config(8, "fp32", "sm_90", 1), scale=D**-0.5)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(concrete(s, env)) for s in shapes)
+    out = torch.full(built.output_shape, float("nan"))
+    _attn_fwd[launch.grid](q, k, v, Out=out, num_warps=art.num_warps,
+                           **dict(zip(art.scalar_arg_names, launch.extras)), **art.constants)
+
+    def heads(t, d):  # (B, heads*d, H, W) -> (B, heads, H*W, d), written out here
+        return t.double().reshape(t.shape[0], HEADS, d, -1).transpose(-1, -2)
+
+    ref = torch.softmax(heads(q, 8) @ heads(k, 8).transpose(-1, -2) * D**-0.5, -1) @ heads(v, 16)
+    assert built.output_shape == (2, 32, 3, 5)
+    assert (heads(out, 16) - ref).abs().max() <= 1e-5
