@@ -48,6 +48,21 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["11.4.0.106", "10.16.1.11"])  # trt_harness.WHEELS (asserted below)
+def trt_core(request, monkeypatch):
+    """The stand-in core of each pinned TensorRT under NVIDIA's `tensorrt.plugin` (`trt_harness`), our
+    plugin registered; the GPU query (`_arch`) is what cannot run here."""
+    import trt_harness
+
+    from convattn.plugins import trt_plugin
+
+    assert list(trt_harness.WHEELS) == ["11.4.0.106", "10.16.1.11"]
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    with trt_harness.tensorrt(request.param) as (core, _):
+        trt_plugin.register_plugin()
+        yield core
+
+
 def export_fuse(module, shapes, exporter="dynamo", opset=18):
     from convattn.exporter.export import export_onnx
     from convattn.exporter.fuse import fuse_attention

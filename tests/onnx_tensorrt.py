@@ -30,6 +30,7 @@ class Release:
     tensorrt: str  # the TensorRT release(s) this row is for
     commit: str  # the onnx-tensorrt commit (NVIDIA/TensorRT parsers/onnx at the release tag)
     read: str  # which commit's source the rules were read at, and why it stands in where it differs
+    # Each rule's file:line at that commit: tests/PARSER_RULES.md (one table; a test keeps it and RULES alike).
 
 
 # bindings wheel version (what `trt_harness.tensorrt(version)` loads) -> the parser it meets
@@ -39,11 +40,6 @@ RELEASES = {
                           "5ab48c5 (11.0's own); 11.1's 7c51a63 is not readable here and 11.2-11.4 have no public "
                           "commit: 11.0's stands in"),
 }
-
-# rule -> {commit (7 hex): "file:line"} of the code each rule emulates. Filled from the sources read at
-# those commits (tests/PARSER_RULES.md says how). Where a file is not stored at a commit, the newest
-# commit it was read at is cited with "(at <commit>)".
-CITATIONS: dict[str, dict[str, str]] = {}
 
 
 class ParseError(Exception):

@@ -10,7 +10,6 @@ import onnx
 import onnx_tensorrt as parser
 import trt_harness as h
 from convattn.errors import EngineBuildError
-from convattn.plugins import trt_plugin
 from convattn.plugins.op import FlashAttentionAttrs, make_node
 
 ATTRS = FlashAttentionAttrs(2, 0.25)
@@ -20,12 +19,9 @@ PLUGIN_NOT_FOUND = 'INVALID_NODE: creator && "Plugin not found, are the plugin n
 MORE_OUTPUTS = "INVALID_GRAPH: Node has more output tensors than TRT expected, expected output size is 2, actual output size is {}."
 
 
-@pytest.fixture(params=list(h.WHEELS))
-def trt(request, monkeypatch):
-    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
-    with h.tensorrt(request.param) as (core, trtp):
-        trt_plugin.register_plugin()
-        yield core
+@pytest.fixture
+def trt(trt_core):
+    return trt_core
 
 
 def ours(outputs=("o", "o_scratch"), inputs=("q", "k", "v"), **changes):
@@ -175,3 +171,21 @@ def test_a_fused_graph_from_before_the_scratch_output_is_refused_as_tensorrt_ref
     with pytest.raises(EngineBuildError, match="expected output size is 2, actual output size is 1") as e:
         engine.build_engine(old, tmp_path / "m.plan", engine.parse_profiles(["input"], [(1, 16, 7, 9)]))
     assert e.value.exit_code == 4 and "\n" not in str(e.value)
+
+
+def test_the_rules_table_covers_every_rule_and_cites_both_releases():
+    """tests/PARSER_RULES.md is the contract: one row per rule of `onnx_tensorrt.RULES` (no more, no
+    fewer), each citing file:line for 10.16 and for 11.0 and naming a positive and a negative test and
+    TensorRT-RTX's verdict."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent / "PARSER_RULES.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", text, re.M)}
+    assert set(rows) == set(parser.RULES)
+    for rule, row in rows.items():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 7 and all(cells), rule
+        for release in cells[2:4]:
+            assert re.search(r"\w+\.(cpp|hpp)(:\d+| \w+)", release), (rule, release)
+        assert any(case[1] == rule for case in CASES), f"{rule}: no negative case in CASES"

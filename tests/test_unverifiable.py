@@ -16,12 +16,9 @@ from convattn.plugins.kernel import SMEM_WITHOUT_OPT_IN
 from convattn.plugins.op import FlashAttentionAttrs, make_node, scratch_shape
 
 
-@pytest.fixture(params=list(h.WHEELS))
-def trt(request, monkeypatch):
-    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
-    with h.tensorrt(request.param) as (core, trtp):
-        trt_plugin.register_plugin()
-        yield core
+@pytest.fixture
+def trt(trt_core):
+    return trt_core
 
 
 @pytest.mark.parametrize("dtype,head_dim", [("fp16", 64), ("fp16", 512), ("fp32", 8), ("fp32", 64)])

@@ -16,6 +16,17 @@ def _validate(module, shapes, **kwargs):
                                       blocks=fusion.blocks, seed=0, **kwargs)
 
 
+def _scaled(model, factor):
+    """A copy of a fused graph whose FlashAttention nodes' scale is off by `factor`."""
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    for node in broken.graph.node:
+        for a in node.attribute:
+            if a.name == "scale":
+                a.s = repr(float(a.s) * factor).encode()
+    return broken
+
+
 def test_a_wrong_block_fails_its_own_check():
     """A 1.5x scale error in one fused node: the block's row fails (in deep random-weight models the
     end-to-end error of such a node stayed within tolerance). Mutation: no per-block rows."""
@@ -23,12 +34,7 @@ def test_a_wrong_block_fails_its_own_check():
 
     module = ConvMHAttn(16, 16, 2).eval()
     exported, fusion = export_fuse(module, [(1, 16, 7, 9)])
-    broken = onnx.ModelProto()
-    broken.CopyFrom(fusion.model)
-    for node in broken.graph.node:
-        for a in node.attribute:
-            if a.name == "scale":
-                a.s = repr(float(a.s) * 1.5).encode()
+    broken = _scaled(fusion.model, 1.5)
     report = validate(module, exported.model, broken, exported.input_shapes, blocks=fusion.blocks, seed=0)
     [row] = [c for c in report.comparisons if c.path.startswith("block ")]
     assert not row.passed and row.max_rel > 1e-2 and not report.passed
@@ -46,12 +52,7 @@ def test_validate_with_its_defaults_checks_every_fused_block():
     with torch.no_grad():
         module.out_conv.weight.mul_(1e-7)
     exported, fusion = export_fuse(module, [(1, 16, 7, 9)])
-    broken = onnx.ModelProto()
-    broken.CopyFrom(fusion.model)
-    for node in broken.graph.node:
-        for a in node.attribute:
-            if a.name == "scale":
-                a.s = repr(float(a.s) * 1.5).encode()
+    broken = _scaled(fusion.model, 1.5)
     assert validate(module, exported.model, fusion.model, exported.input_shapes, seed=0).passed
     report = validate(module, exported.model, broken, exported.input_shapes, seed=0)
     assert [c.passed for c in report.comparisons if c.path.startswith("block ")] == [False] and not report.passed
