@@ -88,6 +88,10 @@ def _import(name: str) -> None:
 
 def _archive_kind(path: Path) -> str | None:
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip archive's start, but no central directory at its end
+                raise InputError(f"{path}: a zip archive (TorchScript, .pt2 or torch.save) that ends before its "
+                                 f"directory ({path.stat().st_size} bytes): the file is truncated; copy it again")
         return None
     try:
         names = zipfile.ZipFile(path).namelist()

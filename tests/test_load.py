@@ -125,3 +125,25 @@ def test_first_line_never_cuts_a_sentence():
     e = ValueError("Traceback noise\n<class 'UserError'>: inferred ranges from model tracing:\n  batch: [2, inf]\nmore")
     assert first_line(e) == "<class 'UserError'>: inferred ranges from model tracing: batch: [2, inf]"
     assert first_line(ValueError("")) == "ValueError"
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "pt2", "pickle"])
+@pytest.mark.parametrize("keep", [0.3, 0.95])
+def test_a_truncated_model_file_says_so(tmp_path, kind, keep):
+    """A copy cut short said "[Errno 22] Invalid argument" (torch's reader on a zip with no directory).
+    Mutation: no truncation check in `_archive_kind`."""
+    import torch
+
+    from convattn.errors import InputError
+    from convattn.exporter.load import load_model
+    from convattn.models import ConvMHAttn
+
+    m, path = ConvMHAttn(16, 16, 2).eval(), tmp_path / "m.pt"
+    x = torch.randn(1, 16, 4, 4)
+    {"torchscript": lambda: torch.jit.save(torch.jit.trace(m, x), path),
+     "pt2": lambda: torch.export.save(torch.export.export(m, (x,)), path),
+     "pickle": lambda: torch.save(m, path)}[kind]()
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(InputError, match="truncated"):
+        load_model(path, trust_pickle=True)
