@@ -369,8 +369,15 @@ def _checked_outputs(o: Options) -> tuple[Path, Path | None]:
     check_distinct({**outputs, "--timing-cache": o.timing_cache}, {"input model": o.model})
     for path in outputs.values():
         check_output(demo_folder if demo_folder and path == fused_onnx else path, o.force)
-    if o.triton_repo and o.engine and (o.triton_repo / o.engine.stem.replace(".", "_")).exists() and not o.force:
-        raise OutputError(f"{o.triton_repo / o.engine.stem.replace('.', '_')}: exists; pass --force to overwrite")
+    if o.triton_repo and o.engine:
+        folder = _triton_model(o)
+        if folder.exists() and not o.force:
+            raise OutputError(f"{folder}: exists; pass --force to overwrite")
+        inside = Path(os.path.realpath(folder))
+        for what, path in {"the input model": o.model, **outputs, "--timing-cache": o.timing_cache}.items():
+            if path is not None and inside in Path(os.path.realpath(path)).parents:
+                raise OutputError(f"{what} {path} is inside the Triton model folder {folder}, which --triton-repo "
+                                  "replaces whole: give it another place")
     return fused_onnx, demo_folder
 
 
@@ -386,17 +393,30 @@ def _report(loaded, input_shapes, onnx_path, fused_onnx, fusion, warnings, resul
     }
 
 
+def _triton_model(o: Options) -> Path:
+    """<--triton-repo>/<the engine's name>: the Triton model folder the run writes."""
+    return o.triton_repo / o.engine.stem.replace(".", "_")
+
+
 def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model_module, unfused, blocks,
                   outputs: Outputs) -> dict:
-    from convattn.exporter.engine import build_engine, triton_repository
+    import shutil
 
-    plan = outputs.temporary(o.engine)  # the plan and its sidecar are put in place with the rest
+    from convattn.exporter.engine import build_engine, write_triton_model
+
+    plan = outputs.temporary(o.engine)  # the plan, its sidecar and the timing cache: put in place with the rest
     outputs.adopt(plan, o.engine)
     outputs.adopt(sidecar_path(plan), sidecar_path(o.engine))
+    cache = None
+    if o.timing_cache:
+        cache = outputs.temporary(o.timing_cache)
+        if o.timing_cache.exists():
+            shutil.copyfile(o.timing_cache, cache)  # read, then rewritten by the build
+        outputs.adopt(cache, o.timing_cache, replace=True)
     with stage(f"engine ({o.plugin_mode}, {o.dtype})"):
         built = build_engine(fused, plan, profile, plugin_mode=o.plugin_mode,
                              workspace_bytes=o.workspace_mib * 2**20 if o.workspace_mib else None,
-                             timing_cache=o.timing_cache, model_sha256=sha256)
+                             timing_cache=cache, model_sha256=sha256)
     if built.sidecar.get("device_memory_bytes"):
         out.print(f"  [dim]engine device memory at the profile's max shapes: "
                   f"{built.sidecar['device_memory_bytes'] / 1e6:.1f} MB[/]")
@@ -412,7 +432,7 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
     import torch
 
     if torch.cuda.is_available():
-        from convattn.exporter.validate import validate_engine
+        from convattn.exporter.engine import validate_engine
 
         with stage("validate engine"):
             engine_report = validate_engine(built.plan, model_module, unfused, names, input_shapes, dtype=o.dtype,
@@ -431,8 +451,10 @@ def _engine_stage(o: Options, fused, profile, names, input_shapes, sha256, model
                                                    built.sidecar.get("device_memory_bytes"))
         _print_paths(built.sidecar["paths"])
     if o.triton_repo:
-        name = o.engine.stem.replace(".", "_")
-        target = triton_repository(o.triton_repo, name, built.plan, fused, profile, force=o.force)
+        target = _triton_model(o)
+        folder = outputs.temporary_folder(target)
+        outputs.adopt(folder, target)
+        write_triton_model(folder, target.name, built.plan, fused, profile)
         out.print(f"  [dim]Triton Inference Server model: {target}[/]")
     return built.sidecar
 

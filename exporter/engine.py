@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import os
 import re
 import shutil
@@ -152,6 +153,8 @@ def _driver_cuda() -> str | None:
     try:
         if driver is not None:
             err, version = driver.cuDriverGetVersion()
+            if err != driver.CUresult.CUDA_SUCCESS or not version:
+                return None
         else:
             import torch
 
@@ -163,22 +166,38 @@ def _driver_cuda() -> str | None:
 
 def triton_repository(repo: str | Path, name: str, plan: str | Path, model: onnx.ModelProto, profile: Profile,
                       *, force: bool = False) -> Path:
-    """A Triton Inference Server model repository: <repo>/<name>/config.pbtxt and 1/model.plan.
+    """A Triton Inference Server model repository: <repo>/<name>/config.pbtxt and 1/model.plan (with
+    its sidecar beside it when the plan has one), staged and put in place whole.
 
     Dims are -1 where the profile lets them vary; max_batch_size 0 (the batch is an explicit
     dim of every input, as exported)."""
     target = Path(repo) / name
     if target.exists() and not force:
         raise InputError(f"{target}: exists; pass --force to overwrite")
+    Path(repo).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    try:
+        write_triton_model(staging, name, plan, model, profile)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_triton_model(folder: Path, name: str, plan: str | Path, model: onnx.ModelProto, profile: Profile) -> None:
+    """One Triton model into an existing empty `folder`: config.pbtxt, 1/model.plan and, where the plan
+    has a sidecar, 1/model.plan.json (a C++ server reads the PTX's driver needs there)."""
     def entry(vi, dims) -> str:
         dtype = _TRT_DTYPES.get(vi.type.tensor_type.elem_type)
         if dtype is None:
             raise InputError(f"{vi.name}: no Triton data type for ONNX elem_type {vi.type.tensor_type.elem_type}")
         return f'  {{\n    name: "{vi.name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
 
-    inputs = graph_inputs(model)
     in_entries = []
-    for vi in inputs:
+    for vi in graph_inputs(model):
         lo, _, hi = profile.shapes[vi.name]
         in_entries.append(entry(vi, [a if a == b else -1 for a, b in zip(lo, hi)]))
     out_entries = [
@@ -190,19 +209,11 @@ def triton_repository(repo: str | Path, name: str, plan: str | Path, model: onnx
         f'name: "{name}"\nplatform: "tensorrt_plan"\nmax_batch_size: 0\n'
         f"input [\n{sep.join(in_entries)}\n]\noutput [\n{sep.join(out_entries)}\n]\n"
     )
-    Path(repo).mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
-    try:
-        (staging / "1").mkdir()
-        shutil.copyfile(plan, staging / "1" / "model.plan")
-        (staging / "config.pbtxt").write_text(text)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    (Path(folder) / "1").mkdir()
+    shutil.copyfile(plan, Path(folder) / "1" / "model.plan")
+    if sidecar_path(plan).exists():
+        shutil.copyfile(sidecar_path(plan), sidecar_path(Path(folder) / "1" / "model.plan"))
+    (Path(folder) / "config.pbtxt").write_text(text)
 
 
 def attention_layers(engine_info_json: str) -> list[str]:
@@ -529,3 +540,61 @@ def compare_paths(plan: str | Path, unfused: onnx.ModelProto, profile: Profile, 
         result["native"] = {"ms": time_engine(native.plan, feeds),
                             "device_memory_bytes": native.sidecar.get("device_memory_bytes")}
     return result
+
+
+def validate_engine(
+    plan,
+    module,
+    unfused: onnx.ModelProto,
+    input_names: list[str],
+    input_shapes: list[tuple[int, ...]],
+    *,
+    dtype: str = "fp32",
+    blocks: list | None = None,
+    seed: int | None = None,
+    tf32: bool = False,
+) -> "ValidationReport":
+    """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
+    the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
+    the same inputs x8 (large logits: where a naive fp16 softmax overflows). Needs CUDA and
+    TensorRT; memory notes give the engine's peak and where einsum would run out of memory."""
+    import numpy as np
+    import torch
+
+    from convattn.plugins.ort_op import run as run_onnx
+
+    from .validate import (DTYPES, ValidationReport, block_memory, compare, einsum_oom_side, flat, run_torch,
+                           torch_variants)
+
+    seed = secrets.randbits(31) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
+    comparisons, notes = [], []
+    for label, factor in (("", 1.0), (" (x8 inputs)", 8.0)):
+        inputs = [x * factor for x in base]
+        ref = run_torch(module, inputs, torch.float64)
+        scale = max(1.0, float(np.abs(ref).max()))
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        outputs = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
+        peak = torch.cuda.max_memory_allocated() - before
+        got = flat([o.double().cpu().numpy() for o in outputs])  # every output, as the reference flattens them
+        # a TF32 engine (fp32 graph, --tf32) is held to TF32's tolerance
+        comparisons.append(compare(f"tensorrt engine{label}", "tf32" if tf32 and dtype == "fp32" else dtype, got, ref, scale))
+        feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
+        if dtype != "bf16":  # the unfused graph is typed in `dtype` too; ONNX Runtime's CPU kernels have no bf16
+            comparisons.append(compare(f"onnxruntime unfused{label}", dtype, flat(run_onnx(unfused, feeds)), ref, scale))
+        for name, variant in torch_variants(module).items():
+            got = run_torch(variant, inputs, DTYPES[dtype], "cuda")
+            comparisons.append(compare(f"{name} (cuda){label}", dtype, got, ref, scale))
+        if not label:
+            notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
+                         "(the engine's own activation memory is in the sidecar)")
+    _, total = torch.cuda.mem_get_info()
+    batch = input_shapes[0][0]
+    memory = block_memory(blocks, batch, dtype)
+    for m in memory:
+        side = einsum_oom_side(batch, m.heads, total, dtype)
+        notes.append(f"block {m.block}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
+                     f"at {side}x{side} pixels (batch {batch})")
+    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)

@@ -89,24 +89,31 @@ def check_distinct(paths: dict[str, Path | None], inputs: dict[str, Path | None]
 
 
 class Outputs:
-    """A run's outputs, staged as temporary files beside their targets and put in place together only
-    when the run succeeds (`commit`); `discard` (any failure, an interrupt, SIGTERM) removes every
-    temporary, and the folders this made. Without `force` a target is created exclusively (a hard
-    link of the temporary), so of two runs writing the same file one wins and the other gets one
-    line; with `force` it is replaced atomically."""
+    """A run's outputs, staged as temporaries beside their targets and put in place together only when
+    the run succeeds (`commit`); `discard` (any failure, an interrupt, SIGTERM) removes every temporary,
+    and the folders this made. Without `force` a target is created exclusively (a hard link of the
+    temporary, or an O_EXCL claim where the filesystem has no hard links), so of two runs writing the
+    same file one wins and the other gets one line; with `force` it is replaced atomically. A staged
+    folder (a Triton model) replaces its target folder whole."""
 
     def __init__(self, force: bool):
         self.force = force
-        self.staged: list[tuple[Path, Path]] = []  # (temporary, target)
+        self.staged: list[tuple[Path, Path, bool]] = []  # (temporary, target, replace whatever force says)
         self.made: list[Path] = []  # folders made for targets
+
+    def _parent(self, target: Path) -> None:
+        if not target.parent.exists():
+            try:
+                target.parent.mkdir(mode=0o700, parents=True)
+            except OSError as e:
+                raise OutputError(f"{target}: cannot make its folder ({e.strerror})") from e
+            self.made.append(target.parent)
 
     def temporary(self, target: Path) -> Path:
         """A fresh temporary path beside `target` (the file created empty), for a library that writes the
         file itself (`engine.build_engine`), staged with `adopt`."""
         target = Path(target)
-        if not target.parent.exists():
-            target.parent.mkdir(mode=0o700, parents=True)
-            self.made.append(target.parent)
+        self._parent(target)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         except OSError as e:
@@ -114,44 +121,73 @@ class Outputs:
         os.close(fd)
         return Path(tmp)
 
-    def adopt(self, tmp: Path, target: Path) -> None:
-        self.staged.append((Path(tmp), Path(target)))
+    def temporary_folder(self, target: Path) -> Path:
+        """A fresh temporary folder beside `target`, staged to replace it (`adopt`)."""
+        target = Path(target)
+        self._parent(target)
+        try:
+            return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        except OSError as e:
+            raise OutputError(f"{target}: cannot write ({e.strerror})") from e
+
+    def adopt(self, tmp: Path, target: Path, replace: bool = False) -> None:
+        """Stage `tmp` as `target`; `replace`: put in place over an existing file whatever `force` says
+        (a timing cache, read and rewritten by design)."""
+        self.staged.append((Path(tmp), Path(target), replace))
 
     def write(self, target: Path, data: bytes) -> None:
         tmp = self.temporary(target)
         self.adopt(tmp, target)
         try:
             tmp.write_bytes(data)
-            os.chmod(tmp, 0o666 & ~_umask())
         except OSError as e:
             raise OutputError(f"{target}: cannot write ({e.strerror})") from e
 
     def commit(self) -> None:
+        """Every staged output in place, with SIGINT and SIGTERM held until it is done (a set of files,
+        not some old and some new)."""
+        import shutil
+        import signal
+        import threading
+
+        held = threading.current_thread() is threading.main_thread()
+        if held:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         placed: list[Path] = []
         try:
-            for tmp, target in self.staged:
-                os.chmod(tmp, 0o666 & ~_umask())
-                if self.force:
+            for tmp, target, replace in self.staged:
+                if tmp.is_dir():
+                    if target.exists() and not self.force:
+                        raise OutputError(f"{target}: exists (written by another run meanwhile); pass --force")
+                    if target.exists():
+                        shutil.rmtree(target)
                     os.replace(tmp, target)
                 else:
-                    try:
-                        os.link(tmp, target)
-                    except FileExistsError:
-                        raise OutputError(f"{target}: exists (written by another run meanwhile); pass --force to "
-                                          "overwrite") from None
-                    os.unlink(tmp)
+                    os.chmod(tmp, 0o666 & ~_umask())
+                    if self.force or replace:
+                        os.replace(tmp, target)
+                    else:
+                        _create_exclusively(tmp, target)
                 placed.append(target)
-        except BaseException:
+        except BaseException as e:
             if not self.force:  # what this run created goes again: nothing half-written
-                for target in placed:
-                    Path(target).unlink(missing_ok=True)
+                for target, (_, _, replace) in zip(placed, self.staged):
+                    if not replace:
+                        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
             self.discard()
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot put the outputs in place ({e.strerror or e}): nothing was written") from e
             raise
+        finally:
+            if held:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         self.staged.clear()
 
     def discard(self) -> None:
-        for tmp, _ in self.staged:
-            Path(tmp).unlink(missing_ok=True)
+        import shutil
+
+        for tmp, _, _ in self.staged:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         self.staged.clear()
         for folder in reversed(self.made):
             try:
@@ -159,3 +195,20 @@ class Outputs:
             except OSError:
                 pass
         self.made.clear()
+
+
+def _create_exclusively(tmp: Path, target: Path) -> None:
+    """`tmp` becomes `target`, which must not exist: a hard link (atomic), or, on a filesystem without
+    them, an O_EXCL claim of the name and then a rename over the claim."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise OutputError(f"{target}: exists (written by another run meanwhile); pass --force to overwrite") from None
+    except OSError:  # no hard links here (vfat, exFAT, some network mounts)
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise OutputError(f"{target}: exists (written by another run meanwhile); pass --force to overwrite") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)

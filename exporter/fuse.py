@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from .graph import graph_inputs, recorded_shapes
 from convattn.errors import InputError, ModelError, first_line
 from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute, logical_shape,
-                                 int32_problem, native_attention_applies, scratch_name)
+                                 int32_problem, native_attention_applies, node_outputs)
 
 # ---------------------------------------------------------------- views: atoms of a root tensor
 
@@ -739,7 +739,8 @@ def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool)
                 merged[t.name] = _merge_heads(graph, names, t, int(g.shape(t)[-1]))
         inputs = [merged.get(t.name, t) for t in inputs]
         y = gs.Variable(names(f"{name}/FlashAttention_output"), out.dtype) if len(g.shape(out)) > 4 else out
-        scratch = gs.Variable(names(scratch_name(y.name)), out.dtype)  # named: TensorRT 10.16+ requires it
+        # every output named (TensorRT 10.16+ requires it), as `op.node_outputs` names them
+        scratch = gs.Variable(names(node_outputs(y.name)[1]), out.dtype)
         graph.nodes.append(
             gs.Node(OP_TYPE, _node_name(name), replace(attrs, tf32=tf32).onnx_attributes(plugin_mode), inputs,
                     [y, scratch], domain=DOMAIN)

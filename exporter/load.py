@@ -163,6 +163,9 @@ def _pt2_pickles(path: Path) -> list[str]:
 
     found = []
     with zipfile.ZipFile(path) as z:
+        roots = {n.split("/", 1)[0] for n in z.namelist()}
+        if len(roots) != 1:  # torch reads the first record's folder: the one inspected must be the one loaded
+            return [f"archive holds {len(roots)} top-level folders ({', '.join(sorted(roots))}), where torch writes one"]
         entries = {n.split("/", 1)[-1]: n for n in z.namelist() if "/" in n}
 
         def safe_to_load(name: str) -> bool:
@@ -198,7 +201,8 @@ def _pt2_pickles(path: Path) -> list[str]:
 @contextlib.contextmanager
 def _no_unpickling(path: Path):
     """Defence in depth around torch.export.load: any full unpickling (torch.load with weights_only=False,
-    pickle.load/loads) the inspection did not foresee is refused before it runs."""
+    pickle.load/loads, TorchScript's object unpickler) the inspection did not foresee is refused before
+    it runs."""
     import pickle
 
     def refuse(*args, **kwargs):
@@ -212,12 +216,12 @@ def _no_unpickling(path: Path):
             refuse()
         return real_load(*args, weights_only=True if weights_only is None else weights_only, **kwargs)
 
-    saved = (torch.load, pickle.load, pickle.loads)
-    torch.load, pickle.load, pickle.loads = guarded_load, refuse, refuse
+    saved = (torch.load, pickle.load, pickle.loads, torch._C._pickle_load_obj)
+    torch.load, pickle.load, pickle.loads, torch._C._pickle_load_obj = guarded_load, refuse, refuse, refuse
     try:
         yield
     finally:
-        torch.load, pickle.load, pickle.loads = saved
+        torch.load, pickle.load, pickle.loads, torch._C._pickle_load_obj = saved
 
 
 def _from_state_dict(path: Path, state: dict, heads, attention) -> LoadedModel:

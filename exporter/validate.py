@@ -94,7 +94,7 @@ class ValidationReport:
         }
 
 
-def _variants(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def torch_variants(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The model as given, or, when it is built of ConvMHAttn blocks, as einsum and as SDPA."""
     blocks = [m for m in module.modules() if isinstance(m, ConvMHAttn)]
     if not blocks:
@@ -109,20 +109,20 @@ def _variants(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _run_torch(module, inputs, dtype, device: str = "cpu") -> np.ndarray:
+def run_torch(module, inputs, dtype, device: str = "cpu") -> np.ndarray:
     """The model's outputs (flattened, as the graph's), run in `dtype` on `device`, as one float64 vector."""
     module = copy.deepcopy(module).to(device=device, dtype=dtype)
     with torch.no_grad():
         outputs = flatten_outputs(module(*(x.to(device=device, dtype=dtype) for x in inputs)))
-    return _flat([t.double().cpu().numpy() for _, t in outputs])
+    return flat([t.double().cpu().numpy() for _, t in outputs])
 
 
-def _flat(arrays) -> np.ndarray:
+def flat(arrays) -> np.ndarray:
     """Every output of a model as one float64 vector (all outputs compared at once)."""
     return np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays])
 
 
-def _compare(path, dtype, out, ref, scale) -> Comparison:
+def compare(path, dtype, out, ref, scale) -> Comparison:
     # Relative error is normwise (max abs error / max |reference|): elementwise ratios explode
     # wherever the reference crosses zero and say nothing about the result.
     err = float(np.abs(out.astype(np.float64) - ref).max())
@@ -156,7 +156,8 @@ def validate(
         dtype: the precision of the graphs and of the PyTorch runs ("fp32", "fp16", "bf16").
         blocks: `FusionResult.blocks`, for the per-block checks, memory figures and estimates. Defaults
             to every FlashAttention node of `fused` whose output tensor the unfused graph has too (each
-            checked against it, as the CLI checks them), with no memory figures.
+            checked against it, as the CLI checks them), with no memory figures: their sizes unknown,
+            the S x S paths then run whatever they need (pass `blocks` for the memory budget).
         seed: input seed. Defaults to a fresh random one (recorded in the report).
         memory_budget: bytes the S x S paths may take. Defaults to half the available memory.
     """
@@ -168,7 +169,7 @@ def validate(
     inputs = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
     notes = []
     batch = input_shapes[0][0]
-    variants = _variants(module)
+    variants = torch_variants(module)
     ref, ref_name, exact = _reference(module, variants, inputs, notes)
     scale = max(1.0, float(np.abs(ref).max()))
     if float(np.abs(ref).max()) < 1e-6 or float(np.ptp(ref)) <= 1e-6 * scale:
@@ -195,21 +196,21 @@ def validate(
         for name, model in (("unfused", unfused), ("fused", fused)):
             if name == "fused" or fits("onnxruntime unfused", scores):
                 runs[name] = _run_marked(model, feeds, names)
-                comparisons.append(_compare(f"onnxruntime {name}", dtype, _flat(runs[name][0]), ref, scale))
+                comparisons.append(compare(f"onnxruntime {name}", dtype, flat(runs[name][0]), ref, scale))
     for name, variant in variants.items():
         if name == ref_name and not exact and dtype == "fp32":
             continue  # the reference itself (the model would not run in float64): comparing it proves nothing
         if name != "pytorch sdpa" and not fits(name, scores_bytes(blocks, batch, dtype)):
             continue
         try:
-            comparisons.append(_compare(name, dtype, _run_torch(variant, inputs, DTYPES[dtype]), ref, scale))
+            comparisons.append(compare(name, dtype, run_torch(variant, inputs, DTYPES[dtype]), ref, scale))
         except Exception as e:
             notes.append(f"{name} does not run in {dtype} on this machine: {type(e).__name__}: {e}")
     if "unfused" in runs:
         comparisons += block_parity(fused_blocks, runs["unfused"][1], runs["fused"][1], dtype)
     elif dtype != "bf16":
         fits("per-block check (the unfused graph's block outputs)", scores)  # says why it did not run
-    memory = _block_memory(blocks, batch, dtype)
+    memory = block_memory(blocks, batch, dtype)
     return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
 
 
@@ -253,11 +254,11 @@ def _reference(module, variants: dict, inputs, notes: list) -> tuple[np.ndarray,
     else the model itself; fp32 where the model cannot run in float64 (said in the notes)."""
     name = "pytorch sdpa" if "pytorch sdpa" in variants else "pytorch"
     try:
-        return _run_torch(variants[name], inputs, torch.float64), name, True
+        return run_torch(variants[name], inputs, torch.float64), name, True
     except Exception as e:  # e.g. a TorchScript graph specialised to fp32
         notes.append(f"no float64 run of the model ({type(e).__name__}); the reference is its fp32 run, "
                      "and the PyTorch fp32 row, the reference itself, is left out")
-        return _run_torch(variants[name], inputs, torch.float32), name, False
+        return run_torch(variants[name], inputs, torch.float32), name, False
 
 
 def scores_bytes(blocks, batch: int, dtype: str) -> int:
@@ -279,7 +280,7 @@ def default_memory_budget() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def _block_memory(blocks, batch: int, dtype: str) -> list[BlockMemory]:
+def block_memory(blocks, batch: int, dtype: str) -> list[BlockMemory]:
     """Attention memory of each block fused into our node, at the validated batch."""
     return [BlockMemory.estimate(b.name, batch, b.details["num_heads"], *_seqs(b), dtype, "merged_axes" in b.details)
             for b in (blocks or []) if b.fused]
@@ -312,55 +313,3 @@ def einsum_oom_side(batch: int, heads: int, memory_bytes: int, dtype: str) -> in
     while einsum_bytes_at(batch, heads, side * side, side * side, dtype) <= memory_bytes:
         side += 8
     return side
-
-
-def validate_engine(
-    plan,
-    module,
-    unfused: onnx.ModelProto,
-    input_names: list[str],
-    input_shapes: list[tuple[int, ...]],
-    *,
-    dtype: str = "fp32",
-    blocks: list | None = None,
-    seed: int | None = None,
-    tf32: bool = False,
-) -> ValidationReport:
-    """The TensorRT engine against a float64 PyTorch run, next to PyTorch (einsum, SDPA) on
-    the GPU in `dtype` and ONNX Runtime on the unfused graph, on fresh random inputs and on
-    the same inputs x8 (large logits: where a naive fp16 softmax overflows). Needs CUDA and
-    TensorRT; memory notes give the engine's peak and where einsum would run out of memory."""
-    from .engine import run_engine
-
-    seed = secrets.randbits(31) if seed is None else seed
-    gen = torch.Generator().manual_seed(seed)
-    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in input_shapes]
-    comparisons, notes = [], []
-    for label, factor in (("", 1.0), (" (x8 inputs)", 8.0)):
-        inputs = [x * factor for x in base]
-        ref = _run_torch(module, inputs, torch.float64)
-        scale = max(1.0, float(np.abs(ref).max()))
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        outputs = run_engine(plan, {n: x.float().cuda() for n, x in zip(input_names, inputs)})
-        peak = torch.cuda.max_memory_allocated() - before
-        got = _flat([o.double().cpu().numpy() for o in outputs])  # every output, as the reference flattens them
-        # a TF32 engine (fp32 graph, --tf32) is held to TF32's tolerance
-        comparisons.append(_compare(f"tensorrt engine{label}", "tf32" if tf32 and dtype == "fp32" else dtype, got, ref, scale))
-        feeds = {i.name: x.float().numpy() for i, x in zip(graph_inputs(unfused), inputs)}
-        if dtype != "bf16":  # the unfused graph is typed in `dtype` too; ONNX Runtime's CPU kernels have no bf16
-            comparisons.append(_compare(f"onnxruntime unfused{label}", dtype, _flat(run_onnx(unfused, feeds)), ref, scale))
-        for name, variant in _variants(module).items():
-            got = _run_torch(variant, inputs, DTYPES[dtype], "cuda")
-            comparisons.append(_compare(f"{name} (cuda){label}", dtype, got, ref, scale))
-        if not label:
-            notes.append(f"engine run: {peak / 1e6:.1f} MB allocated through PyTorch for inputs and outputs "
-                         "(the engine's own activation memory is in the sidecar)")
-    _, total = torch.cuda.mem_get_info()
-    batch = input_shapes[0][0]
-    memory = _block_memory(blocks, batch, dtype)
-    for m in memory:
-        side = einsum_oom_side(batch, m.heads, total, dtype)
-        notes.append(f"block {m.block}: an einsum attention would run out of this GPU's {total / 1e9:.0f} GB "
-                     f"at {side}x{side} pixels (batch {batch})")
-    return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)

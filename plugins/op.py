@@ -257,11 +257,16 @@ def int32_problem(batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: int
     return None
 
 
+def node_outputs(output: str) -> list[str]:
+    """The names a fused node gives its outputs: the attention output, then its scratch."""
+    return [output, scratch_name(output)]
+
+
 def make_node(inputs, output: str, attrs: FlashAttentionAttrs, plugin_mode: str = "aot", name: str = ""):
-    """The fused node as an ONNX NodeProto: (q, k, v) -> (output, its scratch), our domain, every attribute."""
+    """The fused node as an ONNX NodeProto: (q, k, v) -> `node_outputs`, our domain, every attribute."""
     import onnx
 
-    return onnx.helper.make_node(OP_TYPE, list(inputs), [output, scratch_name(output)], name, domain=DOMAIN,
+    return onnx.helper.make_node(OP_TYPE, list(inputs), node_outputs(output), name, domain=DOMAIN,
                                  **attrs.onnx_attributes(plugin_mode))
 
 

@@ -90,18 +90,24 @@ def run(model: onnx.ModelProto, feeds: dict) -> list:
 
 @contextlib.contextmanager
 def deferred_interrupt():
-    """SIGINT held back (recorded) until the block ends, then raised as KeyboardInterrupt."""
+    """SIGINT and SIGTERM held back (recorded) until the block ends, then delivered again to the
+    handlers they would have met: an exception raised inside ONNX Runtime's Python op callback
+    aborts the whole process (pybind11's error_already_set escapes ONNX Runtime's C++)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in signals]
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        for sig, handler in zip(signals, previous):
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(caught):
+        if signum == signal.SIGINT and previous[0] in (signal.SIG_DFL, signal.default_int_handler):
+            raise KeyboardInterrupt
+        signal.raise_signal(signum)
 
 
 def session(model: onnx.ModelProto):

@@ -43,7 +43,7 @@ HOPPER_TACTIC = 1000  # beside the Triton configs' 1..N
 
 
 @functools.cache
-def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> tuple[KernelConfig, ...]:
+def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90", head_dim_v: int | None = None) -> tuple[KernelConfig, ...]:
     """Tactic i (1-based: TensorRT reserves 0) runs config i-1: the recorded (tuned) config
     first, then the rest of the tuning space, so TensorRT's own timing can pick among them.
     Cached: the JIT `impl` looks its tactic up at every enqueue."""
@@ -52,20 +52,20 @@ def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90") -> tuple[Kern
     nbytes = 4 if dtype == "fp32" else 2
     # A profile admits many lengths: the config tuned for the longest recorded one leads.
     first = next((c for c in (recorded_config(arch, dtype, head_dim, s) for s in (16384, 4096, 1024)) if c), None)
-    first = first or default_config(head_dim, nbytes, smem=smem_limit(arch))
-    configs = [first, *(c for c in candidate_configs(head_dim, nbytes, smem=smem_limit(arch)) if c != first)]
+    first = first or default_config(head_dim, nbytes, head_dim_v, smem=smem_limit(arch))
+    configs = [first, *(c for c in candidate_configs(head_dim, nbytes, head_dim_v, smem=smem_limit(arch)) if c != first)]
     # A tactic within 48 KiB of shared memory, if the list has none: an engine still builds where
     # TensorRT does not opt a kernel in to more (not documented either way).
-    safe = no_opt_in_config(head_dim, nbytes)
-    if safe is not None and not any(smem_estimate(c, head_dim, nbytes) <= SMEM_WITHOUT_OPT_IN for c in configs):
+    safe = no_opt_in_config(head_dim, nbytes, head_dim_v)
+    if safe is not None and not any(smem_estimate(c, head_dim, nbytes, head_dim_v) <= SMEM_WITHOUT_OPT_IN for c in configs):
         configs.append(safe)
     return tuple(configs)
 
 
-def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int) -> KernelConfig:
+def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int, head_dim_v: int | None = None) -> KernelConfig:
     """The config of a tactic TensorRT chose (0, its default, is the first one); bf16 shares fp16's list
     (one AutoTuneCombination serves both 16-bit types)."""
-    return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch)[max(tactic, 1) - 1]
+    return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch, head_dim_v)[max(tactic, 1) - 1]
 
 
 def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32) -> FlashAttentionAttrs:
@@ -112,10 +112,11 @@ def _register(trtp) -> None:
                   outputs) -> list[trtp.AutoTuneCombination]:
         attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
         head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
+        head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
         # One combination per element size: the tactic lists differ (fp32 tiles fit less SMEM).
         combinations = []
         for types, dtype in ((IO_TYPES_16, "fp16"), (IO_TYPES_32, "fp32")):
-            tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch)) + 1))
+            tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch, head_dim_v)) + 1))
             if hopper_problem(q, k, v, attrs, dtype) is None:
                 tactics.append(HOPPER_TACTIC)
             combinations.append(trtp.AutoTuneCombination(types, "LINEAR", tactics))
@@ -137,7 +138,7 @@ def _register(trtp) -> None:
 
                 hopper_attention(*views, attrs.scale)
                 return
-            config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic)
+            config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic, views[2].shape[-1])
             flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32)
 
 
@@ -163,7 +164,7 @@ def _register_aot(trtp) -> None:
             art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
                                           layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
         else:
-            config = tactic_config(head_dim, dtype, arch, tactic)
+            config = tactic_config(head_dim, dtype, arch, tactic, static_head_dim(v, attrs.v_layout, attrs.num_heads))
             art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, attrs.num_heads),
                                    num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
                                    arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32)

@@ -317,6 +317,18 @@ def test_ctrl_c_inside_the_onnxruntime_python_op_does_not_abort():
     assert subprocess.run([sys.executable, "-c", ABORT_SCRIPT], capture_output=True).returncode == 130
 
 
+def test_sigterm_inside_the_onnxruntime_python_op_does_not_abort():
+    """SIGTERM while ONNX Runtime runs our Python op: held until the run ends, then delivered to the
+    handler it would have met (here the default: killed by SIGTERM, -15), never an abort (-6, 134).
+    Mutation: `deferred_interrupt` holding SIGINT only."""
+    import subprocess
+    import sys
+
+    script = ABORT_SCRIPT.replace("os.kill(os.getpid(), signal.SIGINT)", "os.kill(os.getpid(), signal.SIGTERM)")
+    assert script != ABORT_SCRIPT
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == -15
+
+
 def test_ctrl_c_inside_torch_export_is_a_keyboard_interrupt(monkeypatch):
     """torch.export turns a KeyboardInterrupt into other errors; export_onnx gives it back.
     Mutation: without `_interrupted` the user gets ExportError (exit 3)."""

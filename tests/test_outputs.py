@@ -103,8 +103,8 @@ def _demo_process(tmp_path):
 @pytest.mark.parametrize("after_s", [0.2, 6.0], ids=["while-importing", "mid-run"])
 def test_sigterm_cleans_up_and_exits_143(tmp_path, after_s):
     """SIGTERM while the CLI imports, or mid-run (export or validation): exit 143, one line, no file,
-    no hidden temporary. Mutations: no SIGTERM handler in `export` (exit -15 mid-run); none in
-    `entry.main` (exit -15 while importing)."""
+    no hidden temporary. Mutation: no SIGTERM handler in `entry.main` (exit -15 while importing). The
+    CLI's own handler, which cleans staged files up, is `test_sigterm_while_the_outputs_are_written_cleans_up`'s."""
     p = _demo_process(tmp_path)
     time.sleep(after_s)
     p.send_signal(signal.SIGTERM)
@@ -129,3 +129,54 @@ def test_help_shows_defaults_literally():
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "[default: beside the engine, or ./<model>.fused.onnx]" in text
     assert "[default: fresh]" in text and "<bool>" not in text
+
+
+@pytest.mark.parametrize("passes", [True, False], ids=["exit-0", "exit-1"])
+def test_an_engine_run_puts_every_file_in_place_or_none(tmp_path, monkeypatch, passes):
+    """`--engine` with `--triton-repo`, `--timing-cache` and `--report`, over the TensorRT harness (NVIDIA's
+    plugin layer, the stand-in builder): on success every file at once (the Triton model with the plan's
+    sidecar); on a parity failure none, and the existing timing cache as it was. Mutation: the Triton
+    repository written at once by `triton_repository` (left behind by the failed run, at 8c10fd2's code)."""
+    import trt_harness
+
+    from convattn.exporter import engine, validate
+    from convattn.plugins import trt_plugin
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine, "gpu_identity", lambda: ("stand-in", "9.0"))
+    monkeypatch.setattr(trt_plugin, "_arch", lambda: "sm_90")
+    if not passes:
+        monkeypatch.setattr(validate.ValidationReport, "passed", property(lambda self: False))
+    (tmp_path / "tc.bin").write_bytes(b"old cache")
+    with trt_harness.tensorrt("11.4.0.106"):
+        r = cli("--demo", "--input-shape", "1x64x8x8", "--engine", "out.plan", "--triton-repo", "repo",
+                "--timing-cache", "tc.bin", "--report", "r.json")
+    assert r.exit_code == (0 if passes else 1), r.output
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    if passes:
+        assert files == ["out.fused.onnx", "out.plan", "out.plan.json", "r.json", "repo/out/1/model.plan",
+                         "repo/out/1/model.plan.json", "repo/out/config.pbtxt", "tc.bin"]
+        assert (tmp_path / "tc.bin").read_bytes() == b"timing-cache"  # the stand-in builder's cache
+    else:
+        assert files == ["tc.bin"] and (tmp_path / "tc.bin").read_bytes() == b"old cache"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tc.bin"]  # no folder, no hidden temporary
+
+
+def test_sigterm_while_the_outputs_are_written_cleans_up(tmp_path):
+    """SIGTERM after every file is staged, as the run commits them: the CLI's own handler (not the entry
+    point's) takes it, so the staged temporaries go and the exit is 143. Mutation: no SIGTERM handler in
+    `cli.export` (killed by the signal: -15, hidden temporaries left)."""
+    script = (
+        "import os, signal, sys\n"
+        "from convattn.exporter import cli, files\n"
+        "real = files.Outputs.commit\n"
+        "def commit(self):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    real(self)\n"
+        "files.Outputs.commit = commit\n"
+        "sys.argv = ['convattn-export', '--demo', '--fused-onnx', 'f.onnx', '--report', 'r.json']\n"
+        "cli.main()\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert p.returncode == 143, p.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -143,3 +143,21 @@ def test_an_ordinary_pt2_loads_and_the_trusted_crafted_one_runs_as_torch_runs_it
     except Exception:  # noqa: BLE001  (what torch makes of the payload after running it is not ours)
         pass
     assert sentinel.exists()  # with the flag, torch unpickles, as the user asked
+
+
+def test_a_pt2_with_two_top_level_folders_is_refused(saved, tmp_path):
+    """torch reads the first record's folder; an inspection keyed past the folder would let a benign
+    copy be inspected and another loaded. Mutation: no top-level folder check in `_pt2_pickles`."""
+    import zipfile
+
+    sentinel = tmp_path / "sentinel"
+    evil = craft(saved, tmp_path / "evil.pt2", lambda r: sample_inputs_route(r, sentinel))
+    two = tmp_path / "two.pt2"
+    with zipfile.ZipFile(evil) as bad, zipfile.ZipFile(saved) as good, zipfile.ZipFile(two, "w") as out:
+        for name in bad.namelist():
+            out.writestr(name, bad.read(name))
+        for name in good.namelist():
+            out.writestr("benign/" + name.split("/", 1)[1], good.read(name))
+    with pytest.raises(InputError, match="top-level folders"):
+        load_model(two)
+    assert not sentinel.exists()

@@ -160,7 +160,8 @@ def build_node(core, plugin, in_dtypes, in_shapes, env: dict | None, tactics=Non
     if mode == "aot":
         # No custom tactics advertised: TensorRT compiles the default tactic 0 (NvInferRuntime.h, setTactic)
         offered = valid or [0]
-        chosen = offered if tactics is None else offered[:1] if tactics == "first" else [t for t in offered if t in tactics]
+        ends = list(dict.fromkeys(offered[:1] + offered[-2:]))  # the default, and the appended ones (no-opt-in, Hopper)
+        chosen = offered if tactics is None else ends if tactics == "ends" else [t for t in offered if t in tactics]
         for t in chosen:
             plugin.set_tactic(t)
             params, extras = core.KernelLaunchParams(), core.ISymExprs()
@@ -224,8 +225,9 @@ class Builder:
         layers = []
         for node, plugin, shapes, dtypes in network.plugin_layers:
             try:
-                # TensorRT compiles and times every tactic; the stand-in compiles the first only.
-                built = build_node(sys.modules["tensorrt"], plugin, dtypes, shapes, env=None, tactics="first")
+                # TensorRT compiles and times every tactic; the stand-in compiles the first and the last two
+                # (the tactics appended after the tuning space: the no-opt-in config, the Hopper kernel), for time.
+                built = build_node(sys.modules["tensorrt"], plugin, dtypes, shapes, env=None, tactics="ends")
             except Exception as e:  # TensorRT catches what a Python plugin raises (PLUGIN_API_CATCH)
                 self.logger.log(self.logger.ERROR, f"{node.name}: {type(e).__name__}: {e}")
                 return None
