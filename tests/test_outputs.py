@@ -180,3 +180,35 @@ def test_sigterm_while_the_outputs_are_written_cleans_up(tmp_path):
                        env={**os.environ, "TRITON_INTERPRET": "1"})
     assert p.returncode == 143, p.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_filesystem_without_hard_links_still_gets_exclusive_files(tmp_path, monkeypatch):
+    """vfat, exFAT, some network mounts refuse os.link (EPERM): the target is claimed with O_EXCL and
+    the temporary renamed over the claim; a second run still loses in one line. Mutation: only
+    FileExistsError handled in `_create_exclusively` (a PermissionError traceback at the end of the run)."""
+    from convattn.errors import OutputError
+    from convattn.exporter.files import Outputs
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "f.onnx"
+    first, second = Outputs(force=False), Outputs(force=False)
+    first.write(target, b"first")
+    second.write(target, b"second")
+    first.commit()
+    with pytest.raises(OutputError, match="exists"):
+        second.commit()
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["f.onnx"]
+
+
+def test_nothing_may_live_inside_the_triton_model_folder_it_replaces(model, tmp_path):
+    """--triton-repo replaces <repo>/<engine name> whole: the model or another output inside it is
+    refused up front (it deleted the input model with --force at the first fix's code)."""
+    (tmp_path / "repo" / "out").mkdir(parents=True)
+    inside = tmp_path / "repo" / "out" / "m.pt"
+    inside.write_bytes(model.read_bytes())
+    r = cli(inside, "--heads", 2, "--engine", "out.plan", "--triton-repo", "repo", "--force")
+    assert r.exit_code == 2 and "inside the Triton model folder" in " ".join(r.output.split())
+    assert inside.read_bytes() == model.read_bytes()
