@@ -76,10 +76,7 @@ def stage(name: str, hint: str | None = None):
     LIBRARY_WARNINGS.extend(f"{name}: {w.category.__name__}: {str(w.message).strip()}" for w in caught)
     LIBRARY_WARNINGS.extend(f"{name}: log {r.levelname} {r.name}: {first_line(_message(r))}" for r in logged
                             if r.levelno >= logging.WARNING)
-    if TERMINATED:  # a library swallowed the exception SIGTERM raised: stop here all the same
-        raise Terminated
-    if INTERRUPTED:  # a library swallowed the KeyboardInterrupt (torch's export can): stop here all the same
-        raise KeyboardInterrupt
+    _stop_if_signalled()
     out.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - start:.1f}s)[/]")
 
 
@@ -212,10 +209,7 @@ def export(
     outputs = Outputs(force=opts.force)
     try:
         code = _run(opts, outputs)
-        if TERMINATED:
-            raise Terminated
-        if INTERRUPTED:
-            raise KeyboardInterrupt
+        _stop_if_signalled()
         if code == 0:
             outputs.commit()  # every file at once; a failed run (any other exit) leaves none
     except KeyboardInterrupt:
@@ -240,6 +234,14 @@ def export(
 
 class Terminated(BaseException):
     """SIGTERM: ends the run as Ctrl-C does, nothing half-written (exit 143)."""
+
+
+def _stop_if_signalled() -> None:
+    """Raise what a signal seen during the run raised, where a library swallowed it (torch's export can)."""
+    if TERMINATED:
+        raise Terminated
+    if INTERRUPTED:
+        raise KeyboardInterrupt
 
 
 def _terminated() -> int:

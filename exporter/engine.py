@@ -23,12 +23,12 @@ import onnx
 import convattn
 from convattn.errors import (ConvattnError, DriverError, EngineBuildError, InputError, ModelError, TensorRTUnavailable,
                              first_line)
-from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, int32_problem, logical_shape,
+from convattn.plugins.op import (PLUGIN_MODES, FlashAttentionAttrs, int32_problem, is_fused_node, logical_shape,
                                  undeclared_attributes)
 
 from .files import write_atomic
 from .fuse import plugin_modes, set_plugin_mode, uses_tf32
-from .graph import graph_inputs, parse_shape
+from .graph import dims_at, graph_inputs, parse_shape, set_input_dims
 from .precision import graph_precision
 
 _TRT_DTYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16"}
@@ -241,9 +241,6 @@ def require_tensorrt():
     return trt
 
 
-_trt = require_tensorrt
-
-
 @dataclass
 class EngineResult:
     plan: Path
@@ -291,7 +288,7 @@ def build_engine(
     """
     if plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
-    trt = _trt()
+    trt = require_tensorrt()
     check_attributes(fused)
     check_int32(fused, {name: hi for name, (_, _, hi) in profile.shapes.items()})
     with tensorrt_errors(trt):
@@ -304,7 +301,7 @@ def check_attributes(model: onnx.ModelProto) -> None:
     would drop it without a word (loadFields passes declared fields only), and the kernel would run
     as if it were not there."""
     for node in model.graph.node:
-        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+        if is_fused_node(node):
             extra = undeclared_attributes(a.name for a in node.attribute)
             if extra:
                 raise EngineBuildError(f"{node.name}: attribute(s) {', '.join(extra)} are not fields of the FlashAttention "
@@ -316,22 +313,10 @@ def check_int32(model: onnx.ModelProto, shapes: dict) -> None:
     """Refuse (ModelError, one line) a profile whose largest shapes give a FlashAttention node a tensor
     the kernels cannot index with int32 (`op.int32_problem`); shapes per graph input, from ONNX shape
     inference (a node whose input shapes it cannot infer is left to the plugin)."""
-    nodes = [n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    nodes = [n for n in model.graph.node if is_fused_node(n)]
     if not nodes:
         return
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.value_info[:]
-    for vi in m.graph.input:
-        for dim, n in zip(vi.type.tensor_type.shape.dim, shapes.get(vi.name, ())):
-            dim.Clear()
-            dim.dim_value = int(n)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True).graph
-    except Exception:  # noqa: BLE001  (best effort)
-        return
-    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-            for v in [*inferred.input, *inferred.value_info]}
+    dims = dims_at(model, shapes, [name for n in nodes for name in n.input[:3]])
     for node in nodes:
         q, k, v = (dims.get(name) for name in node.input[:3])
         try:
@@ -353,14 +338,8 @@ def fixed_dims(model: onnx.ModelProto, profile: Profile) -> onnx.ModelProto:
     constant, so that TensorRT knows it at build, as a plugin's shape expressions do: a fixed
     sequence length lets the plugin offer its Hopper (TMA) kernel (`trt_plugin.hopper_problem`).
     Dims the profile lets vary stay dynamic. The inner shape annotations go (TensorRT infers its own)."""
-    for vi in model.graph.input:
-        if vi.name not in profile.shapes:
-            continue
-        lo, _, hi = profile.shapes[vi.name]
-        for dim, a, b in zip(vi.type.tensor_type.shape.dim, lo, hi):
-            if a == b:
-                dim.Clear()
-                dim.dim_value = a
+    set_input_dims(model, {name: [a if a == b else None for a, b in zip(lo, hi)]
+                           for name, (lo, _, hi) in profile.shapes.items()})
     del model.graph.value_info[:]
     return model
 
@@ -445,7 +424,7 @@ def gpu_identity() -> tuple[str, str]:
 
 def _bound(plan: str | Path, feeds: dict):
     """Load a plan and bind CUDA torch inputs (name -> tensor) and freshly allocated outputs."""
-    trt = _trt()
+    trt = require_tensorrt()
     import torch
 
     from convattn.plugins.trt_plugin import register_plugin
@@ -484,7 +463,7 @@ def run_engine(plan: str | Path, feeds: dict) -> list:
     """Run a plan once on CUDA torch tensors (name -> tensor); returns the outputs as tensors."""
     import torch
 
-    with tensorrt_errors(_trt()):
+    with tensorrt_errors(require_tensorrt()):
         context, outputs, log = _bound(plan, feeds)
         stream = torch.cuda.current_stream()
         _execute(context, log, stream)
@@ -497,7 +476,7 @@ def time_engine(plan: str | Path, feeds: dict, repeat: int = 20) -> float:
     import torch
 
     times = []
-    with tensorrt_errors(_trt()):
+    with tensorrt_errors(require_tensorrt()):
         context, _, log = _bound(plan, feeds)
         stream = torch.cuda.current_stream()
         _execute(context, log, stream)

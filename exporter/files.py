@@ -58,28 +58,27 @@ def check_output(path: Path | None, force: bool) -> None:
         raise OutputError(f"{path}: cannot write to directory {parent} ({e.strerror})") from e
 
 
-def _identity(path: Path):
-    """What makes two spellings one file: (device, inode) where it exists (symlinks followed, hard links
-    alike), else its resolved path."""
+def _identities(path) -> set:
+    """What makes two spellings one file: its resolved path, and (device, inode) where it exists
+    (symlinks followed, hard links alike)."""
+    keys = {("path", os.path.realpath(path))}
     try:
         st = os.stat(path)
-        return ("inode", st.st_dev, st.st_ino)
+        keys.add(("inode", st.st_dev, st.st_ino))
     except OSError:
-        return ("path", os.path.realpath(path))
+        pass
+    return keys
 
 
 def check_distinct(paths: dict[str, Path | None], inputs: dict[str, Path | None] | None = None) -> None:
     """Every output its own file ({option: path}), and none of them an input ({what: path}): by inode,
     so another spelling, a symlink or a hard link of the model is refused too, `--force` or not."""
-    owners = {_identity(Path(p)): what for what, p in (inputs or {}).items() if p is not None}
-    for what, p in (inputs or {}).items():
-        if p is not None:
-            owners.setdefault(("path", os.path.realpath(p)), what)
+    owners = {key: what for what, p in (inputs or {}).items() if p is not None for key in _identities(p)}
     seen: dict = {}
     for option, path in paths.items():
         if path is None:
             continue
-        for key in {_identity(Path(path)), ("path", os.path.realpath(path))}:
+        for key in _identities(path):
             if key in owners:
                 raise OutputError(f"{option} {path} is the {owners[key]}: an output may never replace an input; "
                                   "give it another path")

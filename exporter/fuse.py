@@ -20,18 +20,16 @@ subgraph into a function it does not compute.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import graph_inputs, recorded_shapes
+from .graph import dims_at, graph_inputs, recorded_shapes, set_input_dims
 from convattn.errors import InputError, ModelError, first_line
 from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute, logical_shape,
-                                 int32_problem, native_attention_applies, node_outputs)
+                                 int32_problem, is_fused_node, native_attention_applies, node_outputs)
 
 # ---------------------------------------------------------------- views: atoms of a root tensor
 
@@ -228,16 +226,6 @@ def _probe(model: onnx.ModelProto, input_shapes, notes: list, max_dim: int = PRO
             return values, "exact only"
         return values, mode
     raise errors[1] if len(errors) > 1 else errors[0]  # the export shapes' error, not the reduced one
-
-
-def _fix_input_dims(model: onnx.ModelProto, shapes: dict) -> None:
-    """Every dynamic input dim of `model` (changed in place) written as its probe shape's size."""
-    for vi in model.graph.input:
-        if vi.name in shapes:
-            for d, n in zip(vi.type.tensor_type.shape.dim, shapes[vi.name][0]):
-                if not d.HasField("dim_value"):
-                    d.Clear()
-                    d.dim_value = int(n)
 
 
 def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
@@ -714,7 +702,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     graph.cleanup().toposort()
     fused = gs.export_onnx(graph)
     if mode == "exact only":  # dynamic in name only: written as the one shape it runs at, not a lie
-        _fix_input_dims(fused, _probe_shapes(model, input_shapes, "exact"))
+        set_input_dims(fused, {name: shape for name, (shape, _) in _probe_shapes(model, input_shapes, "exact").items()})
     onnx.helper.set_model_props(fused, {**{p.key: p.value for p in model.metadata_props}, TF32_KEY: str(int(tf32))})
     onnx.checker.check_model(fused)
     _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
@@ -845,14 +833,8 @@ def _export_sizes(model: onnx.ModelProto, input_shapes, blocks) -> None:
     fused = [b for b in blocks if b.fused]
     if not input_shapes or not fused:
         return
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    del m.graph.value_info[:]
-    for vi, shape in zip(graph_inputs(m), input_shapes):
-        for d, n in zip(vi.type.tensor_type.shape.dim, shape):
-            d.Clear()
-            d.dim_value = int(n)
-    dims = _inferred_dims(m, [t for b in fused for t in (b.details["q"], b.details["k"])])
+    shapes = {vi.name: shape for vi, shape in zip(graph_inputs(model), input_shapes)}
+    dims = dims_at(model, shapes, [t for b in fused for t in (b.details["q"], b.details["k"])])
     for b in fused:
         q, k = dims.get(b.details["q"]), dims.get(b.details["k"])
         if not q or not k or None in q or None in k:
@@ -866,33 +848,6 @@ def _export_sizes(model: onnx.ModelProto, input_shapes, blocks) -> None:
             b.details.update(num_heads=math.prod(q[1:-2]), merged_axes=[int(n) for n in q[1:-2]])
 
 
-def _inferred_dims(m: onnx.ModelProto, wanted: list[str]) -> dict:
-    def dims(model):
-        return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                for v in [*model.graph.value_info, *model.graph.input]}
-
-    found = {}
-    try:
-        found = dims(onnx.shape_inference.infer_shapes(m))
-    except Exception:  # noqa: BLE001  (inference is best effort)
-        pass
-    if all(found.get(t) and None not in found[t] for t in wanted):
-        return found
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    # Where it cannot infer every shape, ONNX Runtime's tool saves the model (sym_shape_infer_temp.onnx
-    # and a <uuid>.data) into the current directory: run it in a temporary one.
-    with tempfile.TemporaryDirectory(prefix="convattn-shapes-") as tmp:
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            return dims(SymbolicShapeInference.infer_shapes(m, auto_merge=True))
-        except Exception:  # noqa: BLE001
-            return found
-        finally:
-            os.chdir(cwd)
-
-
 def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto:
     """A copy of `model` whose FlashAttention nodes ask TensorRT for `plugin_mode` ("aot" or "jit"):
     onnx-tensorrt turns the node's `aot` attribute into STRICT_AOT/STRICT_JIT, over any network flag."""
@@ -900,7 +855,7 @@ def set_plugin_mode(model: onnx.ModelProto, plugin_mode: str) -> onnx.ModelProto
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for node in out.graph.node:
-        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+        if is_fused_node(node):
             kept = [a for a in node.attribute if a.name != "aot"]
             del node.attribute[:]
             node.attribute.extend([*kept, onnx.helper.make_attribute("aot", value)])
@@ -919,7 +874,7 @@ def uses_tf32(model: onnx.ModelProto) -> bool:
 def plugin_modes(model: onnx.ModelProto) -> set[str]:
     """The implementations the FlashAttention nodes of `model` ask TensorRT for."""
     return {("aot" if onnx.helper.get_attribute_value(a) else "jit")
-            for node in model.graph.node if node.op_type == OP_TYPE and node.domain == DOMAIN
+            for node in model.graph.node if is_fused_node(node)
             for a in node.attribute if a.name == "aot"}
 
 

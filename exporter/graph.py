@@ -1,7 +1,11 @@
 """Facts about the graphs convattn writes, shared by every stage: the export shapes it records in a
-model's metadata, its real (non-initializer) inputs, and the BxCxHxW shape syntax of the CLI."""
+model's metadata, its real (non-initializer) inputs, their dims written as constants and the dims
+every tensor then has, and the BxCxHxW shape syntax of the CLI."""
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import onnx
 
@@ -27,6 +31,52 @@ def graph_inputs(model: onnx.ModelProto) -> list:
     """The inputs a caller feeds: graph inputs that are not initializers."""
     init = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in init]
+
+
+def set_input_dims(model: onnx.ModelProto, shapes: dict) -> None:
+    """Write inputs' dims as constants (`model` changed in place): `shapes` maps an input name to its
+    sizes, None for a dim to leave as it is."""
+    for vi in model.graph.input:
+        for dim, n in zip(vi.type.tensor_type.shape.dim, shapes.get(vi.name, ())):
+            if n is not None:
+                dim.Clear()
+                dim.dim_value = int(n)
+
+
+def dims_at(model: onnx.ModelProto, shapes: dict, wanted) -> dict[str, list[int | None]]:
+    """Every tensor's dims (None where unknown) with the inputs at `shapes` (`set_input_dims`): ONNX
+    shape inference, with data propagation (dims computed through Shape/Slice/Concat), else, where a
+    `wanted` tensor is left unknown, ONNX Runtime's symbolic shape inference. Best effort: what neither
+    infers is absent or None."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    set_input_dims(m, shapes)
+
+    def dims(inferred):
+        return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                for v in [*inferred.graph.value_info, *inferred.graph.input]}
+
+    found = {}
+    try:
+        found = dims(onnx.shape_inference.infer_shapes(m, data_prop=True))
+    except Exception:  # noqa: BLE001  (inference is best effort)
+        pass
+    if all(found.get(t) and None not in found[t] for t in wanted):
+        return found
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    # Where it cannot infer every shape, ONNX Runtime's tool saves the model (sym_shape_infer_temp.onnx
+    # and a <uuid>.data) into the current directory: run it in a temporary one.
+    with tempfile.TemporaryDirectory(prefix="convattn-shapes-") as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            return dims(SymbolicShapeInference.infer_shapes(m, auto_merge=True))
+        except Exception:  # noqa: BLE001
+            return found
+        finally:
+            os.chdir(cwd)
 
 
 def parse_shape(text: str, option: str = "--input-shape", rank: int | None = 4) -> tuple[int, ...]:

@@ -216,13 +216,13 @@ def validate(
 
 def _fused_nodes(fused: onnx.ModelProto, unfused: onnx.ModelProto) -> list:
     """A block per FlashAttention node of `fused` whose output tensor `unfused` computes as well."""
-    from convattn.plugins.op import DOMAIN, OP_TYPE
+    from convattn.plugins.op import is_fused_node
 
     from .fuse import BlockReport
 
     made = {o for n in unfused.graph.node for o in n.output}
     return [BlockReport(n.name or n.output[0], "fused node", True, details={"output": n.output[0]})
-            for n in fused.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN and n.output[0] in made]
+            for n in fused.graph.node if is_fused_node(n) and n.output[0] in made]
 
 
 def block_parity(fused_blocks, want: dict, got: dict, dtype: str) -> list:

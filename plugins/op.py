@@ -218,7 +218,7 @@ def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple:
 
 # The node's second output, "scratch": global memory for the AOT kernels that need it (a Quickly
 # Deployable Plugin has no workspace): the Hopper kernels keep their device-side TMA descriptors there,
-# SCRATCH_BYTES per program of SCRATCH_ROWS query rows. The node names it (`scratch_name`): TensorRT
+# SCRATCH_BYTES per program of SCRATCH_ROWS query rows. The node names it (`node_outputs`): TensorRT
 # 10.16/11.x's ONNX parser requires a node to name every output of its layer. Output shapes are fixed
 # before a tactic is, so it is sized for the kernel that needs the most, at the head dims that have a
 # Hopper tactic (HOPPER_HEAD_DIMS, Q and V alike); one element elsewhere. Nothing reads it after the node.
@@ -234,11 +234,6 @@ def scratch_shape(q_shape, v_shape, attrs: FlashAttentionAttrs, cdiv=lambda a, b
     if head_dim not in HOPPER_HEAD_DIMS or static_dim(logical_shape(v_shape, attrs.v_layout, attrs.num_heads)[3]) != head_dim:
         return (1,)
     return (cdiv(s_q, SCRATCH_ROWS) * b * h * (SCRATCH_BYTES // 2),)
-
-
-def scratch_name(output: str) -> str:
-    """The name a fused node gives its scratch output, from its attention output's name."""
-    return f"{output}_scratch"
 
 
 INT32_MAX = 2**31 - 1
@@ -259,7 +254,12 @@ def int32_problem(batch: int, heads: int, seq_q: int, seq_kv: int, head_dim: int
 
 def node_outputs(output: str) -> list[str]:
     """The names a fused node gives its outputs: the attention output, then its scratch."""
-    return [output, scratch_name(output)]
+    return [output, f"{output}_scratch"]
+
+
+def is_fused_node(node) -> bool:
+    """Whether an ONNX NodeProto is one of ours, as written to disk (domain `convattn`)."""
+    return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
 def make_node(inputs, output: str, attrs: FlashAttentionAttrs, plugin_mode: str = "aot", name: str = ""):

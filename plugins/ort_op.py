@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import onnx
 
-from .op import DOMAIN, OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs, scratch_shape
+from .op import OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs, is_fused_node, scratch_shape
 
 
 def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -27,11 +27,11 @@ def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
     the node's inputs and output rounded as the kernel's are (the kernel accumulates in fp32)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    ours = any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in out.graph.node)
+    ours = any(is_fused_node(n) for n in out.graph.node)
     types = _elem_types(out) if ours else {}  # shape inference only where a node needs its input type
     nodes = []
     for node in out.graph.node:
-        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+        if is_fused_node(node):
             node.domain = ORT_DOMAIN
             low = types.get(node.input[0], onnx.TensorProto.FLOAT)
             if low != onnx.TensorProto.FLOAT:

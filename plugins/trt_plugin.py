@@ -17,7 +17,7 @@ driven as TensorRT's ONNX parser and builder drive it (`tests/trt_harness.py`):
 
 Two outputs: the attention output, and "scratch" (`op.scratch_shape`), global memory for the
 Hopper kernel's device-side TMA descriptors (a QDP plugin has no workspace). The ONNX node names
-both (`op.scratch_name`): the ONNX parser of TensorRT 10.16 and 11.x requires a node to name every
+both (`op.node_outputs`): the ONNX parser of TensorRT 10.16 and 11.x requires a node to name every
 output of its layer (tests/PARSER_RULES.md); nothing consumes the scratch.
 
 Tactics: 1..N run the Triton kernel's configs (`tactic_configs`); `HOPPER_TACTIC` runs the Hopper
@@ -164,8 +164,9 @@ def _register_aot(trtp) -> None:
             art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
                                           layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
         else:
-            config = tactic_config(head_dim, dtype, arch, tactic, static_head_dim(v, attrs.v_layout, attrs.num_heads))
-            art = compile_artifact(head_dim=head_dim, head_dim_v=static_head_dim(v, attrs.v_layout, attrs.num_heads),
+            head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
+            config = tactic_config(head_dim, dtype, arch, tactic, head_dim_v)
+            art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v,
                                    num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
                                    arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32)
         _EMITTED.append({"kernel": art.kernel_name, "ptx_isa": art.ptx_isa, "target": art.arch + ("a" if art.arch == "sm_90" else ""),
