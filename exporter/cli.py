@@ -32,6 +32,8 @@ from rich.table import Table
 import convattn
 from convattn.errors import ConvattnError, InputError, ModelError, OutputError, ParityError, first_line
 from convattn.exporter.engine import sidecar_path
+from convattn.external_data import data_path
+from convattn.external_data import folder as folder_of_data
 from convattn.exporter.files import Outputs, check_distinct, check_output
 from convattn.exporter.graph import parse_shape, parse_size
 
@@ -306,8 +308,14 @@ def _run(o: Options, outputs: Outputs) -> int:
     slow = ("a dynamic export can take very long for large models (shape solving); --static exports the "
             "export shape alone, usually in seconds") if o.dynamic else None
     with stage("export", hint=slow):
-        exported = export_onnx(loaded.module, input_shapes, exporter=o.exporter, opset=o.opset, dynamic=o.dynamic)
+        exported = export_onnx(loaded.module, input_shapes, exporter=o.exporter, opset=o.opset, dynamic=o.dynamic,
+                               data_folder=outputs.scratch_folder(fused_onnx))
     out.print(f"  [dim]{exported.exporter} exporter, opset {o.opset}, {len(exported.model.graph.node)} nodes[/]")
+    if folder_of_data(exported.model) is not None:  # past 2 GiB: each ONNX file gets a data file beside it
+        out.print("  [dim]weights past protobuf's 2 GiB limit: each ONNX file is written with its tensors in "
+                  "<name>.data beside it[/]")
+        for path in (o.onnx_path, fused_onnx):
+            check_output(path and data_path(path), o.force)
     input_shapes = exported.input_shapes
     profile = None
     if o.engine is not None:  # a bad profile fails here, before anything is written
@@ -327,8 +335,8 @@ def _run(o: Options, outputs: Outputs) -> int:
         result = validate(loaded.module, unfused, fused, input_shapes, dtype=o.dtype,
                           blocks=fusion.blocks, seed=o.seed, memory_budget=budget)
     if o.onnx_path:
-        outputs.write(o.onnx_path, unfused.SerializeToString())
-    outputs.write(fused_onnx, fused.SerializeToString())  # a demo run's fresh folder is made here, not before
+        outputs.write_model(o.onnx_path, unfused)
+    outputs.write_model(fused_onnx, fused)
     warnings_ = exported.warnings + fusion.notes
     _print_summary(fusion, result, warnings_, fused_onnx, o.onnx_path)
     doc = _report(loaded, input_shapes, o.onnx_path, fused_onnx, fusion, warnings_, result)
@@ -367,8 +375,10 @@ def _checked_outputs(o: Options) -> tuple[Path, Path | None]:
         fused_onnx = stem.with_name(stem.name + ".fused.onnx")
     outputs = {"--engine": o.engine, "the engine's sidecar": sidecar_path(o.engine) if o.engine else None,
                "--onnx": o.onnx_path, "--fused-onnx": fused_onnx, "--report": o.report}
+    data_files = {f"the {option} data file": data_path(path) for option, path in outputs.items()  # a large model's
+                  if option in ("--onnx", "--fused-onnx") and path is not None}  # (checked if written)
     # the timing cache is read and rewritten (no --force needed) but may not be the model either
-    check_distinct({**outputs, "--timing-cache": o.timing_cache}, {"input model": o.model})
+    check_distinct({**outputs, **data_files, "--timing-cache": o.timing_cache}, {"input model": o.model})
     for path in outputs.values():
         check_output(demo_folder if demo_folder and path == fused_onnx else path, o.force)
     if o.triton_repo and o.engine:

@@ -26,6 +26,7 @@ from convattn.errors import (ConvattnError, DriverError, EngineBuildError, Input
 from convattn.plugins.op import (PLUGIN_MODES, FlashAttentionAttrs, int32_problem, is_fused_node, logical_shape,
                                  undeclared_attributes)
 
+from .. import external_data
 from .files import write_atomic
 from .fuse import plugin_modes, set_plugin_mode, uses_tf32
 from .graph import dims_at, graph_inputs, parse_shape, set_input_dims
@@ -367,7 +368,9 @@ def _build(trt, fused, plan_path: Path, profile, plugin_mode, workspace_bytes, t
     builder = trt.Builder(log)
     network = builder.create_network(network_flags(trt, plugin_mode))
     parser = trt.OnnxParser(network, log)
-    if not parser.parse(fused.SerializeToString()):
+    with external_data.readable(fused) as source:  # a large model's weights: read from the data file beside it
+        parsed = parser.parse(source) if isinstance(source, bytes) else parser.parse_from_file(str(source))
+    if not parsed:
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError("TensorRT's ONNX parser refused the fused graph: " + "; ".join(errors))
     tf32 = uses_tf32(fused)

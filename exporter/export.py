@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 import torch
@@ -20,6 +22,7 @@ import torch
 from convattn.errors import ExportError, InputError, first_line
 from convattn.models import ConvMHAttn, FlatOutputs, flatten_outputs
 
+from .. import external_data
 from .graph import record_shapes
 from .load import eval_mode
 
@@ -68,6 +71,7 @@ def export_onnx(
     exporter: str = "auto",
     opset: int = MIN_OPSET,
     dynamic: bool = True,
+    data_folder: str | Path | None = None,
 ) -> ExportResult:
     """Export `module` (eval mode, fp32) to a checked ONNX model.
 
@@ -78,6 +82,8 @@ def export_onnx(
             saying why), "dynamo" (torch.export based) or "torchscript".
         opset: ONNX opset, >= 18. Opset 23 lets the dynamo exporter emit the `Attention` op.
         dynamic: batch, height and width dynamic (default) or all static.
+        data_folder: where the tensors of a model past protobuf's 2 GiB limit go (ONNX external data,
+            `convattn.external_data`); default: a temporary folder removed when the process ends.
     """
     check_export_options(exporter, opset)
     module = eval_mode(module.float())
@@ -122,8 +128,9 @@ def export_onnx(
         raise ExportError(f"asked for opset {opset}, the {exporter} exporter wrote opset {written}: "
                           f"pass an opset it supports (18 always works)")
     record_shapes(model, input_shapes)
+    external_data.externalize(model, data_folder)
     try:
-        onnx.checker.check_model(model, full_check=True)
+        external_data.check_model(model, full_check=True)
     except Exception as e:
         raise ExportError(f"the exported graph fails onnx.checker: {e}") from e
     return ExportResult(model, exporter, [i.name for i in model.graph.input], input_shapes, notes)
@@ -175,15 +182,16 @@ def _export(module, args, names, outputs, exporter, opset, dynamic) -> onnx.Mode
                 input_names=names, output_names=list(outputs), verbose=False,
             )
             return program.model_proto
-        buf = io.BytesIO()
         axes = {n: {0: "batch", 2: f"height_{i}", 3: f"width_{i}"} for i, n in enumerate(names)} if dynamic else None
         for i, (name, rank) in enumerate(outputs.items() if axes else ()):
             axes[name] = {0: "batch", **({2: f"height_out{i}", 3: f"width_out{i}"} if rank == 4 else {})}
-        torch.onnx.export(
-            module, args, buf, dynamo=False, opset_version=opset, input_names=names,
-            output_names=list(outputs), dynamic_axes=axes,
-        )
-        return onnx.load_from_string(buf.getvalue())
+        with tempfile.TemporaryDirectory(prefix="convattn-export-") as tmp:  # a file: past 2 GiB torch
+            path = Path(tmp) / "model.onnx"  # writes external data beside it, loaded here
+            torch.onnx.export(
+                module, args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                output_names=list(outputs), dynamic_axes=axes,
+            )
+            return onnx.load(str(path))
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from convattn.errors import OutputError
 
+from .. import external_data
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -99,6 +101,7 @@ class Outputs:
         self.force = force
         self.staged: list[tuple[Path, Path, bool]] = []  # (temporary, target, replace whatever force says)
         self.made: list[Path] = []  # folders made for targets
+        self.scratch: list[Path] = []  # working folders, removed when the run ends either way
 
     def _parent(self, target: Path) -> None:
         if not target.parent.exists():
@@ -128,6 +131,31 @@ class Outputs:
             return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         except OSError as e:
             raise OutputError(f"{target}: cannot write ({e.strerror})") from e
+
+    def scratch_folder(self, near: Path) -> Path:
+        """A working folder beside `near` (its filesystem, not a RAM-backed /tmp: a large model's
+        tensors go there), removed by `discard`, which ends every run."""
+        near = Path(near)
+        self._parent(near)
+        try:
+            path = Path(tempfile.mkdtemp(prefix=f".{near.name}.work.", dir=near.parent))
+        except OSError as e:
+            raise OutputError(f"{near}: cannot make a working folder beside it ({e.strerror})") from e
+        self.scratch.append(path)
+        return path
+
+    def write_model(self, target: Path, model) -> None:
+        """An ONNX model staged as `target`; one with external data also stages its tensors as
+        `<target>.data` beside it (`external_data.save`), which needs --force to replace too."""
+        if external_data.folder(model) is None:
+            self.write(target, model.SerializeToString())
+            return
+        data = external_data.data_path(target)
+        check_output(data, self.force)
+        tmp, tmp_data = self.temporary(target), self.temporary(data)
+        self.adopt(tmp, target)
+        self.adopt(tmp_data, data)
+        external_data.save(model, tmp, tmp_data, location=data.name)
 
     def adopt(self, tmp: Path, target: Path, replace: bool = False) -> None:
         """Stage `tmp` as `target`; `replace`: put in place over an existing file whatever `force` says
@@ -188,6 +216,9 @@ class Outputs:
         for tmp, _, _ in self.staged:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         self.staged.clear()
+        for path in self.scratch:
+            shutil.rmtree(path, ignore_errors=True)
+        self.scratch.clear()
         for folder in reversed(self.made):
             try:
                 folder.rmdir()

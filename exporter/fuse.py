@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .. import external_data
 from .graph import dims_at, graph_inputs, recorded_shapes, set_input_dims
 from convattn.errors import InputError, ModelError, first_line
 from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute, logical_shape,
@@ -704,7 +705,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     if mode == "exact only":  # dynamic in name only: written as the one shape it runs at, not a lie
         set_input_dims(fused, {name: shape for name, (shape, _) in _probe_shapes(model, input_shapes, "exact").items()})
     onnx.helper.set_model_props(fused, {**{p.key: p.value for p in model.metadata_props}, TF32_KEY: str(int(tf32))})
-    onnx.checker.check_model(fused)
+    external_data.check_model(fused)
     _export_sizes(model, input_shapes or recorded_shapes(model), blocks)
     for b in blocks:
         d = b.details

@@ -21,6 +21,8 @@ from onnx import TensorProto, numpy_helper
 
 from convattn.errors import InputError
 
+from .. import external_data
+
 PRECISIONS = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 _NUMPY = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
 PRECISION_KEY = "convattn.precision"
@@ -39,13 +41,14 @@ def cast_graph(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
     out.CopyFrom(model)
     g = out.graph
     keep = {node.input[i] for node in g.node for op, i in _FP32_INPUTS if node.op_type == op and len(node.input) > i}
+    where = external_data.folder(model)
     for init in g.initializer:
         if init.data_type == TensorProto.FLOAT and init.name not in keep:
-            init.CopyFrom(_cast_tensor(init, target))
+            init.CopyFrom(_cast_tensor(init, target, where))
     for node in g.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
-                a.t.CopyFrom(_cast_tensor(a.t, target))
+                a.t.CopyFrom(_cast_tensor(a.t, target, where))
             if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
                 a.i = target
     for vi in g.value_info:
@@ -71,7 +74,8 @@ def cast_graph(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(nodes)
     onnx.helper.set_model_props(out, {**{p.key: p.value for p in out.metadata_props}, PRECISION_KEY: dtype})
-    onnx.checker.check_model(out)
+    external_data.externalize(out)  # the cast tensors of an external model go to a data file of their own
+    external_data.check_model(out)
     return out
 
 
@@ -80,5 +84,6 @@ def graph_precision(model: onnx.ModelProto) -> str:
     return next((p.value for p in model.metadata_props if p.key == PRECISION_KEY), "fp32")
 
 
-def _cast_tensor(t: onnx.TensorProto, target: int) -> onnx.TensorProto:
-    return numpy_helper.from_array(numpy_helper.to_array(t).astype(_NUMPY[target]), t.name)
+def _cast_tensor(t: onnx.TensorProto, target: int, data_folder=None) -> onnx.TensorProto:
+    values = numpy_helper.to_array(t, base_dir=str(data_folder) if data_folder else "")
+    return numpy_helper.from_array(values.astype(_NUMPY[target]), t.name)

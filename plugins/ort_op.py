@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import onnx
 
+from .. import external_data
 from .op import OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs, is_fused_node, scratch_shape
 
 
@@ -118,4 +119,6 @@ def session(model: onnx.ModelProto):
     options.log_severity_level = 4  # fatal only: a failed run raises with ONNX Runtime's message (the
     # probe tries several shapes; an ERROR line on the terminal for each would be noise)
     options.register_custom_ops_library(register())
-    return ort.InferenceSession(to_ort_domain(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with external_data.readable(to_ort_domain(model)) as source:  # bytes, or a file beside its tensors' data
+        return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                    providers=["CPUExecutionProvider"])

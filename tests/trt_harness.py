@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -295,11 +296,38 @@ class OnnxParser:
     def get_error(self, i):
         return self.errors[i]
 
+    def parse_from_file(self, path: str) -> bool:
+        """A graph with external data (tests/PARSER_RULES.md, "External weights"): every tensor read from
+        the file it names, relative to the graph's folder (onnx's loader: a missing file, a path out of
+        the folder or a read past the file's end fails, as onnx-tensorrt's `parseExternalWeights` does),
+        and its bytes must be what its shape and type need (`convertOnnxWeights`: "Unexpected size for
+        the external weights!"); then the nodes as `parse` checks them."""
+        from onnx import external_data_helper, helper
+
+        model = onnx.load(path, load_external_data=False)
+        try:
+            for t in model.graph.initializer:
+                if external_data_helper.uses_external_data(t):
+                    read = onnx.TensorProto()
+                    read.CopyFrom(t)
+                    external_data_helper.load_external_data_for_tensor(read, os.path.dirname(path))
+                    need = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                    if len(read.raw_data) != need:
+                        raise ValueError(f"Unexpected size for the external weights! Expected size: {need} bytes. "
+                                         f"Actual size: {len(read.raw_data)} bytes. ({t.name})")
+        except Exception as e:
+            self.errors.append(f"{type(e).__name__}: {e}")
+            return False
+        return self._parse(model)
+
     def parse(self, data: bytes) -> bool:
+        return self._parse(onnx.load_from_string(data))
+
+    def _parse(self, model) -> bool:
         core = sys.modules["tensorrt"]
         # data_prop: dims computed through Shape/Slice/Concat of constants are known, as TensorRT's
         # shape-tensor analysis knows them at build (a windowed node's merged input keeps its head dim)
-        model = onnx.shape_inference.infer_shapes(onnx.load_from_string(data), data_prop=True)
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         types = {v.name: v.type.tensor_type for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
         dtype = {onnx.TensorProto.FLOAT: core.float32, onnx.TensorProto.FLOAT16: core.float16,
                  onnx.TensorProto.BFLOAT16: core.bfloat16}

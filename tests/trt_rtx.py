@@ -369,7 +369,9 @@ def native_stand_in(model, attention: str = "onnx"):
     out.opset_import.extend(imports)
     if attention == "onnx" and out.ir_version < 10:
         out.ir_version = 10  # opset 23 needs IR 10 or later for ONNX's checker
-    onnx.checker.check_model(out)
+    from convattn.external_data import check_model
+
+    check_model(out)  # (a model with external data: checked beside its data)
     return out
 
 
