@@ -19,12 +19,15 @@ subgraph into a function it does not compute.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from .. import external_data
 from .graph import dims_at, graph_inputs, recorded_shapes, set_input_dims
@@ -118,6 +121,9 @@ def kernel_view(shape, layout: str, heads: int):
     if layout == "BSC":
         b, s, c = shape
         return transpose_view(reshape_view(v, (b, s, heads, c // heads)), (0, 2, 1, 3))
+    if layout == "SBC":
+        s, b, c = shape
+        return transpose_view(reshape_view(v, (s, b, heads, c // heads)), (1, 2, 0, 3))
     if layout == "BHDS":
         return transpose_view(v, (0, 1, 3, 2))
     return v
@@ -241,10 +247,14 @@ def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
                 probe.graph.output.append(onnx.ValueInfoProto(name=name))
                 known.add(name)
     rng = np.random.default_rng(0)
-    feeds = {name: rng.standard_normal(shape).astype(dtype) for name, (shape, dtype) in shapes.items()}
+    feeds = {name: _probe_input(rng, shape, dtype) for name, (shape, dtype) in shapes.items()}
     try:
         values = run(probe, feeds)
     except Exception as e:  # ORT's own exception types vary by version
+        if any(dtype == ml_dtypes.bfloat16 for _, dtype in shapes.values()):
+            raise ModelError("the graph computes in bf16, which ONNX Runtime's CPU kernels (fusion's shape probe) "
+                             "do not run: fuse the fp32 graph and type it with --dtype bf16 (`precision.cast_graph`). "
+                             f"ONNX Runtime: {first_line(e)}") from e
         probed = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, (shape, _) in shapes.items())
         raise ModelError(f"the exported graph does not run in ONNX Runtime at the probe shapes ({probed}; a dynamic "
                          f"dim is probed at >= 2, batch included): a graph that only runs at the export shape "
@@ -252,6 +262,14 @@ def _probe_at(model: onnx.ModelProto, shapes: dict) -> dict[str, np.ndarray]:
     out = dict(zip([o.name for o in probe.graph.output], values))
     out.update(feeds)
     return out
+
+
+def _probe_input(rng, shape, dtype) -> np.ndarray:
+    """Random normals for a float input; ones for an integer or boolean one (a sequence length, a
+    timestep, a token id, a mask: 1 is valid for each, where random normals cast to int are not)."""
+    if np.issubdtype(np.dtype(dtype), np.integer) or np.dtype(dtype) == np.bool_:
+        return np.ones(shape, dtype)
+    return rng.standard_normal(shape).astype(dtype)
 
 
 class _Graph:
@@ -274,11 +292,12 @@ class _Graph:
         return float(self.values[t.name].reshape(-1)[0])
 
     def is_static(self, t) -> bool:
-        return isinstance(t, gs.Constant) or (bool(t.inputs) and t.inputs[0].op == "Constant")
+        """Computed from constants alone (not from shapes, not from data): the same at every shape."""
+        return _data_independent(t, shapes=False)
 
 
-def _data_independent(t, seen=None) -> bool:
-    """True if `t` is computed from constants and tensor *shapes* only (never from values)."""
+def _data_independent(t, seen=None, shapes: bool = True) -> bool:
+    """True if `t` is computed from constants and (with `shapes`) tensor shapes only, never from values."""
     seen = set() if seen is None else seen
     if isinstance(t, gs.Constant) or id(t) in seen:
         return True
@@ -286,9 +305,11 @@ def _data_independent(t, seen=None) -> bool:
     if not t.inputs:
         return False  # a graph input
     node = t.inputs[0]
-    if node.op in ("Shape", "Constant", "Size"):
+    if node.op in ("Shape", "Size"):
+        return shapes
+    if node.op == "Constant":
         return True
-    return all(_data_independent(i, seen) for i in node.inputs if i is not None and i.name)
+    return all(_data_independent(i, seen, shapes) for i in node.inputs if i is not None and i.name)
 
 
 # ---------------------------------------------------------------- walking back from an operand
@@ -309,8 +330,9 @@ def _scalar_operand(node, g: _Graph):
 def _back_chain(t, g: _Graph):
     """Candidate roots for operand `t`: [(root, nodes from root to t, factor, static_scale)].
 
-    Walks back through Reshape, Transpose, Identity, inference-mode Dropout and Mul/Div by
-    a scalar; the deepest root first.
+    Walks back through Reshape, Transpose, Identity, inference-mode Dropout, Mul/Div by a scalar,
+    Casts to the same type and an Unsqueeze-Expand that broadcasts by 1 (ONNX's expanded Attention
+    repeating K/V heads for one group); the deepest root first.
     """
     chain, factor, static = [(t, [], 1.0, True)], 1.0, True
     nodes: list = []
@@ -320,6 +342,12 @@ def _back_chain(t, g: _Graph):
         if node.op in ("Reshape", "Transpose", "Identity", "Dropout") and node.outputs[0] is t:
             if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
                 break  # training_mode given: not an identity
+            src = node.inputs[0]
+        elif node.op == "Expand" and g.shape(node.inputs[0]) == g.shape(t):  # broadcast by 1 (GQA with one group)
+            src = node.inputs[0]
+        elif node.op == "Unsqueeze" and nodes and nodes[0].op == "Expand":  # ONNX's K/V head expansion, by 1
+            src = node.inputs[0]
+        elif node.op == "Cast" and _cast_to(node, g) == _dtype(node.inputs[0], g):
             src = node.inputs[0]
         elif scalar is not None:
             src, f, s = scalar
@@ -334,7 +362,7 @@ def _back_chain(t, g: _Graph):
 
 def _apply(view, nodes, g: _Graph):
     for node in nodes:
-        if node.op == "Reshape":
+        if node.op in ("Reshape", "Unsqueeze", "Squeeze"):
             view = reshape_view(view, g.shape(node.outputs[0]))
         elif node.op == "Transpose":
             perm = node.attrs.get("perm", list(range(len(view)))[::-1])
@@ -364,10 +392,14 @@ class _Candidate:
     out_perm: tuple  # out axis i = canonical (batch..., S_q, D_v) axis out_perm[i]
     scale: float | None  # None: the SDPA default 1/sqrt(D)
     scale_static: bool = True
+    solved: tuple | None = None  # what `_solve` returns, where the pattern fixes it (3-D Attention)
 
 
-def _solve_operand(op: _Operand, g: _Graph):
-    """(root, layout, heads, factor, static, view) for the deepest root whose view the kernel reads."""
+def _operand_options(op: _Operand, g: _Graph):
+    """Every (root, layout, heads, factor, static, view) whose view the kernel reads, deepest root first
+    (a (B*heads, S, D) tensor reads as one-head BSC, its (B, heads, S, D) reshape as BHSD: which one
+    serves depends on the other operands and the output)."""
+    found = False
     for root, nodes, factor, static in _back_chain(op.tensor, g):
         shape = g.shape(root)
         view = _apply(identity_view(shape), nodes, g)
@@ -377,22 +409,27 @@ def _solve_operand(op: _Operand, g: _Graph):
         if len(shape) > 4:  # (B, X..., S, D): the extra batch axes merge into the heads axis
             heads = math.prod(shape[1:-2])
             if _same_attention_operand(view, kernel_view(shape, "BHSD", heads)):
-                return root, "BHSD", heads, factor, static, view
+                found = True
+                yield root, "BHSD", heads, factor, static, view
             continue
         # Heads of a channel-packed root are the channel-axis digits among the batch axes.
         channel_axis = 1 if len(shape) == 4 else 2
         head_atoms = [a for axis in view[:-2] for a in axis if a.axis == channel_axis]
         packed_heads = math.prod(a.size for a in head_atoms) or 1
         candidates = ((("NCHW", packed_heads), ("BHSD", shape[1]), ("BHDS", shape[1])) if len(shape) == 4
-                      else (("BSC", packed_heads),))
+                      else (("BSC", packed_heads), ("SBC", packed_heads)))
         for layout, heads in candidates:
-            if layout in ("NCHW", "BSC") and shape[channel_axis] % heads:
+            if layout in ("NCHW", "BSC", "SBC") and shape[channel_axis] % heads:
                 continue
             expected = kernel_view(shape, layout, heads)
             if _same_attention_operand(view, expected):
-                return root, layout, heads, factor, static, view
+                found = True
+                yield root, layout, heads, factor, static, view
+                break
             swapped = transpose_view(expected, (0, 1, 3, 2))
             if layout == "NCHW" and _same_attention_operand(view, swapped):
+                if found:
+                    return
                 # The deeper root knows better: its axes are channels and pixels. A shallower
                 # root would "fuse" this as an attention whose sequence is head_dim.
                 d, s = shape[1] // heads, shape[2] * shape[3]
@@ -403,7 +440,8 @@ def _solve_operand(op: _Operand, g: _Graph):
                     "transpose Q, K, V to (B, heads, H*W, head_dim) to attend over pixels. Nothing to gain from "
                     "fusing a head_dim x head_dim attention"
                 )
-    raise _NotFusable(f"operand {op.tensor.name!r} is not a (B, heads, S, D) view of a 4-D tensor the kernel can read")
+    if not found:
+        raise _NotFusable(f"operand {op.tensor.name!r} is not a (B, heads, S, D) view of a 4-D tensor the kernel can read")
 
 
 def _forward_output(cand: _Candidate, y_shape, layout: str, heads, g: _Graph):
@@ -437,6 +475,8 @@ def _size(atoms) -> int:
 
 def _solve(cand: _Candidate, g: _Graph):
     """(FlashAttentionAttrs, q_root, k_root, v_root, out tensor, details) or _NotFusable."""
+    if cand.solved is not None:
+        return cand.solved
     q_shape, k_shape, v_shape = (
         tuple(np.array(g.shape(o.tensor))[list(o.perm)]) for o in (cand.q, cand.k, cand.v)
     )
@@ -444,27 +484,41 @@ def _solve(cand: _Candidate, g: _Graph):
         raise _NotFusable(f"Q, K, V batch shapes differ (broadcast): {q_shape}, {k_shape}, {v_shape}")
     if k_shape[-2] != v_shape[-2]:
         raise _NotFusable(f"K and V have different sequence lengths: {k_shape[-2]} vs {v_shape[-2]}")
-    (qr, ql, qh, qf, qs, q_view), (kr, kl, kh, kf, ks, _), (vr, vl, vh, vf, vs, _) = (
-        _solve_operand(o, g) for o in (cand.q, cand.k, cand.v)
-    )
-    if not qh == kh == vh:
-        raise _NotFusable(f"Q, K, V split into different numbers of heads: {qh}, {kh}, {vh}")
+    options = [list(_operand_options(o, g)) for o in (cand.q, cand.k, cand.v)]
+    first = None
+    for q, k, v in itertools.product(*options):  # deepest roots first; the first combination that solves
+        if not q[2] == k[2] == v[2]:
+            first = first or _NotFusable(f"Q, K, V split into different numbers of heads: {q[2]}, {k[2]}, {v[2]}")
+            continue
+        try:
+            return _solve_with(cand, q, k, v, (q_shape, k_shape, v_shape), g)
+        except _NotFusable as e:
+            first = first or e
+    raise first
+
+
+def _solve_with(cand: _Candidate, q, k, v, shapes, g: _Graph):
+    """`_solve` for one choice of the operands' roots."""
+    q_shape, k_shape, v_shape = shapes
+    (qr, ql, qh, qf, qs, q_view), (kr, kl, kh, kf, ks, _), (vr, vl, vh, vf, vs, _) = q, k, v
     head_dim, d_v = q_shape[-1], v_shape[-1]
     if vf != 1.0:
         raise _NotFusable(f"V is scaled by {vf:g} before the attention; the kernel does not scale V")
     scale = (1.0 / math.sqrt(head_dim) if cand.scale is None else cand.scale) * qf * kf
     if not (cand.scale_static and qs and ks):
-        # A scale computed from shapes (SDPA's default) is only accepted when it is the default.
-        if not math.isclose(scale, 1.0 / math.sqrt(head_dim), rel_tol=1e-5):
+        # A scale computed from shapes (SDPA's default) is only accepted when it is the default, up to the
+        # rounding of its factors in the graph's type (fp16: sqrt(scale) on Q and on K, each rounded).
+        rounding = {np.float16: 2**-9, ml_dtypes.bfloat16: 2**-6}.get(_dtype(qr, g), 1e-5)
+        if not math.isclose(scale, 1.0 / math.sqrt(head_dim), rel_tol=rounding):
             raise _NotFusable(f"the scale {scale:g} is computed from runtime shapes and is not 1/sqrt(head_dim)")
     out, out_layout = None, None
     q_root = g.shape(qr)
     if ql == "NCHW":  # write the (B, heads*D_v, H, W) map the output conv reads
         out = _forward_output(cand, (q_root[0], qh * d_v, q_root[2], q_root[3]), "NCHW", qh, g)
         out_layout = "NCHW" if out is not None else None
-    elif ql == "BSC":  # write the (B, S_q, heads*D_v) tokens the output projection reads
-        out = _forward_output(cand, (q_root[0], q_root[1], qh * d_v), "BSC", qh, g)
-        out_layout = "BSC" if out is not None else None
+    elif ql in ("BSC", "SBC"):  # write the (B, S_q, heads*D_v) / (S_q, B, ...) tokens the output projection reads
+        out = _forward_output(cand, (q_root[0], q_root[1], qh * d_v), ql, qh, g)
+        out_layout = ql if out is not None else None
     if out is None and len(q_root) > 4 and len(cand.out_perm) == len(q_root) and _same(q_view, identity_view(q_root)):
         if tuple(cand.out_perm) != tuple(range(len(q_root))):
             raise _NotFusable("the windowed attention's output is transposed; the kernel writes (B, heads, ..., S, D)")
@@ -510,10 +564,14 @@ def _is_zero(t, g: _Graph) -> bool:
 
 
 def _scores_producer(t, g: _Graph):
-    """Walk back from `t` through Mul/Div by scalars and + 0: (producer node, factor, static)."""
+    """Walk back from `t` through Mul/Div by scalars, + 0 and Casts that lose nothing: (producer node,
+    factor, static)."""
     factor, static = 1.0, True
     while t.inputs:
         node = t.inputs[0]
+        if node.op == "Cast" and _widens(node, g):  # scores cast up for the softmax: the kernel's fp32 scores
+            t = node.inputs[0]
+            continue
         if node.op in ("Add", "Sub") and len(node.inputs) == 2 and _is_zero(node.inputs[1], g):
             t = node.inputs[0]
             continue
@@ -528,14 +586,56 @@ def _scores_producer(t, g: _Graph):
     return None, factor, static
 
 
-def _single_consumer_skip_dropout(t):
-    """The node consuming the probabilities, stepping over inference-mode Dropout."""
-    while len(t.outputs) == 1 and t.outputs[0].op in ("Dropout", "Identity"):
-        node = t.outputs[0]
+def _dtype(t, g: _Graph):
+    """The element type of `t` (numpy), from the probe."""
+    return (t.values if isinstance(t, gs.Constant) else g.values[t.name]).dtype.type
+
+
+def _cast_to(node, g: _Graph):
+    """The numpy type a Cast node casts to."""
+    return helper.tensor_dtype_to_np_dtype(node.attrs["to"]).type
+
+
+_WIDER = {np.float16: np.float32, ml_dtypes.bfloat16: np.float32}
+
+
+def _widens(node, g: _Graph) -> bool:
+    """A Cast that keeps every value: to its input's own type, or fp16/bf16 up to fp32."""
+    src, dst = _dtype(node.inputs[0], g), _cast_to(node, g)
+    return dst == src or _WIDER.get(src) == dst
+
+
+def _value_consumers(t) -> list:
+    """The nodes that read `t`'s values (a Shape reads its shape, CastLike's second input its type)."""
+    return [n for n in t.outputs if n.op not in ("Shape", "Size") and not (n.op == "CastLike" and n.inputs[1] is t)]
+
+
+def _selects_everywhere(node, t, g: _Graph) -> bool:
+    """A Where that passes `t` at every position whatever the data: its condition is computed from
+    shapes and constants and, at the probe, selects `t`'s side everywhere (ONNX's expanded Attention
+    zeroes rows whose keys are all masked; with no mask, none is)."""
+    cond, x, y = node.inputs
+    if t is cond or not _data_independent(cond) or cond.name not in g.values and not isinstance(cond, gs.Constant):
+        return False
+    values = cond.values if isinstance(cond, gs.Constant) else g.values[cond.name]
+    return bool(np.all(values)) if t is x else bool(not np.any(values))
+
+
+def _single_consumer_skip_dropout(t, g: _Graph):
+    """The node consuming the probabilities, stepping over inference-mode Dropout, Identity, Casts
+    to float types and a Where that selects them everywhere (`_selects_everywhere`)."""
+    while len(_value_consumers(t)) == 1:
+        [node] = _value_consumers(t)
         if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
             return None, t
+        passes = (node.op in ("Dropout", "Identity")
+                  or node.op == "Cast" and _cast_to(node, g) in (np.float32, np.float16, ml_dtypes.bfloat16)
+                  or node.op == "Where" and _selects_everywhere(node, t, g))
+        if not passes:
+            break
         t = node.outputs[0]
-    return (t.outputs[0] if len(t.outputs) == 1 else None), t
+    consumers = _value_consumers(t)
+    return (consumers[0] if len(consumers) == 1 else None), t
 
 
 def _einsum_terms(node):
@@ -565,7 +665,7 @@ def _softmax_candidate(softmax, g: _Graph):
     axis = softmax.attrs.get("axis", -1)
     if axis not in (-1, rank - 1):
         raise _NotFusable(f"the softmax runs over axis {axis}, not over the keys (the last axis of the scores)")
-    pv, probs = _single_consumer_skip_dropout(softmax.outputs[0])
+    pv, probs = _single_consumer_skip_dropout(softmax.outputs[0], g)
     if pv is None or pv.op != producer.op:
         raise _NotFusable("the attention probabilities are not consumed by exactly one matching MatMul/Einsum")
     name = softmax.name or softmax.outputs[0].name
@@ -640,20 +740,66 @@ def _attention_like(softmax, g: _Graph) -> None:
         frontier += [(i, path + [node]) for i in node.inputs if isinstance(i, gs.Variable)]
 
 
+_ATTENTION_INPUTS = ("Q", "K", "V", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen")
+_ATTENTION_OUTPUTS = ("Y", "present_key", "present_value", "qk_matmul_output")
+
+
 def _attention_op_candidate(node, g: _Graph):
-    """The ONNX `Attention` op (opset 23), 4-D inputs, no mask, not causal, no softcap."""
-    if len(node.inputs) > 3 and any(t.name for t in node.inputs[3:]):
-        raise _NotFusable("the Attention op has a mask or past key/value inputs")
-    if any(t.outputs for t in node.outputs[1:]):
-        raise _NotFusable("the Attention op's present key/value or scores outputs are used")
-    if node.attrs.get("is_causal", 0) or node.attrs.get("softcap", 0.0):
-        raise _NotFusable("a causal or soft-capped Attention")
-    if len(g.shape(node.inputs[0])) != 4 or g.shape(node.inputs[0])[1] != g.shape(node.inputs[1])[1]:
-        raise _NotFusable("a 3-D or grouped-query Attention")
+    """The ONNX `Attention` op (opset 23 and later), honoured attribute by attribute: fused only where
+    the kernel computes exactly that (4-D BHSD, or 3-D with `q_num_heads` = `kv_num_heads` as BSC
+    tokens; `scale`; windows that exclude nothing); everything else refused with the true reason."""
+    given = [name for name, t in zip(_ATTENTION_INPUTS[3:], node.inputs[3:]) if t.name]
+    if given:
+        raise _NotFusable(f"the Attention op has {', '.join(given)} input(s): masks, padding and a KV cache are "
+                          "not computed by the kernel")
+    graph_outputs = {t.name for t in g.graph.outputs}
+    used = [name for name, t in zip(_ATTENTION_OUTPUTS[1:], node.outputs[1:])
+            if t.name and (t.outputs or t.name in graph_outputs)]
+    if used:
+        raise _NotFusable(f"the Attention op's {', '.join(used)} output(s) are used; the kernel computes Y only")
+    if node.attrs.get("is_causal", 0):
+        raise _NotFusable("a causal Attention (is_causal=1): the kernel has no causal mask")
+    if node.attrs.get("softcap", 0.0):
+        raise _NotFusable(f"a soft-capped Attention (softcap={node.attrs['softcap']:g}): the kernel has no softcap")
+    windows = {a: node.attrs.get(a, -1) for a in ("left_window_size", "right_window_size")}
+    if any(w >= 0 for w in windows.values()):
+        said = ", ".join(f"{a}={w}" for a, w in windows.items() if w >= 0)
+        raise _NotFusable(f"a windowed Attention ({said}): the kernel attends to every key")
+    rank = len(g.shape(node.inputs[0]))
+    q_heads, kv_heads = node.attrs.get("q_num_heads"), node.attrs.get("kv_num_heads")
+    if rank == 4:
+        q_heads, kv_heads = g.shape(node.inputs[0])[1], g.shape(node.inputs[1])[1]
+    if q_heads != kv_heads:
+        raise _NotFusable(f"grouped-query attention: K and V have {kv_heads} heads, Q has {q_heads}; the kernel "
+                          "needs one K/V head per query head")
+    if rank == 3:
+        return _bsc_attention_candidate(node, g, q_heads)
     ident = (0, 1, 2, 3)
     q, k, v = (_Operand(t, ident) for t in node.inputs[:3])
     scale = node.attrs.get("scale")
     return _Candidate(node.name or node.outputs[0].name, "onnx-attention", q, k, v, node.outputs[0], ident, scale)
+
+
+def _bsc_attention_candidate(node, g: _Graph, heads: int):
+    """3-D Attention: Q (B, S_q, heads*D), K (B, S_kv, heads*D), V (B, S_kv, heads*D_v), Y (B, S_q, heads*D_v):
+    the kernel's BSC layout for all four, read and written in place."""
+    q, k, v = node.inputs[:3]
+    (b, s_q, c), (_, s_kv, c_k), (_, _, c_v) = (g.shape(t) for t in (q, k, v))
+    if heads is None or c % heads or c_k % heads or c_v % heads:
+        raise _NotFusable(f"a 3-D Attention whose q_num_heads ({heads}) does not split its hidden sizes {c}, {c_k}, {c_v}")
+    head_dim, d_v = c // heads, c_v // heads
+    if c_k != c:
+        raise _NotFusable(f"Q and K head sizes differ ({head_dim} vs {c_k // heads})")
+    scale = node.attrs.get("scale") or 1.0 / math.sqrt(head_dim)
+    attrs = FlashAttentionAttrs(heads, float(scale), "BSC", "BSC", "BSC", "BSC")
+    out = node.outputs[0]
+    details = {"q": q.name, "k": k.name, "v": v.name, "output": out.name, "num_heads": int(heads),
+               "head_dim": int(head_dim), "head_dim_v": int(d_v), "scale": float(scale), "layouts": ["BSC"] * 4,
+               "probe_seq_q": int(s_q), "probe_seq_kv": int(s_kv), "probe_batch": int(b)}
+    ident = (0, 1, 2)
+    ops = [_Operand(t, ident) for t in (q, k, v)]
+    return _Candidate(node.name or out.name, "onnx-attention", *ops, out, ident, scale,
+                      solved=(attrs, q, k, v, out, details))
 
 
 # ---------------------------------------------------------------- the driver

@@ -15,13 +15,15 @@ Where the node is found, and why one form serves both runtimes:
   moves the node there for ONNX Runtime; the file written to disk keeps domain `convattn`.
 
 Semantics: O = softmax(scale * Q K^T) V per (batch, head), where each input is given in one
-of three layouts, read in place:
+of five layouts, read in place:
 - "NCHW": a (B, heads*D, H, W) feature map, channel c = head*D + d, position s = y*W + x
   (a 1x1-conv output as ConvMHAttn produces it);
 - "BHSD": (B, heads, S, D);  "BHDS": (B, heads, D, S);
 - "BSC": a (B, S, heads*D) token sequence, channel = head*D + d (a Linear projection's output,
-  as in the Stable Diffusion VAE's attention).
-The output layout is one of the same four; "NCHW" takes its H, W from the query map.
+  as in the Stable Diffusion VAE's attention);
+- "SBC": a (S, B, heads*D) sequence-first token tensor (torch.nn.MultiheadAttention's own layout:
+  its packed in_proj output, sliced, is read in place).
+The output layout is one of the same five; "NCHW" takes its H, W from the query map.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ DOMAIN = "convattn"
 ORT_DOMAIN = "ai.onnx.contrib"
 PLUGIN_NAMESPACE = "convattn"
 PLUGIN_VERSION = "1"
-LAYOUTS = ("NCHW", "BHSD", "BHDS", "BSC")
+LAYOUTS = ("NCHW", "BHSD", "BHDS", "BSC", "SBC")
 
 
 def _nchw(shape, heads):  # (B, heads*D, H, W): channel = head*D + d, pixel = y*W + x
@@ -60,13 +62,19 @@ def _bsc(shape, heads):  # (B, S, heads*D): token-major, channel = head*D + d
     return (b, heads, s, c // heads), (s * c, c // heads, c, 1)
 
 
+def _sbc(shape, heads):  # (S, B, heads*D): sequence-first tokens, channel = head*D + d
+    s, b, c = shape
+    return (b, heads, s, c // heads), (c, c // heads, b * c, 1)
+
+
 # THE definition of each layout: rank, which of (s, d) is contiguous, and, for a contiguous tensor
 # of `shape`, its logical (B, heads, S, D) sizes and element strides. Everything else derives from
 # this table: the shape rule, the CPU reference's views, the kernel's views in the TensorRT plugin,
 # the AOT int32 extras, and the fusion pass's views. Written for ints and for TensorRT's shape
 # expressions alike: every product and quotient has a shape-derived operand on the left (TensorRT's
 # expressions have no reflected operators); `heads` (an int attribute) is only ever a divisor.
-_LAYOUT_RULES = {"NCHW": (4, "s", _nchw), "BHSD": (4, "d", _bhsd), "BHDS": (4, "s", _bhds), "BSC": (3, "d", _bsc)}
+_LAYOUT_RULES = {"NCHW": (4, "s", _nchw), "BHSD": (4, "d", _bhsd), "BHDS": (4, "s", _bhds), "BSC": (3, "d", _bsc),
+                 "SBC": (3, "d", _sbc)}
 
 
 def static_dim(dim) -> int | None:
@@ -86,7 +94,7 @@ def layout_view(shape, layout: str, num_heads: int):
     rank, _, rule = _LAYOUT_RULES[layout]
     if len(shape) != rank:
         raise PluginError(f"expected a {rank}-D input for layout {layout}, got {len(shape)} dims")
-    if layout in ("NCHW", "BSC"):
+    if layout in ("NCHW", "BSC", "SBC"):
         c = shape[1] if layout == "NCHW" else shape[2]
         if isinstance(c, int) and c % num_heads:
             raise PluginError(f"channels must be divisible by num_heads={num_heads}, got {c}")
@@ -211,6 +219,8 @@ def output_shape(q_shape, v_shape, attrs: FlashAttentionAttrs) -> tuple:
         return (b, d_v * h, q_shape[2], q_shape[3])
     if attrs.out_layout == "BSC":
         return (b, s_q, d_v * h)
+    if attrs.out_layout == "SBC":
+        return (s_q, b, d_v * h)
     if attrs.out_layout == "BHSD":
         return (b, h, s_q, d_v)
     return (b, h, d_v, s_q)

@@ -26,6 +26,7 @@ SHAPES = {
     "BHSD": ([("B", 2, "S", 8), ("B", 2, "S2", 8)], {"B": 3, "S": 35, "S2": 24}),
     "BHDS": ([("B", 2, 8, "S"), ("B", 2, 8, "S2")], {"B": 3, "S": 35, "S2": 24}),
     "BSC": ([("B", "S", 16), ("B", "S2", 16)], {"B": 3, "S": 35, "S2": 24}),
+    "SBC": ([("S", "B", 16), ("S2", "B", 16)], {"B": 3, "S": 35, "S2": 24}),
 }
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -81,7 +82,7 @@ def test_shape_rule_on_tensorrt_expressions(trt, layout):
     assert built.output_shape == out.shape
     # B=3, heads 2 x D 8 = 16 channels, H=5, W=7 (S = 35), written out independently of op.output_shape
     assert built.output_shape == {"NCHW": (3, 16, 5, 7), "BHSD": (3, 2, 35, 8), "BHDS": (3, 2, 8, 35),
-                                  "BSC": (3, 35, 16)}[layout]
+                                  "BSC": (3, 35, 16), "SBC": (35, 3, 16)}[layout]
     assert built.output_dtypes == [core.float32] * 2  # the output and the scratch
     assert built.output_shapes[1] == (1,)  # head dim 8: no kernel of ours needs scratch
 
@@ -141,6 +142,9 @@ def _expected_extras(layout, shapes, names):
         if layout == "BSC":
             b, s, c = shape
             return t.view(b, s, HEADS, c // HEADS).transpose(1, 2)
+        if layout == "SBC":
+            s, b, c = shape
+            return t.view(s, b, HEADS, c // HEADS).permute(1, 2, 0, 3)
         return t.transpose(-1, -2) if layout == "BHDS" else t
 
     views = dict(zip("qkvo", (view(q_shape), view(kv_shape), view(kv_shape), view(out_shape))))
@@ -178,7 +182,7 @@ def test_aot_launch_for_every_layout_and_dtype(trt, layout, dtype):
 
 
 def shapes_seq(layout, shape):
-    return {"NCHW": lambda: shape[2] * shape[3], "BSC": lambda: shape[1], "BHSD": lambda: shape[2],
+    return {"NCHW": lambda: shape[2] * shape[3], "BSC": lambda: shape[1], "SBC": lambda: shape[0], "BHSD": lambda: shape[2],
             "BHDS": lambda: shape[3]}[layout]()
 
 
@@ -256,6 +260,9 @@ def _reference(q, k, v, layout, scale):
         if layout == "BSC":
             b, s, c = t.shape
             return t.reshape(b, s, HEADS, c // HEADS).transpose(1, 2)
+        if layout == "SBC":
+            s, b, c = t.shape
+            return t.reshape(s, b, HEADS, c // HEADS).permute(1, 2, 0, 3)
         return t.transpose(-1, -2) if layout == "BHDS" else t
 
     o = torch.softmax(to_bhsd(q) @ to_bhsd(k).transpose(-1, -2) * scale, -1) @ to_bhsd(v)
@@ -263,6 +270,8 @@ def _reference(q, k, v, layout, scale):
         return o.transpose(-1, -2).reshape(q.shape)
     if layout == "BSC":
         return o.transpose(1, 2).reshape(q.shape)
+    if layout == "SBC":
+        return o.permute(2, 0, 1, 3).reshape(q.shape)
     return o.transpose(-1, -2) if layout == "BHDS" else o
 
 

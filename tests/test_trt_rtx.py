@@ -525,7 +525,7 @@ def test_stand_in_computes_what_our_node_computes(graphs, name, dtype):
 
 
 def _layout_shape(layout, s, hw):
-    return {"NCHW": (2, 16, *hw), "BHSD": (2, 2, s, 8), "BHDS": (2, 2, 8, s), "BSC": (2, s, 16)}[layout]
+    return {"NCHW": (2, 16, *hw), "BHSD": (2, 2, s, 8), "BHDS": (2, 2, 8, s), "BSC": (2, s, 16), "SBC": (s, 2, 16)}[layout]
 
 
 LAYOUT_COMBINATIONS = [(q, kv, o) for q in LAYOUTS for kv in LAYOUTS for o in LAYOUTS if o != "NCHW" or q == "NCHW"]

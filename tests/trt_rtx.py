@@ -312,6 +312,9 @@ def native_stand_in(model, attention: str = "onnx"):
             if layout == "BSC":  # (B, S, h*D) -> (B, S, h, D) -> (B, h, S, D)
                 r = add("Reshape", [t, const(f"{base}/stand_in/{tag}_bshd_shape", [0, 0, h, -1])], f"{tag}_bshd")
                 return add("Transpose", [r], f"{tag}_bhsd", perm=[0, 2, 1, 3])
+            if layout == "SBC":  # (S, B, h*D) -> (S, B, h, D) -> (B, h, S, D)
+                r = add("Reshape", [t, const(f"{base}/stand_in/{tag}_sbhd_shape", [0, 0, h, -1])], f"{tag}_sbhd")
+                return add("Transpose", [r], f"{tag}_bhsd", perm=[1, 2, 0, 3])
             # NCHW (B, h*D, H, W) -> (B, h, D, H*W) -> (B, h, S, D); channel = head*D + d, pixel = y*W + x
             shape = add("Shape", [t], f"{tag}_shape")
             hw = add("Slice", [shape, const(f"{base}/stand_in/{tag}_hw_start", [2]),
@@ -341,6 +344,10 @@ def native_stand_in(model, attention: str = "onnx"):
         elif attrs.out_layout == "BSC":  # (B, h, S, D) -> (B, S, h, D) -> (B, S, h*D)
             t = add("Transpose", [o], "o_bshd", perm=[0, 2, 1, 3])
             new.append(helper.make_node("Reshape", [t, const(f"{base}/stand_in/o_bsc_shape", [0, 0, -1])], [result],
+                                        name=fresh(f"{base}/stand_in/out")))
+        elif attrs.out_layout == "SBC":  # (B, h, S, D) -> (S, B, h, D) -> (S, B, h*D)
+            t = add("Transpose", [o], "o_sbhd", perm=[2, 0, 1, 3])
+            new.append(helper.make_node("Reshape", [t, const(f"{base}/stand_in/o_sbc_shape", [0, 0, -1])], [result],
                                         name=fresh(f"{base}/stand_in/out")))
         else:  # NCHW: (B, h, D, S) -> (B, h*D, H, W), H and W from the query map
             t = add("Transpose", [o], "o_bhds", perm=[0, 1, 3, 2])
