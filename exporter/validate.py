@@ -22,6 +22,7 @@ from convattn.errors import InputError
 from convattn.models import ConvMHAttn, flatten_outputs
 from convattn.plugins.ort_op import run as run_onnx
 
+from .. import external_data
 from .graph import graph_inputs
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -187,7 +188,11 @@ def validate(
 
     scores = scores_bytes(blocks, batch, "fp32")
     fused_blocks = [b for b in blocks if b.fused] if blocks is not None else _fused_nodes(fused, unfused)
-    names = [b.details["output"] for b in fused_blocks]
+    known = {o for n in unfused.graph.node for o in n.output} | {i.name for i in unfused.graph.input}
+    isolated = {b.name: _isolated_block(fused, b) for b in fused_blocks
+                if all(b.details.get(k) in known for k in ("q", "k", "v"))}
+    names = [b.details["output"] for b in fused_blocks] + [n for sub in isolated.values() if sub
+                                                           for n in _real_inputs(sub)]
     runs = {}  # one ONNX Runtime run per graph: its outputs, and the fused blocks' output tensors
     if dtype == "bf16":
         notes.append("the bf16 graphs were not run in ONNX Runtime: its CPU kernels have no bf16 (Conv, MatMul, "
@@ -206,37 +211,113 @@ def validate(
             comparisons.append(compare(name, dtype, run_torch(variant, inputs, DTYPES[dtype]), ref, scale))
         except Exception as e:
             notes.append(f"{name} does not run in {dtype} on this machine: {type(e).__name__}: {e}")
+    _judged_by_the_models_own_error(comparisons, dtype, notes)
     if "unfused" in runs:
-        comparisons += block_parity(fused_blocks, runs["unfused"][1], runs["fused"][1], dtype)
+        comparisons += block_parity(fused_blocks, runs["unfused"][1], runs["fused"][1], dtype, isolated)
     elif dtype != "bf16":
         fits("per-block check (the unfused graph's block outputs)", scores)  # says why it did not run
     memory = block_memory(blocks, batch, dtype)
     return ValidationReport(dtype, seed, [tuple(s) for s in input_shapes], comparisons, memory, notes)
 
 
+OWN_ERROR_LIMIT = 10  # the model's own error excuses at most 10x the fixed tolerance: beyond, it is no rounding
+
+
+def _judged_by_the_models_own_error(comparisons: list, dtype: str, notes: list) -> None:
+    """The end-to-end rows' tolerance: the fixed one, or twice the error the model itself has in `dtype`
+    where that is larger (the unfused graph in ONNX Runtime, else the best PyTorch path), as
+    FlashAttention-3 judges itself against PyTorch's own error: a deep model whose exported graph already
+    misses the fixed tolerance (the SDXL VAE at 512x512 in fp32) is not failed for the rounding it has
+    without us. An own error past OWN_ERROR_LIMIT times the fixed tolerance is a disagreement (dropout
+    active in eval, a graph that computes something else), not rounding: nothing is raised then. The
+    per-block rows keep the fixed tolerance: they alone judge the fused nodes."""
+    own = [c for c in comparisons if c.dtype == dtype]
+    baseline = next((c for c in own if c.path == "onnxruntime unfused"), None)
+    if baseline is None and own:
+        baseline = min((c for c in own if c.path.startswith("pytorch")), key=lambda c: c.max_abs, default=None)
+    if baseline is None or 2 * baseline.max_abs <= baseline.tolerance:
+        return
+    if baseline.max_abs > OWN_ERROR_LIMIT * baseline.tolerance:  # not rounding: the graph and the model disagree
+        return
+    for c in comparisons:
+        c.tolerance = max(c.tolerance, 2 * baseline.max_abs)
+    notes.append(f"{baseline.path} itself is {baseline.max_abs:.2g} from float64 (the model's own rounding in "
+                 f"{dtype}): the end-to-end rows are judged at twice that, {2 * baseline.max_abs:.2g}, over the fixed "
+                 f"{baseline.tolerance:.2g}; the per-block rows keep the fixed tolerance")
+
+
 def _fused_nodes(fused: onnx.ModelProto, unfused: onnx.ModelProto) -> list:
-    """A block per FlashAttention node of `fused` whose output tensor `unfused` computes as well."""
+    """A block per FlashAttention node of `fused` whose output tensor `unfused` computes as well (its
+    inputs as its roots: checked in isolation where `unfused` computes them too)."""
     from convattn.plugins.op import is_fused_node
 
     from .fuse import BlockReport
 
     made = {o for n in unfused.graph.node for o in n.output}
-    return [BlockReport(n.name or n.output[0], "fused node", True, details={"output": n.output[0]})
+    return [BlockReport(n.name or n.output[0], "fused node", True,
+                        details={"output": n.output[0], **dict(zip("qkv", n.input))})
             for n in fused.graph.node if is_fused_node(n) and n.output[0] in made]
 
 
-def block_parity(fused_blocks, want: dict, got: dict, dtype: str) -> list:
-    """Each FlashAttention node's output (`got`, by tensor name) against the same tensor of the
-    unfused graph (`want`; both from `_run_marked`, as Polygraphy's "mark all"): an error in one
-    block can hide in the end-to-end output of a deep model; here it cannot. Error relative to the
-    tensor's own max |value|, within the precision's tolerance."""
+def block_parity(fused_blocks, want: dict, got: dict, dtype: str, isolated: dict | None = None) -> list:
+    """Each FlashAttention block's output against the same tensor of the unfused graph (`want`, by tensor
+    name, from `_run_marked`, as Polygraphy's "mark all"): an error in one block cannot hide in the
+    end-to-end output of a deep model. Isolated: where `isolated` holds the block's own subgraph (its node
+    and the views in front of it, `_isolated_block`), that subgraph runs on the unfused graph's own values
+    of its inputs, so a block's row never carries an upstream block's error; else the fused graph's value
+    (`got`) is compared. Error relative to the tensor's own max |value|, within the precision's tolerance."""
     rows = []
     for b in fused_blocks:
-        w, g = (values[b.details["output"]].astype(np.float64) for values in (want, got))
+        out = b.details["output"]
+        sub = (isolated or {}).get(b.name)
+        if sub is not None:
+            feeds = {n: want[n] for n in _real_inputs(sub)}
+            for vi in sub.graph.input:  # typed as the unfused graph's values are
+                vi.CopyFrom(onnx.helper.make_tensor_value_info(
+                    vi.name, onnx.helper.np_dtype_to_tensor_dtype(feeds[vi.name].dtype), feeds[vi.name].shape))
+            [value] = run_onnx(sub, feeds)
+        else:
+            value = got[out]
+        w, g = want[out].astype(np.float64), np.asarray(value, np.float64)
         err = float(np.abs(g - w).max())
         size = max(float(np.abs(w).max()), 1e-30)
         rows.append(Comparison(f"block {b.name} vs unfused", dtype, err, err / size, TOLERANCES[dtype] * size))
     return rows
+
+
+def _isolated_block(fused: onnx.ModelProto, block) -> onnx.ModelProto | None:
+    """The part of `fused` that computes the block's output from its Q, K, V roots (the FlashAttention
+    node, and for a windowed block the Reshapes around it): a model whose inputs are those roots. None
+    where the block names no roots or the part reads anything else the graph computes."""
+    roots = [block.details.get(k) for k in ("q", "k", "v")]
+    if None in roots:
+        return None
+    producer = {o: n for n in fused.graph.node for o in n.output}
+    consts = {t.name: t for t in fused.graph.initializer}
+    nodes, used, todo, seen = [], set(), [block.details["output"]], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name in roots or name in consts or not name:
+            used.add(name)
+            continue
+        seen.add(name)
+        if name not in producer:
+            return None  # a graph input other than the roots
+        node = producer[name]
+        if node not in nodes:
+            nodes.append(node)
+            todo.extend(node.input)
+    order = [n for n in fused.graph.node if n in nodes]
+    inputs = [onnx.ValueInfoProto(name=r) for r in dict.fromkeys(roots)]
+    graph = onnx.helper.make_graph(order, f"{block.name} isolated", inputs, [onnx.ValueInfoProto(name=block.details["output"])],
+                                   [consts[n] for n in used if n in consts])
+    model = onnx.helper.make_model(graph, opset_imports=fused.opset_import, ir_version=fused.ir_version)
+    model.metadata_props.extend(p for p in fused.metadata_props if p.key == external_data.FOLDER_KEY)
+    return model
+
+
+def _real_inputs(model: onnx.ModelProto) -> list[str]:
+    return [i.name for i in model.graph.input]
 
 
 def _run_marked(model: onnx.ModelProto, feeds: dict, names: list[str]) -> tuple[list, dict]:

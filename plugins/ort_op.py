@@ -56,7 +56,8 @@ def _elem_types(model: onnx.ModelProto) -> dict:
     """Element type of each tensor whose type the graph or ONNX shape inference knows."""
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.value_info, *g.output]
+             if vi.type.tensor_type.elem_type}  # an output marked untyped (`_run_marked`) says nothing
     types.update({t.name: t.data_type for t in g.initializer})
     return types
 
