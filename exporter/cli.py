@@ -165,7 +165,7 @@ def export(
     engine: Annotated[Optional[Path], typer.Option(help="TensorRT plan to build from the fused graph")] = None,
     onnx_path: Annotated[Optional[Path], typer.Option("--onnx", help="write the exported (unfused) graph here")] = None,
     fused_onnx: Annotated[Optional[Path], typer.Option(help="write the fused graph here [default: beside the engine, or ./<model>.fused.onnx]")] = None,
-    input_shape: Annotated[Optional[list[str]], typer.Option(help="BxCxHxW, once per model input (one shape serves all)")] = None,
+    input_shape: Annotated[Optional[list[str]], typer.Option(help="BxCxHxW, once per model input (one shape serves all); any rank: 1x77x768 for tokens")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 | bf16: the precision the fused graph (so the engine) computes in, and the checks run in")] = "fp32",
     heads: Annotated[Optional[int], typer.Option(help="number of heads (needed for a state_dict)")] = None,
     exporter: Annotated[str, typer.Option(help="auto (dynamo, else TorchScript, with a warning) | dynamo | torchscript")] = "auto",
@@ -291,7 +291,7 @@ def _run(o: Options, outputs: Outputs) -> int:
     from convattn.exporter.validate import validate
 
     _check_options(o)
-    input_shapes = [parse_shape(s) for s in o.shapes]
+    input_shapes = [parse_shape(s, rank=None) for s in o.shapes]
     budget = parse_size(o.validate_memory, "--validate-memory") if o.validate_memory else None
     fused_onnx, _ = _checked_outputs(o)
     if o.engine is not None:  # before any stage runs: a run that cannot end in an engine costs nothing

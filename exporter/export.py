@@ -49,19 +49,53 @@ def check_export_options(exporter: str, opset: int) -> None:
 
 
 def _eval_dropout_warning(module: torch.nn.Module, args, first) -> str | None:
-    """Two eval-mode forwards on the same input must agree; dropout applied in eval does not."""
+    """Two eval-mode forwards on the same input must agree. Where they do not, a third with every dropout
+    made the identity (`F.dropout` and SDPA's `dropout_p`) tells dropout applied in eval from any other
+    randomness in the forward (sampling, torch.rand), and the warning names what it found."""
     with torch.no_grad():
         second = module(*args)
-    diff = max((a.float() - b.float()).abs().max().item()
-               for (_, a), (_, b) in zip(flatten_outputs(first), flatten_outputs(second)))
+    diff = _max_diff(first, second)
     if diff == 0.0:
         return None
-    return (
-        f"the model is not deterministic in eval mode: two forwards on the same input differ by up to {diff:.3g}. "
-        "F.scaled_dot_product_attention(dropout_p=...) applies dropout even after module.eval(); pass "
-        "dropout_p=(self.p if self.training else 0.0). The ONNX graph has no dropout, so it computes what your "
-        "module would compute without it"
-    )
+    said = f"the model is not deterministic in eval mode: two forwards on the same input differ by up to {diff:.3g}. "
+    with torch.no_grad(), _no_dropout():
+        without = [module(*args), module(*args)]
+    if _max_diff(*without) == 0.0:
+        return said + (
+            "It is dropout applied in eval: F.scaled_dot_product_attention(dropout_p=...) and F.dropout(training=True) "
+            "apply it even after module.eval(); pass dropout_p=(self.p if self.training else 0.0). The ONNX graph "
+            "has no dropout, so it computes what your module would compute without it")
+    return said + ("It is not F.dropout or SDPA's dropout_p (still so with both disabled): the forward draws random "
+                   "numbers (sampling, torch.rand/randn, or a dropout called by another name); the ONNX graph fixes "
+                   "or draws them its own way, so no check against PyTorch can agree: make the forward "
+                   "deterministic for export")
+
+
+def _max_diff(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item() for (_, x), (_, y) in zip(flatten_outputs(a), flatten_outputs(b)))
+
+
+@contextlib.contextmanager
+def _no_dropout():
+    """F.dropout (and the functions built on it) and SDPA's dropout_p as the identity, for one check."""
+    import torch.nn.functional as F
+
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+
+    def no_dropout(x, p=0.5, training=True, inplace=False):
+        return x
+
+    def sdpa_without(*args, dropout_p=0.0, **kwargs):
+        if len(args) > 4:  # (query, key, value, attn_mask, dropout_p, ...) given positionally
+            args = (*args[:4], 0.0, *args[5:])
+            return sdpa(*args, **kwargs)
+        return sdpa(*args, dropout_p=0.0, **kwargs)
+
+    F.dropout, F.scaled_dot_product_attention = no_dropout, sdpa_without
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = dropout, sdpa
 
 
 def export_onnx(
@@ -167,14 +201,24 @@ def _output_specs(first) -> dict[str, int]:
     return {name: t.dim() for name, t in flat}
 
 
+_AXIS_NAMES = {1: "sequence", 2: "height", 3: "width"}
+
+
+def dynamic_axes(rank: int) -> tuple[int, ...]:
+    """The axes a dynamic export leaves dynamic, by the input's rank: an NCHW map its batch, height and
+    width; a (B, S, C) token input (a cross-attention UNet's `encoder_hidden_states`) its batch and
+    sequence; any other input its batch."""
+    return {4: (0, 2, 3), 3: (0, 1)}.get(rank, (0,))
+
+
 def _export(module, args, names, outputs, exporter, opset, dynamic) -> onnx.ModelProto:
     quiet = contextlib.redirect_stdout(io.StringIO())
     with quiet, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         if exporter == "dynamo":
-            dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-            shapes = tuple(dict(dims) for _ in args) if dynamic else None
+            shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in dynamic_axes(a.dim())} for a in args) \
+                if dynamic else None
             if shapes and isinstance(module, FlatOutputs):
                 shapes = (shapes,)  # its forward(*args) takes the inputs as one tuple
             program = torch.onnx.export(
@@ -182,13 +226,15 @@ def _export(module, args, names, outputs, exporter, opset, dynamic) -> onnx.Mode
                 input_names=names, output_names=list(outputs), verbose=False,
             )
             return program.model_proto
-        axes = {n: {0: "batch", 2: f"height_{i}", 3: f"width_{i}"} for i, n in enumerate(names)} if dynamic else None
+        axes = {n: {axis: f"{_AXIS_NAMES[axis]}_{i}" if axis else "batch" for axis in dynamic_axes(a.dim())}
+                for i, (n, a) in enumerate(zip(names, args))} if dynamic else None
         for i, (name, rank) in enumerate(outputs.items() if axes else ()):
             axes[name] = {0: "batch", **({2: f"height_out{i}", 3: f"width_out{i}"} if rank == 4 else {})}
         with tempfile.TemporaryDirectory(prefix="convattn-export-") as tmp:  # a file: past 2 GiB torch
             path = Path(tmp) / "model.onnx"  # writes external data beside it, loaded here
             torch.onnx.export(
                 module, args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                training=torch.onnx.TrainingMode.PRESERVE,  # eval set above; a torch.export module refuses train()
                 output_names=list(outputs), dynamic_axes=axes,
             )
             return onnx.load(str(path))

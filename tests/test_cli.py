@@ -498,3 +498,42 @@ def test_a_model_dynamo_refuses_exports_with_torchscript_by_default(tmp_path):
     assert [b["fused"] for b in doc["blocks"]] == [True]
     r = cli(path, "--trust-pickle", "--input-shape", "1x16x16x16", "--exporter", "dynamo", "--fused-onnx", tmp_path / "g.onnx")
     assert r.exit_code == 3 and "--exporter torchscript" in " ".join(r.output.split())
+
+
+def test_a_token_input_of_another_rank_takes_its_own_input_shape(tmp_path):
+    """One --input-shape per model input, of any rank: a map and a (B, S, C) token input (a cross-attention
+    UNet's encoder_hidden_states); the block fuses (Q NCHW, K/V BSC), the graph keeps batch and sequence
+    dynamic, and PASS. Mutation: every input exported with dims 0, 2, 3 dynamic (the token input's channels
+    then dynamic: its Linear refuses them)."""
+    import onnx
+
+    import user_models
+
+    path = tmp_path / "x.pt"
+    torch.save(user_models.TokenCrossAttention().eval(), path)
+    r = cli(path, "--trust-pickle", "--input-shape", "1x16x6x5", "--input-shape", "1x7x24",
+            "--fused-onnx", tmp_path / "f.onnx", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    [block] = report["blocks"]
+    assert block["fused"] and block["layouts"][:3] == ["NCHW", "BSC", "BSC"]
+    tokens = onnx.load(str(tmp_path / "f.onnx")).graph.input[1]
+    dims = [d.dim_param or d.dim_value for d in tokens.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and isinstance(dims[1], str) and dims[2] == 24
+
+
+@pytest.mark.parametrize("model,says", [("seed", "It is dropout applied in eval"),
+                                        ("sampling", "It is not F.dropout or SDPA's dropout_p")])
+def test_the_nondeterminism_warning_names_its_cause(model, says):
+    """Dropout active in eval (SeedSDPA) is named as such; noise drawn in the forward is not blamed on dropout
+    (it was, whatever the cause). Mutation: the check without `_no_dropout` (both say dropout)."""
+    import user_models
+    from convattn.exporter.export import _eval_dropout_warning
+
+    torch.manual_seed(0)
+    module = (SeedSDPA(16, 16, 2) if model == "seed" else user_models.Sampling()).eval()
+    x = torch.randn(1, 16, 4, 4)
+    args = (x, x, x) if model == "seed" else (x,)
+    with torch.no_grad():
+        first = module(*args)
+    assert says in _eval_dropout_warning(module, args, first)

@@ -125,3 +125,26 @@ def test_timm_nest_windowed_attention_fuses_every_level():
     assert report.passed and sum(c.path.startswith("block ") for c in report.comparisons) == 3
     with pytest.raises(ExportError, match="--exporter torchscript"):
         export_onnx(module, [(1, 3, 32, 32)], exporter="dynamo")
+
+
+def test_timm_nest_saved_as_pt2_exports_as_saved(tmp_path):
+    """A torch.export program refuses train(); the TorchScript exporter (NesT's 5-D SDPA needs it) set the
+    module's mode, so a NesT .pt2 exited 3 with "Calling train() is not supported yet". Now it exports as
+    the user saved it, every level fuses and the run passes. Mutation: the TorchScript export without
+    `training=PRESERVE` (exit 3 again)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from convattn.exporter.cli import app
+
+    from timm.models.nest import Nest  # torchvision: see conftest
+
+    torch.manual_seed(0)
+    module = Nest(img_size=32, in_chans=3, patch_size=2, num_levels=3, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
+                  depths=(1, 1, 1), num_classes=10).eval()
+    path = tmp_path / "nest.pt2"
+    torch.export.save(torch.export.export(module, (torch.randn(1, 3, 32, 32),)), path)
+    r = CliRunner().invoke(app, [str(path), "--fused-onnx", str(tmp_path / "f.onnx"), "--report", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert [b["fused"] for b in json.loads((tmp_path / "r.json").read_text())["blocks"]] == [True] * 3

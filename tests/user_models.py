@@ -266,3 +266,35 @@ class WindowedSDPA(WindowedAttention):
     def attend(self, q, k, v):
         B, H, T, N, D = q.shape
         return F.scaled_dot_product_attention(q, k, v).permute(0, 2, 3, 4, 1).reshape(B, T, N, H * D)
+
+
+class TokenCrossAttention(nn.Module):
+    """Pixels attending to a (B, S, C_ctx) token input, as a cross-attention UNet block attends to its
+    `encoder_hidden_states`: Q from a 1x1 conv of the map (NCHW), K and V from Linear projections of the
+    tokens (BSC)."""
+
+    def __init__(self, c=16, ctx=24, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Conv2d(c, c, 1)
+        self.k, self.v = nn.Linear(ctx, c), nn.Linear(ctx, c)
+        self.out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x, tokens):
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q = self.q(x).view(b, self.heads, d, h * w).transpose(-1, -2)
+        k, v = (p(tokens).view(b, -1, self.heads, d).transpose(1, 2) for p in (self.k, self.v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Sampling(nn.Module):
+    """ConvMHAttn whose input is perturbed by fresh noise at every call, in eval too (not dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = ConvMHAttn(16, 16, 2)
+
+    def forward(self, x):
+        return self.attn(x + 0.1 * torch.randn_like(x))
