@@ -330,7 +330,10 @@ def _run(o: Options, outputs: Outputs) -> int:
     out.print(f"  [dim]{len(fusion.fused)} of {len(fusion.blocks)} attention blocks fused into FlashAttention"
               + (f", {native} left to TensorRT's own fusion" if native else "") + "[/]")
     if not fusion.blocks:
-        raise ModelError("no attention block found in the graph (no Softmax after a MatMul/Einsum, no Attention op)")
+        found = (f"; its {len(fusion.others)} Softmax node(s) are not attention, first: {fusion.others[0].name}: "
+                 f"{fusion.others[0].reason}") if fusion.others else ""
+        raise ModelError("no attention block found in the graph (no Softmax after a MatMul/Einsum, no Attention op)"
+                         + found)
     with stage(f"validate ({o.dtype})"):
         result = validate(loaded.module, unfused, fused, input_shapes, dtype=o.dtype,
                           blocks=fusion.blocks, seed=o.seed, memory_budget=budget)
@@ -399,6 +402,7 @@ def _report(loaded, input_shapes, onnx_path, fused_onnx, fusion, warnings, resul
         "input_shapes": [list(s) for s in input_shapes],
         "outputs": {"onnx": str(onnx_path) if onnx_path else None, "fused_onnx": str(fused_onnx), "engine": None},
         "blocks": [b.to_dict() for b in fusion.blocks],
+        "other_softmax": [b.to_dict() for b in fusion.others],
         "warnings": warnings,
         "validation": result.to_dict(),
         "versions": _versions(),
@@ -481,6 +485,8 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
         d = b.details
         blocks.add_row(escape(b.name), b.pattern, "[green]yes[/]" if b.fused else "[red]no[/]",
                        _heads(d) if b.fused else "", "/".join(d.get("layouts", [])), escape(b.reason))
+    for b in fusion.others:  # every Softmax of the graph is accounted for
+        blocks.add_row(escape(b.name), b.pattern, "[dim]not attention[/]", "", "", escape(b.reason))
     out.print(blocks)
     _print_parity(result, "parity vs float64 PyTorch")
     if result.memory:

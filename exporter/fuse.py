@@ -153,11 +153,13 @@ class BlockReport:
 
 @dataclass
 class FusionResult:
-    """The fused model and one report per attention subgraph found."""
+    """The fused model, one report per attention subgraph found, and one per Softmax that is not attention
+    (so that every Softmax of the graph is accounted for)."""
 
     model: onnx.ModelProto
     blocks: list[BlockReport]
     notes: list[str] = field(default_factory=list)
+    others: list[BlockReport] = field(default_factory=list)  # every other Softmax, path "not attention", why
 
     @property
     def fused(self) -> list[BlockReport]:
@@ -720,8 +722,10 @@ _LOOKBACK = 8  # nodes searched back from a Softmax for the product of two activ
 
 def _attention_like(softmax, g: _Graph) -> None:
     """A Softmax none of the patterns took: if its input is computed from a MatMul/Einsum/Gemm of
-    two activations (attention scores), raise _NotFusable naming what stands between them, so
-    the block is reported (a relative-position bias, a per-head temperature, talking heads...)."""
+    two activations with as many elements (attention scores), raise _NotFusable naming what stands
+    between them, so the block is reported (a relative-position bias, a per-head temperature, talking
+    heads...). A product further up, pooled or projected since (a classifier after an attention
+    block), is not its scores."""
     frontier, seen = [(softmax.inputs[0], [])], set()
     while frontier:
         t, path = frontier.pop(0)
@@ -731,6 +735,8 @@ def _attention_like(softmax, g: _Graph) -> None:
         node = t.inputs[0]
         activations = [i for i in node.inputs if isinstance(i, gs.Variable) and not g.is_static(i)]
         if node.op in ("MatMul", "Einsum", "Gemm") and len(activations) >= 2:
+            if math.prod(g.shape(t)) != math.prod(g.shape(softmax.inputs[0])):
+                continue  # not its scores (as many elements): a product upstream of a pooling or a classifier
             between = " -> ".join(f"{n.op} {n.name!r}" for n in reversed(path)) or "nothing"
             raise _NotFusable(
                 f"attention-like: a Softmax over the product of two activations ({node.op} {node.name!r}) with "
@@ -838,7 +844,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
         notes: list[str] = []
         values, mode = _probe(model, input_shapes, notes, max_dim)
         g = _Graph(graph, values)
-        blocks, rewrites, degenerate = _find_blocks(graph, g, attention, dtype)
+        blocks, rewrites, degenerate, others = _find_blocks(graph, g, attention, dtype)
         # A probe so small that an attention's sequence is 1 (a deep stage at 1x1) cannot tell
         # pixels from channels: probe larger, up to the export shapes.
         if not degenerate or mode != "reduced" or (_probe_shapes(model, input_shapes, mode, max_dim)
@@ -859,7 +865,7 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
                                                              d["head_dim"], d["head_dim_v"])
         if problem:
             raise ModelError(f"block {b.name}: at the export shape {problem}: export a smaller batch or map")
-    return FusionResult(fused, blocks, notes)
+    return FusionResult(fused, blocks, notes, others)
 
 
 def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool) -> None:
@@ -887,9 +893,10 @@ def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool)
 
 
 def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
-    """(block reports, rewrites, whether a candidate's sequence was 1 at the probe) for every
-    Softmax/Attention node of `graph`; nothing is changed yet."""
-    blocks, rewrites, degenerate = [], [], False
+    """(block reports, rewrites, whether a candidate's sequence was 1 at the probe, the reports of the
+    Softmax nodes that are not attention) for every Softmax/Attention node of `graph`; nothing is
+    changed yet."""
+    blocks, rewrites, degenerate, others = [], [], False, []
     for node in list(graph.nodes):
         try:
             if node.op == "Softmax":
@@ -900,6 +907,9 @@ def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
                 continue
             if cand is None:
                 _attention_like(node, g)  # raises _NotFusable where a Softmax reads a product of activations
+                if node.op == "Softmax":
+                    others.append(BlockReport(node.name or node.outputs[0].name, "softmax", False,
+                                              _not_attention(node, g), path="not attention"))
                 continue
             degenerate |= any(np.array(g.shape(o.tensor))[list(o.perm)][-2] == 1 for o in (cand.q, cand.k))
             attrs, qr, kr, vr, out, details = _solve(cand, g)
@@ -915,7 +925,24 @@ def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
             continue
         blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
         rewrites.append((cand.name, attrs, (qr, kr, vr), out))
-    return blocks, rewrites, degenerate
+    return blocks, rewrites, degenerate, others
+
+
+def _not_attention(softmax, g: _Graph) -> str:
+    """Why a Softmax that no pattern took and `_attention_like` passed is not softmax(Q K^T) attention."""
+    t = softmax.outputs[0]
+    while len(_value_consumers(t)) == 1 and _value_consumers(t)[0].op in ("Dropout", "Identity", "Cast", "Reshape",
+                                                                          "Transpose"):
+        t = _value_consumers(t)[0].outputs[0]
+    made_by = softmax.inputs[0].inputs[0].op if softmax.inputs[0].inputs else "a graph input"
+    for node in _value_consumers(t):
+        others = [i for i in node.inputs if i is not t and isinstance(i, gs.Variable) and not g.is_static(i)]
+        if node.op in ("MatMul", "Einsum", "Gemm") and others:
+            return (f"not softmax(Q K^T) attention: a Softmax of one tensor ({made_by}), no product of two activations, "
+                    f"then multiplied with another activation ({node.op} {node.name!r}): factorised or linear "
+                    "attention (as CoaT's), which the kernel does not compute")
+    return (f"not attention: a Softmax of {made_by}, not of a product of two activations (a classifier, a gate, "
+            "a weighting)")
 
 
 class _Names:

@@ -313,3 +313,35 @@ def test_a_column_major_pixel_order_is_never_fused_wrong(exporter):
     with torch.no_grad():
         want = module.double()(torch.from_numpy(x).double()).numpy()
     assert np.abs(got - want).max() <= 1e-4, [b.reason for b in fusion.blocks]
+
+
+@pytest.mark.parametrize("model,fused,says", [
+    ("AttentionAndClassifier", [True], "not attention: a Softmax of"),
+    ("FactorisedAttention", [], "factorised or linear attention"),
+])
+def test_every_softmax_is_accounted_for(model, fused, says):
+    """A Softmax no pattern takes is reported with what it is: a classifier's (beside a fused block), or
+    factorised attention (CoaT's: softmax of K alone, then K^T V), which used to read "no attention block
+    found". Mutation: such Softmax nodes skipped (`others` empty)."""
+    import user_models
+
+    _, fusion = export_fuse(getattr(user_models, model)().eval(), [(1, 16, 5, 6)])
+    assert [b.fused for b in fusion.blocks] == fused
+    [other] = fusion.others
+    assert other.path == "not attention" and says in other.reason
+
+
+def test_a_model_whose_softmax_is_no_attention_says_so(tmp_path):
+    """Exit 3 "no attention block found" now names what the graph's Softmax is."""
+    import torch
+    from typer.testing import CliRunner
+
+    import user_models
+    from convattn.exporter.cli import app
+
+    path = tmp_path / "m.pt"
+    torch.save(user_models.FactorisedAttention().eval(), path)
+    r = CliRunner().invoke(app, [str(path), "--trust-pickle", "--input-shape", "1x16x5x6", "--fused-onnx",
+                                 str(tmp_path / "f.onnx")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 3 and "no attention block found" in text and "factorised or linear attention" in text

@@ -298,3 +298,28 @@ class Sampling(nn.Module):
 
     def forward(self, x):
         return self.attn(x + 0.1 * torch.randn_like(x))
+
+
+class FactorisedAttention(nn.Module):
+    """CoaT's factorised attention: softmax of K over the sequence, then Q (K^T V): no Q K^T scores."""
+
+    def __init__(self, c=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2) for t in self.qkv(x).chunk(3, 1))
+        context = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, heads, D, D)
+        return self.out((q @ context).transpose(-1, -2).reshape(b, c, h, w))
+
+
+class AttentionAndClassifier(nn.Module):
+    """A ConvMHAttn block, then a pooled classifier whose logits go through a Softmax."""
+
+    def __init__(self, c=16, heads=2, classes=5):
+        super().__init__()
+        self.attn, self.fc = ConvMHAttn(c, c, heads), nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(self.attn(x).mean((2, 3))).softmax(-1)
