@@ -76,7 +76,7 @@ def _process_folder() -> Path:
     return path
 
 
-def _tensors(graph: onnx.GraphProto):
+def tensors(graph: onnx.GraphProto):
     """Every tensor of the graph: initializers and node attributes, subgraphs included."""
     yield from graph.initializer
     for node in graph.node:
@@ -85,11 +85,11 @@ def _tensors(graph: onnx.GraphProto):
                 yield a.t
             yield from a.tensors
             for g in [a.g] if a.HasField("g") else a.graphs:
-                yield from _tensors(g)
+                yield from tensors(g)
 
 
 def _external_tensors(model: onnx.ModelProto) -> list:
-    return [t for t in _tensors(model.graph) if external_data_helper.uses_external_data(t)]
+    return [t for t in tensors(model.graph) if external_data_helper.uses_external_data(t)]
 
 
 def check_model(model: onnx.ModelProto, full_check: bool = False) -> None:

@@ -32,8 +32,8 @@ from onnx import helper
 from .. import external_data
 from .graph import dims_at, graph_inputs, recorded_shapes, set_input_dims
 from convattn.errors import InputError, ModelError, first_line
-from convattn.plugins.op import (DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute, logical_shape,
-                                 int32_problem, is_fused_node, native_attention_applies, node_outputs)
+from convattn.plugins.op import (CHANNEL_LAYOUTS, DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute,
+                                 logical_shape, int32_problem, is_fused_node, native_attention_applies, node_outputs)
 
 # ---------------------------------------------------------------- views: atoms of a root tensor
 
@@ -349,7 +349,7 @@ def _back_chain(t, g: _Graph):
             src = node.inputs[0]
         elif node.op == "Unsqueeze" and nodes and nodes[0].op == "Expand":  # ONNX's K/V head expansion, by 1
             src = node.inputs[0]
-        elif node.op == "Cast" and _cast_to(node, g) == _dtype(node.inputs[0], g):
+        elif node.op == "Cast" and _cast_to(node) == _dtype(node.inputs[0], g):
             src = node.inputs[0]
         elif scalar is not None:
             src, f, s = scalar
@@ -421,7 +421,7 @@ def _operand_options(op: _Operand, g: _Graph):
         candidates = ((("NCHW", packed_heads), ("BHSD", shape[1]), ("BHDS", shape[1])) if len(shape) == 4
                       else (("BSC", packed_heads), ("SBC", packed_heads)))
         for layout, heads in candidates:
-            if layout in ("NCHW", "BSC", "SBC") and shape[channel_axis] % heads:
+            if layout in CHANNEL_LAYOUTS and shape[channel_axis] % heads:
                 continue
             expected = kernel_view(shape, layout, heads)
             if _same_attention_operand(view, expected):
@@ -593,7 +593,7 @@ def _dtype(t, g: _Graph):
     return (t.values if isinstance(t, gs.Constant) else g.values[t.name]).dtype.type
 
 
-def _cast_to(node, g: _Graph):
+def _cast_to(node):
     """The numpy type a Cast node casts to."""
     return helper.tensor_dtype_to_np_dtype(node.attrs["to"]).type
 
@@ -603,7 +603,7 @@ _WIDER = {np.float16: np.float32, ml_dtypes.bfloat16: np.float32}
 
 def _widens(node, g: _Graph) -> bool:
     """A Cast that keeps every value: to its input's own type, or fp16/bf16 up to fp32."""
-    src, dst = _dtype(node.inputs[0], g), _cast_to(node, g)
+    src, dst = _dtype(node.inputs[0], g), _cast_to(node)
     return dst == src or _WIDER.get(src) == dst
 
 
@@ -617,7 +617,7 @@ def _selects_everywhere(node, t, g: _Graph) -> bool:
     shapes and constants and, at the probe, selects `t`'s side everywhere (ONNX's expanded Attention
     zeroes rows whose keys are all masked; with no mask, none is)."""
     cond, x, y = node.inputs
-    if t is cond or not _data_independent(cond) or cond.name not in g.values and not isinstance(cond, gs.Constant):
+    if t is cond or not _data_independent(cond) or (cond.name not in g.values and not isinstance(cond, gs.Constant)):
         return False
     values = cond.values if isinstance(cond, gs.Constant) else g.values[cond.name]
     return bool(np.all(values)) if t is x else bool(not np.any(values))
@@ -631,7 +631,7 @@ def _single_consumer_skip_dropout(t, g: _Graph):
         if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
             return None, t
         passes = (node.op in ("Dropout", "Identity")
-                  or node.op == "Cast" and _cast_to(node, g) in (np.float32, np.float16, ml_dtypes.bfloat16)
+                  or node.op == "Cast" and _cast_to(node) in (np.float32, np.float16, ml_dtypes.bfloat16)
                   or node.op == "Where" and _selects_everywhere(node, t, g))
         if not passes:
             break

@@ -292,9 +292,9 @@ def _isolated_block(fused: onnx.ModelProto, block) -> onnx.ModelProto | None:
     roots = [block.details.get(k) for k in ("q", "k", "v")]
     if None in roots:
         return None
-    producer = {o: n for n in fused.graph.node for o in n.output}
+    producer = {o: i for i, n in enumerate(fused.graph.node) for o in n.output}  # tensor -> node index
     consts = {t.name: t for t in fused.graph.initializer}
-    nodes, used, todo, seen = [], set(), [block.details["output"]], set()
+    nodes, used, todo, seen = set(), set(), [block.details["output"]], set()
     while todo:
         name = todo.pop()
         if name in seen or name in roots or name in consts or not name:
@@ -303,11 +303,10 @@ def _isolated_block(fused: onnx.ModelProto, block) -> onnx.ModelProto | None:
         seen.add(name)
         if name not in producer:
             return None  # a graph input other than the roots
-        node = producer[name]
-        if node not in nodes:
-            nodes.append(node)
-            todo.extend(node.input)
-    order = [n for n in fused.graph.node if n in nodes]
+        if producer[name] not in nodes:
+            nodes.add(producer[name])
+            todo.extend(fused.graph.node[producer[name]].input)
+    order = [fused.graph.node[i] for i in sorted(nodes)]  # the graph's own (topological) order
     inputs = [onnx.ValueInfoProto(name=r) for r in dict.fromkeys(roots)]
     graph = onnx.helper.make_graph(order, f"{block.name} isolated", inputs, [onnx.ValueInfoProto(name=block.details["output"])],
                                    [consts[n] for n in used if n in consts])

@@ -39,6 +39,7 @@ ORT_DOMAIN = "ai.onnx.contrib"
 PLUGIN_NAMESPACE = "convattn"
 PLUGIN_VERSION = "1"
 LAYOUTS = ("NCHW", "BHSD", "BHDS", "BSC", "SBC")
+CHANNEL_LAYOUTS = ("NCHW", "BSC", "SBC")  # heads packed into the channels: split by the `num_heads` attribute
 
 
 def _nchw(shape, heads):  # (B, heads*D, H, W): channel = head*D + d, pixel = y*W + x
@@ -94,7 +95,7 @@ def layout_view(shape, layout: str, num_heads: int):
     rank, _, rule = _LAYOUT_RULES[layout]
     if len(shape) != rank:
         raise PluginError(f"expected a {rank}-D input for layout {layout}, got {len(shape)} dims")
-    if layout in ("NCHW", "BSC", "SBC"):
+    if layout in CHANNEL_LAYOUTS:
         c = shape[1] if layout == "NCHW" else shape[2]
         if isinstance(c, int) and c % num_heads:
             raise PluginError(f"channels must be divisible by num_heads={num_heads}, got {c}")

@@ -16,12 +16,12 @@ def _validate(module, shapes, **kwargs):
                                       blocks=fusion.blocks, seed=0, **kwargs)
 
 
-def _scaled(model, factor):
-    """A copy of a fused graph whose FlashAttention nodes' scale is off by `factor`."""
+def _scaled(model, factor, only=None):
+    """A copy of a fused graph whose FlashAttention nodes' scale (or only node `only`'s) is off by `factor`."""
     broken = onnx.ModelProto()
     broken.CopyFrom(model)
     for node in broken.graph.node:
-        for a in node.attribute:
+        for a in node.attribute if only in (None, node.name) else ():
             if a.name == "scale":
                 a.s = repr(float(a.s) * factor).encode()
     return broken
@@ -47,13 +47,7 @@ def test_each_block_is_checked_in_isolation():
     module = user_models.TwoBlocks().eval()
     exported, fusion = export_fuse(module, [(1, 3, 8, 8)])
     first = next(n for n in fusion.model.graph.node if n.op_type == "FlashAttention")
-    broken = onnx.ModelProto()
-    broken.CopyFrom(fusion.model)
-    for node in broken.graph.node:
-        if node.name == first.name:
-            for a in node.attribute:
-                if a.name == "scale":
-                    a.s = repr(float(a.s) * 1.5).encode()
+    broken = _scaled(fusion.model, 1.5, only=first.name)
     report = validate(module, exported.model, broken, exported.input_shapes, blocks=fusion.blocks, seed=0)
     rows = [c for c in report.comparisons if c.path.startswith("block ")]
     assert [r.passed for r in rows] == [False, True], rows

@@ -304,9 +304,11 @@ class OnnxParser:
         the external weights!"); then the nodes as `parse` checks them."""
         from onnx import external_data_helper, helper
 
+        from convattn import external_data
+
         model = onnx.load(path, load_external_data=False)
         try:
-            for t in model.graph.initializer:
+            for t in external_data.tensors(model.graph):  # initializers and Constant nodes' tensors
                 if external_data_helper.uses_external_data(t):
                     read = onnx.TensorProto()
                     read.CopyFrom(t)
