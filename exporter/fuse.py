@@ -32,8 +32,9 @@ from onnx import helper
 from .. import external_data
 from .graph import dims_at, graph_inputs, recorded_shapes, set_input_dims
 from convattn.errors import InputError, ModelError, first_line
-from convattn.plugins.op import (CHANNEL_LAYOUTS, DOMAIN, OP_TYPE, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute,
-                                 logical_shape, int32_problem, is_fused_node, native_attention_applies, node_outputs)
+from convattn.plugins.op import (CHANNEL_LAYOUTS, DOMAIN, PLUGIN_MODES, FlashAttentionAttrs, aot_attribute,
+                                 logical_shape, int32_problem, is_fused_node, native_attention_applies, node_outputs,
+                                 op_type_for)
 
 # ---------------------------------------------------------------- views: atoms of a root tensor
 
@@ -395,6 +396,8 @@ class _Candidate:
     scale: float | None  # None: the SDPA default 1/sqrt(D)
     scale_static: bool = True
     solved: tuple | None = None  # what `_solve` returns, where the pattern fixes it (3-D Attention)
+    bias: list = field(default_factory=list)  # _BiasTerm: what is added to the scores before the softmax
+    prepare: list = field(default_factory=list)  # graph edits the rewrite makes first (a KV cache's Concat)
 
 
 def _operand_options(op: _Operand, g: _Graph):
@@ -623,21 +626,240 @@ def _selects_everywhere(node, t, g: _Graph) -> bool:
     return bool(np.all(values)) if t is x else bool(not np.any(values))
 
 
-def _single_consumer_skip_dropout(t, g: _Graph):
+def _single_consumer_skip_dropout(t, g: _Graph, bias=()):
     """The node consuming the probabilities, stepping over inference-mode Dropout, Identity, Casts
-    to float types and a Where that selects them everywhere (`_selects_everywhere`)."""
+    to float types, a Where that selects them everywhere (`_selects_everywhere`) and one that zeroes
+    the rows the `bias` masks whole (`_zeroes_masked_rows`)."""
     while len(_value_consumers(t)) == 1:
         [node] = _value_consumers(t)
         if node.op == "Dropout" and len(node.inputs) > 2 and node.inputs[2].name:
             return None, t
         passes = (node.op in ("Dropout", "Identity")
                   or node.op == "Cast" and _cast_to(node) in (np.float32, np.float16, ml_dtypes.bfloat16)
-                  or node.op == "Where" and _selects_everywhere(node, t, g))
+                  or node.op == "Where" and (_selects_everywhere(node, t, g) or _zeroes_masked_rows(node, t, bias)))
         if not passes:
             break
         t = node.outputs[0]
     consumers = _value_consumers(t)
     return (consumers[0] if len(consumers) == 1 else None), t
+
+
+# ---------------------------------------------------------------- a bias on the scores
+
+
+@dataclass
+class _BiasTerm:
+    """One term of the scores' additive bias: `tensor` (broadcast against `context`, the scores' shape
+    where it is added), times `factor` (the scalars applied to the scores after it); with `fill`, the
+    tensor is a condition and the term is `fill` where it equals `fill_when`, else 0 (a Where that
+    fills the scores with -inf: the same function, as exp(-inf) = 0 either way). `make` builds the
+    tensor in the rewrite instead (a causal mask the model does not materialise)."""
+
+    tensor: gs.Tensor | None
+    context: tuple
+    factor: float = 1.0
+    fill: float | None = None
+    fill_when: bool = True
+    make: object = None  # (graph, names) -> gs.Tensor
+    shape: tuple | None = None  # the made tensor's shape at the probe
+    regrouped: bool = False  # `shape` is the tensor's, regrouped to the scores' axes (`_regroup`)
+
+
+def _regroup(shape, outer, inner) -> tuple:
+    """A bias of `shape` added to a reshape (`outer`) of the scores (`inner`), as a bias on the scores
+    themselves: each group of axes the reshape merges or splits must be broadcast whole or given whole."""
+    shape = (1,) * (len(outer) - len(shape)) + tuple(shape)
+    out, i, j = [], 0, 0
+    while i < len(outer) and j < len(inner):
+        i0, j0, po, pi = i, j, outer[i], inner[j]
+        i, j = i + 1, j + 1
+        while po != pi:
+            if po < pi:
+                po, i = po * outer[i], i + 1
+            else:
+                pi, j = pi * inner[j], j + 1
+        part = shape[i0:i]
+        if all(n == 1 for n in part):
+            out += [1] * (j - j0)
+        elif tuple(part) == tuple(outer[i0:i]):
+            out += list(inner[j0:j])
+        else:
+            raise _NotFusable(f"a bias of shape {tuple(shape)} is added to the scores reshaped to {tuple(outer)} "
+                              f"across axes it neither broadcasts nor spans whole")
+    return tuple(out)
+
+
+def _same_rows(node, g: _Graph) -> bool:
+    """A Reshape of the scores that keeps their last two axes (it splits or merges batch axes only:
+    Swin's per-window mask is added on a (B, windows, heads, N, N) view of (B*windows, heads, N, N))."""
+    return node.op == "Reshape" and g.shape(node.inputs[0])[-2:] == g.shape(node.outputs[0])[-2:]
+
+
+def _reaches_scores(t, g: _Graph) -> bool:
+    """Whether `t` is scores: a product of two activations, through what `_scores_chain` steps over."""
+    producer = _scores_chain(t, g)[0]
+    return producer is not None and producer.op in ("MatMul", "Einsum")
+
+
+def _scores_chain(t, g: _Graph):
+    """Walk back from `t` through what `_scores_producer` steps over and the bias terms added to the
+    scores (Add of a tensor, Where filling with -inf, Reshapes of the batch axes between them):
+    (producer node, factor, static, [_BiasTerm, outermost first])."""
+    factor, static, terms = 1.0, True, []
+    while t.inputs:
+        node = t.inputs[0]
+        producer, f, s = _scores_producer(t, g)
+        if producer is not node or f != 1.0:  # scalars, zeros or widening Casts: stepped over
+            factor, static = factor * f, static and s
+            if producer is None:
+                break
+            t = producer.outputs[0]
+            continue
+        if _same_rows(node, g):
+            t = node.inputs[0]
+            continue
+        inner = g.shape(node.inputs[0]) if node.op == "Reshape" else None
+        if inner and inner[-1] == g.shape(node.outputs[0])[-1]:  # MONAI: a bias on (B, heads*S, S)
+            for term in terms:
+                term.shape = _regroup(term.shape or g.shape(term.tensor), term.context, inner)
+                term.context, term.regrouped = inner, True
+            t = node.inputs[0]
+            continue
+        context = g.shape(node.outputs[0])
+        if node.op == "Add" and len(node.inputs) == 2:
+            sides = [i for i, x in enumerate(node.inputs) if _reaches_scores(x, g)]
+            if len(sides) == 1:
+                terms.append(_BiasTerm(node.inputs[1 - sides[0]], context, factor))
+                t = node.inputs[sides[0]]
+                continue
+        if node.op == "Where" and len(node.inputs) == 3:
+            cond = node.inputs[0]
+            for keep, fill_at in ((1, 2), (2, 1)):
+                fill = g.scalar(node.inputs[fill_at]) if g.is_static(node.inputs[fill_at]) else None
+                if fill == -math.inf and _reaches_scores(node.inputs[keep], g) and not _reaches_scores(cond, g):
+                    terms.append(_BiasTerm(cond, context, factor, fill=-math.inf, fill_when=fill_at == 1))
+                    t = node.inputs[keep]
+                    break
+            else:
+                return node, factor, static, terms
+            continue
+        return node, factor, static, terms
+    return None, factor, static, terms
+
+
+def _bias_refusal(node, g: _Graph) -> str:
+    """Why the scores' Add/Where/Sub at `node` is not a bias the kernel adds."""
+    if node.op == "Where":
+        fills = [g.scalar(x) for x in node.inputs[1:] if g.is_static(x)]
+        fill = next((f for f in fills if f is not None), None)
+        if fill is not None:
+            return (f"the scores are filled with {fill:g} where masked (Where {node.name!r}), not with -inf: a row "
+                    "masked whole then softmaxes to uniform, which an additive bias does not give")
+        return f"the scores go through a Where ({node.name!r}) that selects between two computed tensors"
+    if node.op == "Sub":
+        return f"a tensor is subtracted from the scores (Sub {node.name!r})"
+    return f"the scores' Add ({node.name!r}) adds two products of activations, not a bias"
+
+
+def _zeroes_masked_rows(node, t, terms) -> bool:
+    """ONNX's expanded Attention: Where(ReduceMax(bias, last axis) == -inf, 0, probabilities), zeros for a
+    row whose every key is masked: what the kernel computes for such a row."""
+    if node.op != "Where" or node.inputs[2] is not t or not node.inputs[0].inputs:
+        return False
+    equal = node.inputs[0].inputs[0]
+    if equal.op != "Equal" or not isinstance(node.inputs[1], (gs.Constant, gs.Variable)):
+        return False
+    biases = {id(term.tensor) for term in terms if term.tensor is not None and term.fill is None}
+    for side in equal.inputs:
+        reduce = side.inputs[0] if side.inputs else None
+        if reduce is not None and reduce.op == "ReduceMax" and id(reduce.inputs[0]) in biases:
+            return True
+    return False
+
+
+def _bias_form(shape, context, batch: int, heads: int):
+    """(Bb, Hb, Sqb): how the kernel reads a bias term of `shape` added to scores of shape `context`
+    whose batch axes are the kernel's (batch, heads) in row-major order (`op.bias_dims`)."""
+    rank = len(context)
+    if len(shape) > rank:
+        raise _NotFusable(f"the bias on the scores has more axes ({shape}) than the scores ({context})")
+    shape = (1,) * (rank - len(shape)) + tuple(shape)
+    *batch_axes, s_q, s_kv = context
+    *bias_axes, b_q, b_kv = shape
+    if b_kv != s_kv:
+        raise _NotFusable(f"a bias of shape {shape} on scores {context} is the same for every key: it masks or "
+                          "shifts whole rows, which the kernel reads only as a (.., S_q, S_kv) bias")
+    if b_q not in (1, s_q) or math.prod(batch_axes) != batch * heads:
+        raise _NotFusable(f"a bias of shape {shape} does not broadcast over the scores {context} as the kernel's "
+                          f"(batch {batch}, heads {heads}) do")
+    want = np.broadcast_to(np.arange(math.prod(bias_axes)).reshape(bias_axes), batch_axes).reshape(batch, heads)
+    for hb in dict.fromkeys((heads, 1)):
+        bb = math.prod(bias_axes) // hb
+        if math.prod(bias_axes) % hb or batch % bb:
+            continue
+        got = (np.arange(batch)[:, None] % bb) * hb + np.arange(heads)[None, :] % hb
+        if np.array_equal(got, want):
+            return bb, hb, b_q
+    raise _NotFusable(f"a bias of shape {shape} on scores {context} varies over the batch in a way the kernel does "
+                      "not read (it takes one bias per sample, per window or shared, per head or shared)")
+
+
+def _plan_bias(cand: _Candidate, attrs: FlashAttentionAttrs, q_root, g: _Graph):
+    """[(term, (Bb, Hb, Sqb))] for the candidate's bias terms, checked to combine into one 4-D bias."""
+    if not cand.bias:
+        return []
+    shape = g.shape(q_root)
+    if len(shape) > 4:  # windowed: (B, X..., S, D), the X axes merged into heads
+        batch, heads = shape[0], math.prod(shape[1:-2])
+    else:
+        batch, heads = (int(n) for n in logical_shape(shape, attrs.q_layout, attrs.num_heads)[:2])
+    plan = [(term, _bias_form(term.shape or g.shape(term.tensor), term.context, batch, heads)) for term in cand.bias]
+    for axis, name in enumerate(("batch", "heads", "query")):
+        sizes = {form[axis] for _, form in plan if form[axis] != 1}
+        if len(sizes) > 1:
+            raise _NotFusable(f"the bias terms added to the scores differ in their {name} sizes {sorted(sizes)}")
+    return plan
+
+
+def _combined(forms) -> tuple:
+    """(Bb, Hb, Sqb) of the sum of bias terms of these forms (each 1 or the one size `_plan_bias` allows)."""
+    return tuple(max(sizes) for sizes in zip(*forms))
+
+
+def _emit_bias(graph: gs.Graph, names, plan, dtype, name: str):
+    """The 4-D (Bb, Hb, Sqb, S_kv) bias the node reads: each term as the kernel's dtype, scaled, reshaped
+    (free: contiguous), summed where there are several (then materialised once, as the model did)."""
+    total = None
+    for i, (term, (bb, hb, b_q)) in enumerate(plan):
+        base = f"{name}/bias{i}"
+        x = term.make(graph, names) if term.make else term.tensor
+        if term.fill is not None:
+            fill, zero = (gs.Constant(names(f"{base}/{w}"), np.array(v, dtype)) for w, v in (("fill", term.fill), ("zero", 0)))
+            y = gs.Variable(names(f"{base}/filled"), dtype)
+            graph.nodes.append(gs.Node("Where", inputs=[x, fill, zero] if term.fill_when else [x, zero, fill], outputs=[y]))
+            x = y
+        else:
+            y = gs.Variable(names(f"{base}/cast"), dtype)
+            graph.nodes.append(gs.Node("Cast", attrs={"to": helper.np_dtype_to_tensor_dtype(np.dtype(dtype))},
+                                       inputs=[x], outputs=[y]))
+            x = y
+            if term.factor != 1.0:
+                y = gs.Variable(names(f"{base}/scaled"), dtype)
+                factor = gs.Constant(names(f"{base}/factor"), np.array(term.factor, dtype))
+                graph.nodes.append(gs.Node("Mul", inputs=[x, factor], outputs=[y]))
+                x = y
+        if term.regrouped:  # its axes are not the scores': its batch from the probe, rows what is left
+            parts = [_const(names, x, "batch_heads", [bb, hb, -1]), _shape_slice(graph, names, x, -1, 2**62)]
+        else:
+            rows = _const(names, x, "rows", [1]) if b_q == 1 else _shape_slice(graph, names, x, -2, -1)
+            parts = [_const(names, x, "batch_heads", [-1, hb]), rows, _shape_slice(graph, names, x, -1, 2**62)]
+        x = _reshape(graph, names, x, parts, gs.Variable(names(f"{base}/4d"), dtype))
+        if total is not None:
+            y = gs.Variable(names(f"{name}/bias_sum{i}"), dtype)
+            graph.nodes.append(gs.Node("Add", inputs=[total, x], outputs=[y]))
+            x = y
+        total = x
+    return total
 
 
 def _einsum_terms(node):
@@ -655,19 +877,25 @@ def _einsum_terms(node):
 
 def _softmax_candidate(softmax, g: _Graph):
     """Einsum or MatMul attention anchored at `softmax`; None if it is not attention at all."""
-    producer, factor, static = _scores_producer(softmax.inputs[0], g)
+    producer, factor, static, bias = _scores_chain(softmax.inputs[0], g)
     if producer is None or producer.op not in ("MatMul", "Einsum", "Add", "Where", "Sub"):
         return None
     rank = len(g.shape(softmax.inputs[0]))
     if producer.op in ("Add", "Where", "Sub"):
         scores = [_scores_producer(i, g)[0] for i in producer.inputs if isinstance(i, gs.Variable)]
         if any(n is not None and n.op in ("MatMul", "Einsum") for n in scores):
-            raise _NotFusable(f"a mask or bias is added to the scores ({producer.op} {producer.name!r})")
+            raise _NotFusable(_bias_refusal(producer, g))
         return None
+    if g.shape(producer.outputs[0]) != g.shape(softmax.inputs[0]):
+        raise _NotFusable(f"the scores {g.shape(producer.outputs[0])} reach the softmax reshaped to "
+                          f"{g.shape(softmax.inputs[0])}")
     axis = softmax.attrs.get("axis", -1)
     if axis not in (-1, rank - 1):
         raise _NotFusable(f"the softmax runs over axis {axis}, not over the keys (the last axis of the scores)")
-    pv, probs = _single_consumer_skip_dropout(softmax.outputs[0], g)
+    pv, probs = _single_consumer_skip_dropout(softmax.outputs[0], g, bias)
+    if probs in g.graph.outputs or (pv is None and len(_value_consumers(probs)) > 1):
+        raise _NotFusable("the attention probabilities are used besides the product with V (a graph output or a "
+                          "second consumer); the kernel never forms them")
     if pv is None or pv.op != producer.op:
         raise _NotFusable("the attention probabilities are not consumed by exactly one matching MatMul/Einsum")
     name = softmax.name or softmax.outputs[0].name
@@ -677,9 +905,14 @@ def _softmax_candidate(softmax, g: _Graph):
         q, k = producer.inputs
         return _Candidate(
             name, "matmul-softmax-matmul", _Operand(q, tuple(range(rank))), _Operand(k, _swap_last(rank)),
-            _Operand(pv.inputs[1], tuple(range(rank))), pv.outputs[0], tuple(range(rank)), factor, static,
+            _Operand(pv.inputs[1], tuple(range(rank))), pv.outputs[0], tuple(range(rank)), factor, static, bias=bias,
         )
-    return _einsum_candidate(name, producer, pv, probs, factor, static)
+    cand = _einsum_candidate(name, producer, pv, probs, factor, static)
+    (_, _), so = _einsum_terms(producer)
+    if bias and so[-1] not in _einsum_terms(pv)[0][1 if pv.inputs[0] is probs else 0]:
+        raise _NotFusable(f"a bias is added to Einsum scores {so} whose last axis is not the keys")
+    cand.bias = bias
+    return cand
 
 
 def _einsum_candidate(name, producer, pv, probs, factor, static):
@@ -753,18 +986,22 @@ _ATTENTION_OUTPUTS = ("Y", "present_key", "present_value", "qk_matmul_output")
 def _attention_op_candidate(node, g: _Graph):
     """The ONNX `Attention` op (opset 23 and later), honoured attribute by attribute: fused only where
     the kernel computes exactly that (4-D BHSD, or 3-D with `q_num_heads` = `kv_num_heads` as BSC
-    tokens; `scale`; windows that exclude nothing); everything else refused with the true reason."""
-    given = [name for name, t in zip(_ATTENTION_INPUTS[3:], node.inputs[3:]) if t.name]
-    if given:
-        raise _NotFusable(f"the Attention op has {', '.join(given)} input(s): masks, padding and a KV cache are "
-                          "not computed by the kernel")
+    tokens; `scale`; `attn_mask`, boolean or additive, and `is_causal` as the bias on the scores; a
+    KV cache (`past_key`/`past_value`, 4-D) as a Concat in front of the node, which makes the present
+    outputs); everything else refused with the true reason."""
+    inputs = {name: None for name in _ATTENTION_INPUTS}
+    inputs.update(zip(_ATTENTION_INPUTS, (t if t.name else None for t in node.inputs)))
+    outputs = {name: gs.Variable("") for name in _ATTENTION_OUTPUTS}
+    outputs.update(zip(_ATTENTION_OUTPUTS, node.outputs))
     graph_outputs = {t.name for t in g.graph.outputs}
-    used = [name for name, t in zip(_ATTENTION_OUTPUTS[1:], node.outputs[1:])
-            if t.name and (t.outputs or t.name in graph_outputs)]
-    if used:
-        raise _NotFusable(f"the Attention op's {', '.join(used)} output(s) are used; the kernel computes Y only")
-    if node.attrs.get("is_causal", 0):
-        raise _NotFusable("a causal Attention (is_causal=1): the kernel has no causal mask")
+    used = {name for name, t in outputs.items() if t.name and (t.outputs or t.name in graph_outputs)}
+    if "qk_matmul_output" in used:
+        raise _NotFusable("the Attention op's qk_matmul_output output is used; the kernel computes Y only")
+    if inputs["nonpad_kv_seqlen"] is not None:
+        raise _NotFusable("the Attention op has a nonpad_kv_seqlen input (a padded KV cache): the kernel reads "
+                          "every key (pass the padding as attn_mask)")
+    if (inputs["past_key"] is None) != (inputs["past_value"] is None):
+        raise _NotFusable("the Attention op has one of past_key/past_value but not both")
     if node.attrs.get("softcap", 0.0):
         raise _NotFusable(f"a soft-capped Attention (softcap={node.attrs['softcap']:g}): the kernel has no softcap")
     windows = {a: node.attrs.get(a, -1) for a in ("left_window_size", "right_window_size")}
@@ -778,12 +1015,73 @@ def _attention_op_candidate(node, g: _Graph):
     if q_heads != kv_heads:
         raise _NotFusable(f"grouped-query attention: K and V have {kv_heads} heads, Q has {q_heads}; the kernel "
                           "needs one K/V head per query head")
+    cache = inputs["past_key"] is not None
+    if cache and rank != 4:
+        raise _NotFusable("a KV cache (past_key/past_value) with 3-D Q, K, V: the cache is 4-D, the kernel would "
+                          "need K and V copied into its layout")
+    if cache and not (outputs["present_key"].name and outputs["present_value"].name):
+        raise _NotFusable("a KV cache whose present_key/present_value outputs are not named (the probe sees "
+                          "no concatenated keys)")
+    q = node.inputs[0]
+    k, v = (outputs["present_key"], outputs["present_value"]) if cache else (node.inputs[1], node.inputs[2])
+    (b, s_q), s_kv = (g.shape(q)[0], g.shape(q)[-2 if rank == 4 else 1]), g.shape(k)[-2 if rank == 4 else 1]
+    context = (b, q_heads, s_q, s_kv)
+    bias = []
+    mask = inputs["attn_mask"]
+    if mask is not None:
+        if g.shape(mask)[-1] != s_kv:
+            raise _NotFusable(f"an attn_mask over {g.shape(mask)[-1]} keys of {s_kv} (ONNX pads it with -inf): pass a "
+                              "mask over every key")
+        boolean = _dtype(mask, g) == np.bool_
+        bias.append(_BiasTerm(mask, context, fill=-math.inf if boolean else None, fill_when=False))
+    if node.attrs.get("is_causal", 0):
+        bias.append(_causal_term(q, k, inputs["past_key"], rank, context))
+    prepare = [_kv_cache(inputs[p], node.inputs[i], outputs[o])
+               for p, i, o in (("past_key", 1, "present_key"), ("past_value", 2, "present_value")) if cache]
     if rank == 3:
-        return _bsc_attention_candidate(node, g, q_heads)
-    ident = (0, 1, 2, 3)
-    q, k, v = (_Operand(t, ident) for t in node.inputs[:3])
-    scale = node.attrs.get("scale")
-    return _Candidate(node.name or node.outputs[0].name, "onnx-attention", q, k, v, node.outputs[0], ident, scale)
+        cand = _bsc_attention_candidate(node, g, q_heads)
+    else:
+        ident = (0, 1, 2, 3)
+        ops = [_Operand(t, ident) for t in (q, k, v)]
+        cand = _Candidate(node.name or node.outputs[0].name, "onnx-attention", *ops, node.outputs[0], ident,
+                          node.attrs.get("scale"))
+    cand.bias, cand.prepare = bias, prepare
+    return cand
+
+
+def _kv_cache(past, new, present):
+    """The rewrite's edit for a KV cache: present = Concat(past, new) along the sequence, as ONNX's
+    Attention computes it (the node then reads `present`)."""
+    def edit(graph: gs.Graph, names) -> None:
+        present.inputs.clear()
+        graph.nodes.append(gs.Node("Concat", attrs={"axis": 2}, inputs=[past, new], outputs=[present]))
+    return edit
+
+
+def _causal_term(q, k, past, rank: int, context) -> _BiasTerm:
+    """ONNX's `is_causal`: query i attends to keys j <= i + offset (offset: the cache's length, 0 without
+    one), a (S_q, S_kv) mask made in the graph once per run: Trilu of ones, as a condition."""
+    axis = 2 if rank == 4 else 1
+
+    def make(graph: gs.Graph, names):
+        base = names(f"{q.name}/causal")
+        sizes = [_shape_slice(graph, names, q, axis, axis + 1), _shape_slice(graph, names, k, axis, axis + 1)]
+        shape, ones, lower, allowed = (gs.Variable(f"{base}/{w}", d) for w, d in (
+            ("shape", np.int64), ("ones", np.int64), ("lower", np.int64), ("allowed", np.bool_)))
+        graph.nodes += [gs.Node("Concat", attrs={"axis": 0}, inputs=sizes, outputs=[shape]),
+                        gs.Node("ConstantOfShape", attrs={"value": helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1])},
+                                inputs=[shape], outputs=[ones])]
+        trilu = [ones]
+        if past is not None:
+            offset, scalar = gs.Variable(f"{base}/offset", np.int64), _shape_slice(graph, names, past, 2, 3)
+            graph.nodes.append(gs.Node("Squeeze", inputs=[scalar, gs.Constant(f"{base}/axis0", np.array([0], np.int64))],
+                                       outputs=[offset]))
+            trilu.append(offset)
+        graph.nodes += [gs.Node("Trilu", attrs={"upper": 0}, inputs=trilu, outputs=[lower]),
+                        gs.Node("Cast", attrs={"to": onnx.TensorProto.BOOL}, inputs=[lower], outputs=[allowed])]
+        return allowed
+
+    return _BiasTerm(None, context, fill=-math.inf, fill_when=False, make=make, shape=context[-2:])
 
 
 def _bsc_attention_candidate(node, g: _Graph, heads: int):
@@ -872,19 +1170,23 @@ def _rewrite(graph: gs.Graph, g: _Graph, rewrites, plugin_mode: str, tf32: bool)
     """Each solved block's output now comes from one FlashAttention node; a windowed block's
     (B, X..., S, D) operands are merged to 4-D in front of it and its output split back after."""
     names, merged = _Names(graph), {}
-    for name, attrs, inputs, out in rewrites:
+    for name, attrs, inputs, out, bias, prepare in rewrites:
+        for edit in prepare:
+            edit(graph, names)
         out.inputs.clear()  # detach the old producer; cleanup() drops what no longer feeds an output
         q_root = inputs[0]
         for t in inputs:
             if len(g.shape(t)) > 4 and t.name not in merged:
                 merged[t.name] = _merge_heads(graph, names, t, int(g.shape(t)[-1]))
         inputs = [merged.get(t.name, t) for t in inputs]
+        if bias:
+            inputs.append(_emit_bias(graph, names, bias, _dtype(q_root, g), name))
         y = gs.Variable(names(f"{name}/FlashAttention_output"), out.dtype) if len(g.shape(out)) > 4 else out
         # every output named (TensorRT 10.16+ requires it), as `op.node_outputs` names them
         scratch = gs.Variable(names(node_outputs(y.name)[1]), out.dtype)
         graph.nodes.append(
-            gs.Node(OP_TYPE, _node_name(name), replace(attrs, tf32=tf32).onnx_attributes(plugin_mode), inputs,
-                    [y, scratch], domain=DOMAIN)
+            gs.Node(op_type_for(len(inputs)), _node_name(name), replace(attrs, tf32=tf32).onnx_attributes(plugin_mode),
+                    inputs, [y, scratch], domain=DOMAIN)
         )
         if y is not out:  # back to Q's (B, X..., S, D_v)
             seq = _dims(graph, names, y, 2, 3, out.shape[-2:-1] if out.shape else None)
@@ -913,6 +1215,7 @@ def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
                 continue
             degenerate |= any(np.array(g.shape(o.tensor))[list(o.perm)][-2] == 1 for o in (cand.q, cand.k))
             attrs, qr, kr, vr, out, details = _solve(cand, g)
+            bias = _plan_bias(cand, attrs, qr, g)
         except _NotFusable as e:
             blocks.append(BlockReport(node.name or node.outputs[0].name, _pattern_of(node), False, str(e)))
             continue
@@ -923,8 +1226,10 @@ def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
             blocks.append(BlockReport(cand.name, cand.pattern, False, f"left to TensorRT's own fusion: {why}",
                                       details, path="native"))
             continue
+        if bias:
+            details["bias"] = [int(n) for n in (*_combined(form for _, form in bias), details["probe_seq_kv"])]
         blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
-        rewrites.append((cand.name, attrs, (qr, kr, vr), out))
+        rewrites.append((cand.name, attrs, (qr, kr, vr), out, bias, cand.prepare))
     return blocks, rewrites, degenerate, others
 
 

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 
 from ..errors import KernelError, PluginError
 from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
-from .op import (SCRATCH_BYTES, SCRATCH_ROWS, FlashAttentionAttrs, layout_strides, logical_shape, output_shape,
+from .op import (SCRATCH_BYTES, SCRATCH_ROWS, FlashAttentionAttrs, bias_dims, layout_strides, logical_shape, output_shape,
                  unit_axis)
 
 DTYPES = ("fp16", "bf16", "fp32")  # also Triton's pointer type names
+_POINTERS = ("Q", "K", "V", "BIAS", "Out")
 _STRIDE_NAMES = [f"stride_{t}{a}" for t in "qkvo" for a in "bhsd"]
 # PTX ISA version -> (CUDA release, minimum Linux driver) that loads it.
 PTX_ISA_DRIVER = {
@@ -65,6 +66,7 @@ class AotArtifact:
     triton_version: str
     hidden_params_removed: int
     tf32: bool = False
+    bias: bool = False  # a FlashAttentionBias kernel: the bias pointer after V, its dims among the extras
     scratch_bytes: int = 0  # global scratch per program (the Hopper kernel's TMA descriptors)
     arg_order: list[str] = field(default_factory=list)
     constants: dict = field(default_factory=dict)  # compiled in: unit strides, scale, tile sizes
@@ -73,11 +75,11 @@ class AotArtifact:
         """(x, y, z) for concrete sizes, or symbolic ones with TensorRT's `cdiv`."""
         return (cdiv(seq_q, self.config.block_m), batch * heads, self.config.dv_programs(self.head_dim_v))
 
-    def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b)):
+    def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b), bias_shape=None):
         """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
         exactly what TensorRT's aot_impl returns and what `launch_artifact` passes."""
         grid = self.grid(*self._queries(q_shape), cdiv)
-        return grid, self.threads_per_block, self.shared_mem, self.scalar_args(q_shape, k_shape, v_shape)
+        return grid, self.threads_per_block, self.shared_mem, self.scalar_args(q_shape, k_shape, v_shape, bias_shape)
 
     def _queries(self, q_shape) -> tuple:
         """(batch, heads, S_q) the kernel runs over, for the grid and its `num_heads` alike: heads from
@@ -86,7 +88,7 @@ class AotArtifact:
         batch, heads, seq_q, _ = logical_shape(q_shape, self.layouts[0], self.num_heads)
         return batch, heads, seq_q
 
-    def scalar_args(self, q_shape, k_shape, v_shape):
+    def scalar_args(self, q_shape, k_shape, v_shape, bias_shape=None):
         """The int32 extra arguments, in order, for concrete or symbolic input shapes."""
         ql, kl, vl, ol = self.layouts
         o_shape = _out_shape(q_shape, v_shape, self)
@@ -96,6 +98,10 @@ class AotArtifact:
         batch, heads, seq_q = self._queries(q_shape)
         seq_kv = logical_shape(k_shape, kl, self.num_heads)[2]
         values = {**strides, "batch": batch, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv}
+        if self.bias:
+            if bias_shape is None:
+                raise PluginError("a FlashAttentionBias kernel needs the bias's shape")
+            values.update(zip(("bias_b", "bias_h", "bias_q"), bias_dims(bias_shape, batch, heads, seq_q, seq_kv)))
         return [values[n] for n in self.scalar_arg_names]
 
 
@@ -115,14 +121,16 @@ def compile_artifact(
     layouts=("NCHW", "NCHW", "NCHW", "NCHW"),
     head_dim_v: int | None = None,
     tf32: bool = False,
+    bias: bool = False,
 ) -> AotArtifact:
     """Compile the kernel ahead of time for one variant. `arch` is the compute capability
     (80, 89, 90, ...); 90 compiles for sm_90a, Hopper only. `tf32`: fp32 products on TF32 tensor
-    cores (else exact fp32). No GPU needed. Cached per variant (TensorRT asks for every tactic of
+    cores (else exact fp32). `bias`: the FlashAttentionBias kernel. No GPU needed. Cached per variant
+    (TensorRT asks for every tactic of
     every node, some alike)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, config=config, scale=scale,
-                                      arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v, tf32=tf32))
+                                      arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v, tf32=tf32, bias=bias))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -136,6 +144,7 @@ def compile_artifact(
         "BLOCK_D": block_dim(head_dim), "BLOCK_DV": config.dv_block(head_dim_v),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32" and not tf32,
         "Q_BIAS": None, "HAS_Q_BIAS": False,  # a Q conv's bias stays in the engine's conv
+        "HAS_BIAS": bias, **({} if bias else {"BIAS": None, "bias_b": 1, "bias_h": 1, "bias_q": 1}),
         **unit_flags({f"{t}{unit_axis(layout)}" for t, layout in zip("qkvo", layouts)}),
     }
     for t, layout in zip("qkvo", layouts):
@@ -144,12 +153,13 @@ def compile_artifact(
     for name in _attn_fwd.arg_names:
         if name in constants:
             signature[name] = "constexpr"
-        elif name in ("Q", "K", "V", "Out"):
+        elif name in _POINTERS:
             signature[name] = ptr
         else:
             signature[name] = "i32"
     # TensorRT hands over 256-byte aligned buffers: pointers divisible by 16 (bytes).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names) if n in ("Q", "K", "V", "Out")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names) if n in _POINTERS and n in signature
+             and signature[n] != "constexpr"}
     # Only for experiments: compile as Triton's JIT would for shapes that are multiples of 16
     # (not valid for a TensorRT profile, which admits any shape).
     if _ASSUME_ALIGNED_SHAPES:
@@ -172,8 +182,8 @@ def compile_artifact(
         threads_per_block=32 * md.num_warps, config=config, arch=f"sm_{arch}", layouts=tuple(layouts),
         head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype, scale=scale, tf32=tf32 and dtype == "fp32",
         scalar_arg_names=scalar_names, ptx_isa=isa, min_driver=PTX_ISA_DRIVER.get(isa, ("?", "unknown"))[1],
-        triton_version=triton.__version__, hidden_params_removed=removed,
-        arg_order=["Q", "K", "V", *scalar_names, "Out"], constants=constants,
+        triton_version=triton.__version__, hidden_params_removed=removed, bias=bias,
+        arg_order=["Q", "K", "V", *(["BIAS"] if bias else []), *scalar_names, "Out"], constants=constants,
     )
 
 
@@ -265,22 +275,27 @@ def strip_hidden_params(ptx: str, name: str, n_user: int) -> tuple[str, int]:
     return ptx[: m.start(1)] + "\n\t" + kept + "\n" + ptx[m.end(1):], len(extra)
 
 
-def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None, scratch=None) -> None:
+def launch_artifact(art: AotArtifact, q, k, v, out, stream: int | None = None, scratch=None, bias=None) -> None:
     """Run the artifact's PTX through the CUDA driver API with TensorRT's argument list.
 
     q, k, v, out: CUDA torch tensors, contiguous in the artifact's layouts. `scratch`: the plugin's
-    second output (`op.scratch_shape`), passed after `out` to a kernel that reads it."""
+    second output (`op.scratch_shape`), passed after `out` to a kernel that reads it. `bias`: a
+    FlashAttentionBias kernel's fourth input."""
+    if art.bias != (bias is not None):
+        raise PluginError(f"launch_artifact: the kernel {'needs' if art.bias else 'takes no'} bias")
     for t, layout in zip((q, k, v, out), art.layouts):
         if not t.is_contiguous():
             raise PluginError(f"launch_artifact: expected contiguous tensors in layout {layout}")
-    grid, threads, shared_mem, scalars = art.launch_for(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    grid, threads, shared_mem, scalars = art.launch_for(tuple(q.shape), tuple(k.shape), tuple(v.shape),
+                                                        bias_shape=None if bias is None else tuple(bias.shape))
     outputs = (out,)
     if art.scratch_bytes:
         if scratch is None or scratch.numel() * scratch.element_size() < art.scratch_bytes * math.prod(grid):
             raise PluginError(f"launch_artifact: the kernel needs {art.scratch_bytes} B of scratch per program "
                              f"x {math.prod(grid)} programs")
         outputs = (out, scratch)
-    launch_ptx(art.ptx, art.kernel_name, grid, (threads, 1, 1), shared_mem, (q, k, v), scalars, outputs, stream)
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
+    launch_ptx(art.ptx, art.kernel_name, grid, (threads, 1, 1), shared_mem, inputs, scalars, outputs, stream)
 
 
 def launch_ptx(ptx: str, kernel_name: str, grid, block, shared_mem: int, inputs, extras, outputs,

@@ -13,6 +13,7 @@ import triton
 from ..errors import PluginError
 from .device import device_arch
 from .kernel import SMEM_LIMIT, KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
+from .op import bias_dims
 from .reference import add_q_bias
 
 CONFIGS_FILE = Path(__file__).with_name("configs.json")
@@ -56,14 +57,16 @@ def _strides(t) -> list[int]:
     return st
 
 
-def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: bool = False) -> None:
+def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: bool = False, bias=None) -> None:
     b, h, s_q, d = q.shape
     s_kv, d_v = k.shape[2], v.shape[3]
     grid = (triton.cdiv(s_q, config.block_m), b * h, config.dv_programs(d_v))
+    dims = bias_dims(tuple(bias.shape), b, h, s_q, s_kv) if bias is not None else (1, 1, 1)
     _attn_fwd[grid](
-        q, k, v, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, out, q_bias,
+        q, k, v, bias, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, *dims, out, q_bias,
         QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=config.dv_block(d_v),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32 and not tf32, HAS_Q_BIAS=q_bias is not None,
+        HAS_BIAS=bias is not None,
         **unit_flags({f"{n}{a}" for n, t in zip("qkvo", (q, k, v, out)) for a, i in (("s", 2), ("d", 3)) if t.stride(i) == 1}),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
@@ -71,8 +74,8 @@ def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: 
 
 
 def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None,
-                    tf32: bool | None = None):
-    """softmax(scale * q k^T) v with q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
+                    tf32: bool | None = None, bias=None):
+    """softmax(scale * q k^T [+ bias]) v with q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
 
     Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
     of the output map. fp16, bf16, fp32; fp32 accumulation; O(S) memory. CUDA tensors run the
@@ -82,6 +85,9 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
 
     `q_bias` (H*D values, a Q conv's bias) is added to q first, by both kernels to their resident
     Q tile: no pass over Q and no copy of it (the CPU reference adds it to a copy).
+
+    `bias`: an additive bias on the scores, broadcast as `op.bias_dims` says (a contiguous 4-D tensor
+    (Bb, Hb, 1 or S_q, S_kv)), read tile by tile; the Triton kernel only (the Hopper kernels take none).
 
     `tf32` (fp32 inputs): both products on TF32 tensor cores; None follows PyTorch's own switch,
     `torch.backends.cuda.matmul.allow_tf32` (off by default: exact fp32).
@@ -107,18 +113,24 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
             raise PluginError(f"q_bias: expected {q.shape[1] * q.shape[3]} values (heads x head_dim) on {q.device}, "
                              f"got {tuple(q_bias.shape)} on {q_bias.device}")
         q_bias = q_bias.reshape(-1).contiguous()
-    if config is None and q.device.type == "cuda" and _hopper_takes(q, k, v):
+    if bias is not None:
+        bias_dims(tuple(bias.shape), q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        if bias.dtype != q.dtype or bias.device != q.device or not bias.is_contiguous():
+            raise PluginError(f"bias: expected a contiguous {q.dtype} tensor on {q.device}, got {bias.dtype} on "
+                             f"{bias.device}, strides {bias.stride()}")
+    if config is None and bias is None and q.device.type == "cuda" and _hopper_takes(q, k, v):
         from .hopper import hopper_attention
 
         hopper_attention(q, k, v, out, scale, q_bias)
         return out
     if q.device.type == "cuda" or _interpreting():
         tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
-        launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]), q_bias, tf32)
+        launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]), q_bias, tf32,
+               bias)
         return out
     from .reference import reference_attention_torch
 
-    return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out)
+    return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out, bias)
 
 
 def _hopper_takes(q, k, v) -> bool:

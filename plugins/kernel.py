@@ -23,6 +23,7 @@ import triton.language as tl
 from ..errors import PluginError
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 # TF32 operands rounded to nearest (cvt.rna), as cuBLAS rounds them: the tensor cores would otherwise
 # drop the low 13 mantissa bits (truncation), 2-6x PyTorch's own TF32 error (run 29, H100). Off in
 # Triton's CPU interpreter (no inline PTX there; its dots are fp32 anyway).
@@ -40,11 +41,13 @@ def _tf32(x, IEEE: tl.constexpr):
 @triton.jit
 def _attn_fwd(
     Q, K, V,
+    BIAS,  # the scores' additive bias (op.bias_dims: contiguous (bias_b, bias_h, bias_q, S_kv)), or None
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     num_heads, seq_q, seq_kv,
+    bias_b, bias_h, bias_q,  # the bias's batch, head and row sizes (1: broadcast); unused without BIAS
     Out,
     Q_BIAS,  # heads*D values added to q (a Q conv's bias), or None (a constexpr: AOT kernels have none)
     QK_SCALE: tl.constexpr,  # softmax scale * log2(e)
@@ -53,6 +56,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not tf32
     HAS_Q_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     # Which (s, d) strides are the constant 1, per tensor (the contiguous axis of each layout).
     QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
@@ -69,14 +73,14 @@ def _attn_fwd(
     if aligned:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
-                   num_heads, seq_q, seq_kv, Q_BIAS,
-                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS,
+                   num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, True)
     else:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
-                   num_heads, seq_q, seq_kv, Q_BIAS,
-                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS,
+                   num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, False)
 
 
@@ -102,10 +106,10 @@ def _attn_body(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    num_heads, seq_q, seq_kv, Q_BIAS,
+    num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q,
     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, HAS_Q_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, HAS_Q_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
     QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -151,16 +155,26 @@ def _attn_body(
         bias = tl.load(Q_BIAS + h * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM, other=0.0)
         q = (q.to(tl.float32) + bias.to(tl.float32)[None, :]).to(q.dtype)
     q = _tf32(q, IEEE)
+    bias_rows = BIAS
+    if HAS_BIAS:  # this program's rows of its (batch, head)'s bias: read tile by tile in `_step`
+        plane = bias_q.to(tl.int64) * seq_kv
+        rows = tl.minimum(offs_m, seq_q - 1)  # a last block's rows past S_q read row S_q - 1: no row mask
+        bias_rows = (BIAS + (b % bias_b).to(tl.int64) * bias_h * plane + (h % bias_h).to(tl.int64) * plane
+                     + rows[:, None].to(tl.int64) * (seq_kv * (bias_q != 1)))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     n_full = (seq_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0,
-                              m_i, l_i, acc, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, IEEE, False)
+                              m_i, l_i, acc, bias_rows, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                              BLOCK_DV, BLOCK_N, IEEE, False, HAS_BIAS)
     if n_full < seq_kv:
         m_i, l_i, acc = _step(q, k_base, v_base, n_full, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0,
-                              m_i, l_i, acc, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, IEEE, True)
+                              m_i, l_i, acc, bias_rows, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                              BLOCK_DV, BLOCK_N, IEEE, True, HAS_BIAS)
+    if HAS_BIAS:  # a row the bias masks whole (every score -inf) has l = 0: zeros, not 0/0
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
     o_ptrs = o_base + offs_m[:, None] * stride_os + offs_dv[None, :] * stride_od
     dv_in = _dv_in(offs_dv, dv0, HEAD_DIM_V, BLOCK_DV)
@@ -184,15 +198,23 @@ def _dv_in(offs_dv, dv0, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
 
 @triton.jit
 def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0, m_i, l_i, acc,
-          QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASK_N: tl.constexpr):
-    """One key/value tile: scores, online-softmax update, P V. MASK_N only for the last tile."""
+          bias_rows, QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+          MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One key/value tile: scores (plus the bias tile), online-softmax update, P V. MASK_N only for
+    the last tile."""
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kt_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd  # K^T tile (BLOCK_D, BLOCK_N)
     v_ptrs = v_base + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd
     dv_in = _dv_in(offs_dv, dv0, HEAD_DIM_V, BLOCK_DV)
+    bias = None
+    if HAS_BIAS:  # issued first: its load overlaps the product
+        if MASK_N:
+            bias = tl.load(bias_rows + cols[None, :], mask=cols[None, :] < seq_kv, other=0.0)
+        else:
+            bias = tl.load(bias_rows + cols[None, :])
     if MASK_N:
         kt = tl.load(kt_ptrs, mask=(cols[None, :] < seq_kv) & (offs_d[:, None] < HEAD_DIM), other=0.0)
         v = tl.load(v_ptrs, mask=(cols[:, None] < seq_kv) & dv_in[None, :], other=0.0)
@@ -204,11 +226,16 @@ def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, s
     else:
         qk = tl.dot(q, _tf32(kt, IEEE))
     qk = qk * QK_SCALE
+    if HAS_BIAS:  # in the exp2 domain, as the scale is
+        qk += bias.to(tl.float32) * _LOG2E
     if MASK_N:
         qk = tl.where(cols[None, :] < seq_kv, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    m_use = m_new
+    if HAS_BIAS:  # every score so far -inf (masked): subtract 0, not -inf (-inf - -inf is NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
         acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")

@@ -24,6 +24,14 @@ of five layouts, read in place:
 - "SBC": a (S, B, heads*D) sequence-first token tensor (torch.nn.MultiheadAttention's own layout:
   its packed in_proj output, sliced, is read in place).
 The output layout is one of the same five; "NCHW" takes its H, W from the query map.
+
+`FlashAttentionBias` takes a fourth input, a bias added to the scaled scores before the softmax,
+O = softmax(scale * Q K^T + bias) V: relative position tables, window masks, additive (-inf) masks.
+It is a contiguous 4-D (Bb, Hb, Sqb, S_kv) tensor of the query's dtype, read in place with no S x S
+copy, broadcast as `bias_dims` says: batch b reads bias[b % Bb] (Bb = 1: shared; Bb = B: one per
+sample; Bb dividing B: one per window of a windowed block, whose batch axis is batch x windows,
+windows inner), head h reads bias[:, h] or bias[:, 0], every query row its own row or row 0. A row
+whose every score is -inf gives zeros (as ONNX's Attention and flash-attention define it).
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ from dataclasses import dataclass
 from ..errors import PluginError
 
 OP_TYPE = "FlashAttention"
+# The same attention with a fourth input, an additive bias on the scores (`bias_dims`): its own op
+# type, because TensorRT finds a plugin by op_type and a plugin's inputs are fixed.
+BIAS_OP_TYPE = "FlashAttentionBias"
+OP_TYPES = (OP_TYPE, BIAS_OP_TYPE)
 DOMAIN = "convattn"
 ORT_DOMAIN = "ai.onnx.contrib"
 PLUGIN_NAMESPACE = "convattn"
@@ -270,15 +282,45 @@ def node_outputs(output: str) -> list[str]:
 
 def is_fused_node(node) -> bool:
     """Whether an ONNX NodeProto is one of ours, as written to disk (domain `convattn`)."""
-    return node.op_type == OP_TYPE and node.domain == DOMAIN
+    return node.op_type in OP_TYPES and node.domain == DOMAIN
+
+
+def op_type_for(n_inputs: int) -> str:
+    """The op type of a fused node of (q, k, v) or (q, k, v, bias)."""
+    if n_inputs not in (3, 4):
+        raise PluginError(f"a FlashAttention node takes q, k, v and an optional bias, got {n_inputs} inputs")
+    return OP_TYPE if n_inputs == 3 else BIAS_OP_TYPE
 
 
 def make_node(inputs, output: str, attrs: FlashAttentionAttrs, plugin_mode: str = "aot", name: str = ""):
-    """The fused node as an ONNX NodeProto: (q, k, v) -> `node_outputs`, our domain, every attribute."""
+    """The fused node as an ONNX NodeProto: (q, k, v[, bias]) -> `node_outputs`, our domain, every attribute."""
     import onnx
 
-    return onnx.helper.make_node(OP_TYPE, list(inputs), node_outputs(output), name, domain=DOMAIN,
+    return onnx.helper.make_node(op_type_for(len(inputs)), list(inputs), node_outputs(output), name, domain=DOMAIN,
                                  **attrs.onnx_attributes(plugin_mode))
+
+
+def bias_dims(bias_shape, batch, heads, seq_q, seq_kv) -> tuple:
+    """(Bb, Hb, Sqb): the bias's batch, head and query-row sizes, which the kernels take as int32
+    extras and broadcast from (see the module's docstring). Checked where the sizes are ints; TensorRT's
+    shape expressions pass through (its builder checks them against the profile's shapes at run)."""
+    if len(bias_shape) != 4:
+        raise PluginError(f"bias: expected a 4-D (batch, heads, S_q, S_kv) tensor, got {len(bias_shape)} dims")
+    bb, hb, sqb, skv = bias_shape
+    known = lambda *xs: all(isinstance(x, int) for x in xs)  # noqa: E731
+    problems = []
+    if known(skv, seq_kv) and skv != seq_kv:
+        problems.append(f"its last dim must be S_kv={seq_kv}")
+    if known(sqb, seq_q) and sqb not in (1, seq_q):
+        problems.append(f"its S_q dim must be 1 or {seq_q}")
+    if known(hb, heads) and hb not in (1, heads):
+        problems.append(f"its heads dim must be 1 or {heads}")
+    if known(bb, batch) and (bb < 1 or batch % bb):
+        problems.append(f"its batch dim must divide the batch {batch}")
+    if problems:
+        raise PluginError(f"bias of shape {tuple(bias_shape)} for attention over (B={batch}, heads={heads}, "
+                         f"S_q={seq_q}, S_kv={seq_kv}): {'; '.join(problems)}")
+    return bb, hb, sqb
 
 
 def native_attention_applies(dtype: str, head_dim: int) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .. import external_data
-from .op import OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs, is_fused_node, scratch_shape
+from .op import BIAS_OP_TYPE, OP_TYPE, ORT_DOMAIN, FlashAttentionAttrs, is_fused_node, scratch_shape
 
 
 def to_ort_domain(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -78,6 +78,13 @@ def register() -> str:
     def _flash_attention(q, k, v, **attrs):
         node = FlashAttentionAttrs.from_attributes(attrs)
         return flash_attention_reference(q, k, v, node), np.zeros(scratch_shape(q.shape, v.shape, node), np.float32)
+
+    @onnx_op(op_type=BIAS_OP_TYPE, inputs=[PyCustomOpDef.dt_float] * 4, outputs=[PyCustomOpDef.dt_float] * 2,
+             attrs=attr_types)
+    def _flash_attention_bias(q, k, v, bias, **attrs):
+        node = FlashAttentionAttrs.from_attributes(attrs)
+        return (flash_attention_reference(q, k, v, node, bias=bias),
+                np.zeros(scratch_shape(q.shape, v.shape, node), np.float32))
 
     return get_library_path()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import PluginError
-from .op import FlashAttentionAttrs, layout_view, output_shape
+from .op import FlashAttentionAttrs, bias_dims, layout_view, output_shape
 
 BLOCK_K = 128
 
@@ -31,12 +31,18 @@ def from_bhsd(o: np.ndarray, layout: str, out_shape, num_heads: int) -> np.ndarr
     return out
 
 
-def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, block_k: int = BLOCK_K) -> np.ndarray:
-    """softmax(scale * q k^T) v for (B, H, S, D) arrays, one key block at a time."""
+def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, block_k: int = BLOCK_K,
+                    bias: np.ndarray | None = None) -> np.ndarray:
+    """softmax(scale * q k^T [+ bias]) v for (B, H, S, D) arrays, one key block at a time. `bias`: 4-D,
+    broadcast as `op.bias_dims` says (a windowed batch reads bias[b % Bb]); a row every score of which
+    is -inf gives zeros."""
     if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:
         raise PluginError(f"expected k, v with equal S and q, k with equal D; got q{q.shape} k{k.shape} v{v.shape}")
     q32 = q.astype(np.float32) * np.float32(scale)
     b, h, s_q, _ = q.shape
+    if bias is not None:
+        bb = bias_dims(bias.shape, b, h, s_q, k.shape[2])[0]
+        bias = bias[np.arange(b) % bb]  # the windowed batch's period, unrolled (here only: a CPU reference)
     m = np.full((b, h, s_q, 1), -np.inf, np.float32)
     l = np.zeros((b, h, s_q, 1), np.float32)
     acc = np.zeros((b, h, s_q, v.shape[3]), np.float32)
@@ -44,33 +50,40 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, b
         kb = k[:, :, start : start + block_k].astype(np.float32)
         vb = v[:, :, start : start + block_k].astype(np.float32)
         s = q32 @ kb.transpose(0, 1, 3, 2)  # (B, H, S_q, block_k)
+        if bias is not None:
+            s = s + bias[..., start : start + block_k].astype(np.float32)
         m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
-        p = np.exp(s - m_new)
-        alpha = np.exp(m - m_new)
+        m_use = np.where(np.isneginf(m_new), np.float32(0), m_new)  # a row masked so far: no -inf - -inf
+        p = np.exp(s - m_use)
+        alpha = np.exp(m - m_use)
         l = l * alpha + p.sum(axis=-1, keepdims=True)
         acc = acc * alpha + p @ vb
         m = m_new
-    return acc / l
+    return acc / np.where(l == 0, np.float32(1), l)
 
 
-def flash_attention_reference(q, k, v, attrs: FlashAttentionAttrs, block_k: int = BLOCK_K) -> np.ndarray:
-    """Execute one `FlashAttention` node: layouts in, tiled attention, layout out (fp32)."""
+def flash_attention_reference(q, k, v, attrs: FlashAttentionAttrs, block_k: int = BLOCK_K, bias=None) -> np.ndarray:
+    """Execute one `FlashAttention` (or, with `bias`, `FlashAttentionBias`) node: layouts in, tiled
+    attention, layout out (fp32)."""
     o = tiled_attention(
         to_bhsd(q, attrs.q_layout, attrs.num_heads),
         to_bhsd(k, attrs.k_layout, attrs.num_heads),
         to_bhsd(v, attrs.v_layout, attrs.num_heads),
         attrs.scale,
         block_k,
+        bias,
     )
     return from_bhsd(o, attrs.out_layout, output_shape(q.shape, v.shape, attrs), attrs.num_heads)
 
 
-def reference_attention_torch(q, k, v, scale: float, out=None):
+def reference_attention_torch(q, k, v, scale: float, out=None, bias=None):
     """`tiled_attention` on (B, H, S, D) CPU torch tensors of any strides; writes into `out`
     (any strides) if given. The CPU path of `flash_attention` where no Triton runs."""
     import torch
 
-    o = torch.from_numpy(tiled_attention(*(t.detach().float().numpy() for t in (q, k, v)), scale))
+    arrays = [t.detach().float().numpy() for t in (q, k, v)]
+    bias = None if bias is None else bias.detach().float().numpy()
+    o = torch.from_numpy(tiled_attention(*arrays, scale, bias=bias))
     if out is None:
         return o.to(q.dtype)
     out.copy_(o)

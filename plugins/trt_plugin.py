@@ -33,12 +33,11 @@ import functools
 from ..errors import PluginError
 from .kernel import (SMEM_WITHOUT_OPT_IN, KernelConfig, candidate_configs, default_config, no_opt_in_config,
                      smem_estimate, smem_limit)
-from .op import (OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, scratch_shape,
+from .op import (BIAS_OP_TYPE, OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, scratch_shape,
                  static_dim)
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
-IO_TYPES_16 = "FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16"  # q, k, v, out, scratch: one dtype
-IO_TYPES_32 = "FP32, FP32, FP32, FP32, FP32"
+BIAS_PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{BIAS_OP_TYPE}"  # the same with a fourth input, the scores' bias
 HOPPER_TACTIC = 1000  # beside the Triton configs' 1..N
 
 
@@ -93,95 +92,153 @@ def register_plugin() -> bool:
 
 
 def _register(trtp) -> None:
-    """register (shape rule), autotune (tactics) and impl (JIT)."""
+    """register (shape rule), autotune (tactics) and impl (JIT), for both op types: FlashAttention
+    (q, k, v) and FlashAttentionBias (q, k, v, bias). One body each; the decorated functions differ only
+    in their tensor inputs, which `tensorrt.plugin` reads from their signatures."""
 
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
               q_layout: str, k_layout: str, v_layout: str, out_layout: str,
               tf32: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        out, scratch = q.like(), q.like()
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
-        shapes = tuple(q.shape_expr), tuple(v.shape_expr)
-        out.shape_expr = trtp.ShapeExprs.from_tuple(output_shape(*shapes, attrs))
-        scratch.shape_expr = trtp.ShapeExprs.from_tuple(scratch_shape(*shapes, attrs, cdiv=trtp.cdiv))
-        return out, scratch
+        return _describe(trtp, q, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32))
+
+    @trtp.register(BIAS_PLUGIN_ID)
+    def _desc_bias(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc, num_heads: str,
+                   scale: str, q_layout: str, k_layout: str, v_layout: str, out_layout: str,
+                   tf32: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return _describe(trtp, q, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32))
 
     @trtp.autotune(PLUGIN_ID)
     def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
                   q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str,
                   outputs) -> list[trtp.AutoTuneCombination]:
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
-        head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
-        head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
-        # One combination per element size: the tactic lists differ (fp32 tiles fit less SMEM).
-        combinations = []
-        for types, dtype in ((IO_TYPES_16, "fp16"), (IO_TYPES_32, "fp32")):
-            tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch, head_dim_v)) + 1))
-            if hopper_problem(q, k, v, attrs, dtype) is None:
-                tactics.append(HOPPER_TACTIC)
-            combinations.append(trtp.AutoTuneCombination(types, "LINEAR", tactics))
-        return combinations
+        return _combinations(trtp, q, k, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
+                                                          tf32), bias=False)
+
+    @trtp.autotune(BIAS_PLUGIN_ID)
+    def _autotune_bias(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc,
+                       num_heads: str, scale: str, q_layout: str, k_layout: str, v_layout: str, out_layout: str,
+                       tf32: str, outputs) -> list[trtp.AutoTuneCombination]:
+        return _combinations(trtp, q, k, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
+                                                          tf32), bias=True)
 
     @trtp.impl(PLUGIN_ID)
     def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: str, scale: str, q_layout: str,
               k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs, stream: int, tactic: int) -> None:
-        import torch
+        _run(q, k, v, None, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32), outputs,
+             stream, tactic)
 
-        from .flash import _DTYPES, flash_attention
+    @trtp.impl(BIAS_PLUGIN_ID)
+    def _impl_bias(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, bias: trtp.Tensor, num_heads: str, scale: str,
+                   q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs, stream: int,
+                   tactic: int) -> None:
+        _run(q, k, v, bias, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32), outputs,
+             stream, tactic)
 
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
-        layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
-        views = [bhsd_view(torch_tensor(t), layout, attrs.num_heads) for t, layout in zip((q, k, v, outputs[0]), layouts)]
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            if tactic == HOPPER_TACTIC:
-                from .hopper import hopper_attention
 
-                hopper_attention(*views, attrs.scale)
-                return
-            config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic, views[2].shape[-1])
-            flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32)
+def _describe(trtp, q, v, attrs: FlashAttentionAttrs):
+    """The outputs' descriptions: the attention output and the scratch (`op.output_shape`, `op.scratch_shape`)."""
+    out, scratch = q.like(), q.like()
+    shapes = tuple(q.shape_expr), tuple(v.shape_expr)
+    out.shape_expr = trtp.ShapeExprs.from_tuple(output_shape(*shapes, attrs))
+    scratch.shape_expr = trtp.ShapeExprs.from_tuple(scratch_shape(*shapes, attrs, cdiv=trtp.cdiv))
+    return out, scratch
+
+
+def _combinations(trtp, q, k, v, attrs: FlashAttentionAttrs, bias: bool) -> list:
+    """One combination per element size (the tactic lists differ: fp32 tiles fit less SMEM): every tensor,
+    the bias too, of one dtype. The Hopper kernels take no bias: a biased node runs the Triton kernel."""
+    head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
+    head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
+    combinations = []
+    for dtype in ("fp16", "fp32"):
+        tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch, head_dim_v)) + 1))
+        if not bias and hopper_problem(q, k, v, attrs, dtype) is None:
+            tactics.append(HOPPER_TACTIC)
+        combinations.append(trtp.AutoTuneCombination(io_types(dtype, bias), "LINEAR", tactics))
+    return combinations
+
+
+def io_types(dtype: str, bias: bool = False) -> str:
+    """The AutoTuneCombination type string: q, k, v[, bias], out, scratch, all of one dtype."""
+    one = "FP32" if dtype == "fp32" else "FP16|BF16"
+    return ", ".join([one] * (6 if bias else 5))
+
+
+def _run(q, k, v, bias, attrs: FlashAttentionAttrs, outputs, stream: int, tactic: int) -> None:
+    """The JIT implementation: the kernel on TensorRT's stream, reading the tensors in place."""
+    import torch
+
+    from .flash import _DTYPES, flash_attention
+
+    layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
+    views = [bhsd_view(torch_tensor(t), layout, attrs.num_heads) for t, layout in zip((q, k, v, outputs[0]), layouts)]
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        if tactic == HOPPER_TACTIC:
+            from .hopper import hopper_attention
+
+            hopper_attention(*views, attrs.scale)
+            return
+        config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic, views[2].shape[-1])
+        flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32,
+                        bias=None if bias is None else torch_tensor(bias))
 
 
 def _register_aot(trtp) -> None:
     """aot_impl: the engine carries the PTX, its launch parameters and int32 extras."""
-    import tensorrt as trt
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str, q_layout: str,
              k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs,
              tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        from .aot import PTX_ISA_DRIVER, compile_artifact, compile_hopper_artifact
+        return _kernel(trtp, q, k, v, None, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
+                                                          tf32), tactic)
 
-        attrs = plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32)
-        layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
-        dtype = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[q.dtype]
-        arch = _arch()
-        head_dim = static_head_dim(q, attrs.q_layout, attrs.num_heads)
-        if tactic == HOPPER_TACTIC:
-            problem = hopper_problem(q, k, v, attrs, dtype)
-            if problem:  # TensorRT asks only for tactics autotune offered
-                raise PluginError(f"tactic {tactic} (the Hopper kernel) cannot serve this node: {problem}")
-            art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
-                                          layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
-        else:
-            head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
-            config = tactic_config(head_dim, dtype, arch, tactic, head_dim_v)
-            art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v,
-                                   num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
-                                   arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32)
-        _EMITTED.append({"kernel": art.kernel_name, "ptx_isa": art.ptx_isa, "target": art.arch + ("a" if art.arch == "sm_90" else ""),
-                         "min_driver": art.min_driver, "min_cuda": PTX_ISA_DRIVER.get(art.ptx_isa, ("?",))[0],
-                         "shared_mem": art.shared_mem, "scratch_bytes": art.scratch_bytes, "tactic": tactic})
-        (gx, gy, gz), threads, smem, extras = art.launch_for(
-            tuple(q.shape_expr), tuple(k.shape_expr), tuple(v.shape_expr), cdiv=trtp.cdiv)
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x, launch.grid_y, launch.grid_z = gx, gy, gz
-        launch.block_x = threads
-        launch.shared_mem = smem
-        extra_args = trtp.SymIntExprs(len(extras))
-        for i, value in enumerate(extras):
-            extra_args[i] = trtp.SymInt32(value)
-        return art.kernel_name, art.ptx, launch, extra_args
+    @trtp.aot_impl(BIAS_PLUGIN_ID)
+    def _aot_bias(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc, num_heads: str,
+                  scale: str, q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs,
+                  tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        return _kernel(trtp, q, k, v, bias, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
+                                                          tf32), tactic)
+
+
+def _kernel(trtp, q, k, v, bias, attrs: FlashAttentionAttrs, tactic: int):
+    """What aot_impl returns: the kernel's name, PTX, launch parameters and int32 extras for one tactic."""
+    import tensorrt as trt
+
+    from .aot import PTX_ISA_DRIVER, compile_artifact, compile_hopper_artifact
+
+    layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
+    dtype = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[q.dtype]
+    arch = _arch()
+    head_dim = static_head_dim(q, attrs.q_layout, attrs.num_heads)
+    if tactic == HOPPER_TACTIC:
+        problem = "the Hopper kernels take no bias" if bias is not None else hopper_problem(q, k, v, attrs, dtype)
+        if problem:  # TensorRT asks only for tactics autotune offered
+            raise PluginError(f"tactic {tactic} (the Hopper kernel) cannot serve this node: {problem}")
+        art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
+                                      layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
+    else:
+        head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
+        config = tactic_config(head_dim, dtype, arch, tactic, head_dim_v)
+        art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v,
+                               num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
+                               arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32, bias=bias is not None)
+    _EMITTED.append({"kernel": art.kernel_name, "ptx_isa": art.ptx_isa, "target": art.arch + ("a" if art.arch == "sm_90" else ""),
+                     "min_driver": art.min_driver, "min_cuda": PTX_ISA_DRIVER.get(art.ptx_isa, ("?",))[0],
+                     "shared_mem": art.shared_mem, "scratch_bytes": art.scratch_bytes, "tactic": tactic,
+                     "bias": bias is not None})
+    (gx, gy, gz), threads, smem, extras = art.launch_for(
+        tuple(q.shape_expr), tuple(k.shape_expr), tuple(v.shape_expr), cdiv=trtp.cdiv,
+        bias_shape=None if bias is None else tuple(bias.shape_expr))
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x, launch.grid_y, launch.grid_z = gx, gy, gz
+    launch.block_x = threads
+    launch.shared_mem = smem
+    extra_args = trtp.SymIntExprs(len(extras))
+    for i, value in enumerate(extras):
+        extra_args[i] = trtp.SymInt32(value)
+    return art.kernel_name, art.ptx, launch, extra_args
 
 
 _EMITTED: list[dict] = []  # every AOT kernel handed to TensorRT in this process (what a plan may carry)

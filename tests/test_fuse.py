@@ -105,9 +105,7 @@ def test_seed_sdpa_channel_attention_is_reported_not_fused(exporter):
     assert "Softmax" in ops(fusion.model) and OP_TYPE not in ops(fusion.model)
 
 
-@pytest.mark.parametrize(
-    "name,reason", [("MaskedAttention", "mask or bias"), ("WrongAxisSoftmax", "softmax runs over axis")]
-)
+@pytest.mark.parametrize("name,reason", [("WrongAxisSoftmax", "softmax runs over axis")])
 def test_attention_the_kernel_does_not_compute_is_left_alone(name, reason):
     import user_models
 
@@ -173,8 +171,7 @@ def test_vae_attention_torchscript_multihead_fuses_on_the_heads_as_batch_tensors
     assert_same_function(module, [(1, 64, 6, 5)], exported, fusion, atol=5e-5)
 
 
-@pytest.mark.parametrize("model,between", [("TemperatureAttention", "Mul"), ("RelativeBiasAttention", "Add"),
-                                           ("TalkingHeads", "Conv")])
+@pytest.mark.parametrize("model,between", [("TemperatureAttention", "Mul"), ("TalkingHeads", "Conv")])
 def test_attention_the_fuser_does_not_take_is_reported(model, between, tmp_path):
     """Every Softmax over a product of two activations is a block in the report, fused or not, with
     the reason; a model whose attention is all unfusable exits 3 saying so (not "no attention block

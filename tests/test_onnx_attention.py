@@ -49,8 +49,16 @@ def outcome(case) -> tuple[str, str, float | None]:
         return "refused", "; ".join(b.reason for b in fusion.blocks) or "no attention block found", None
     feeds = {i.name: x for i, x in zip(model.graph.input, inputs)}
     got = ort_op.run(fusion.model, feeds)
-    error = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) for a, b in zip(got, want))
-    return "fused", "", error
+    return "fused", "", max(_error(a, b) for a, b in zip(got, want))
+
+
+def _error(got, want) -> float:
+    """Max abs error; equal values (-inf too) count 0, a NaN where ONNX has none counts inf."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return np.inf
+    d = np.where(got == want, 0.0, np.abs(got - want))
+    return float(np.where(np.isnan(d), np.inf, d).max()) if d.size else 0.0
 
 
 def _table() -> dict[str, tuple[str, str]]:
@@ -83,10 +91,11 @@ def test_each_case_is_fused_right_or_refused_with_its_reason(name):
 
 
 def test_at_least_the_documented_share_fuses():
-    """What fuses today (every case the kernel computes exactly without a bias input: no mask, not causal,
-    no softcap, no KV cache, one K/V head per query head or its expanded twin)."""
+    """What fuses today: every case the kernel computes exactly (masks and biases through the bias input,
+    causal, a 4-D KV cache, 3-D inputs, the expanded forms), at least half of ONNX's cases. Not: softcap,
+    grouped-query, nonpad_kv_seqlen, windows, a used qk_matmul_output, bf16 (ONNX Runtime's CPU cannot probe)."""
     fused = [n for n, (v, _) in _table().items() if v == "fused"]
-    assert len(fused) >= 27
+    assert len(fused) >= 93
 
 
 def _where_after_softmax(cond: np.ndarray) -> "onnx.ModelProto":

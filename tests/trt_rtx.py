@@ -260,7 +260,7 @@ def native_stand_in(model, attention: str = "onnx"):
     import onnx
     from onnx import helper, numpy_helper
 
-    from convattn.plugins.op import DOMAIN, OP_TYPE, FlashAttentionAttrs
+    from convattn.plugins.op import BIAS_OP_TYPE, DOMAIN, OP_TYPES, FlashAttentionAttrs
 
     if attention not in ("onnx", "matmul"):
         raise ValueError(f"attention: expected 'onnx' or 'matmul', got {attention!r}")
@@ -288,7 +288,7 @@ def native_stand_in(model, attention: str = "onnx"):
 
     nodes = []
     for node in g.node:
-        if not (node.op_type == OP_TYPE and node.domain == DOMAIN):
+        if not (node.op_type in OP_TYPES and node.domain == DOMAIN):
             nodes.append(node)
             continue
         for extra in node.output[1:]:
@@ -327,7 +327,8 @@ def native_stand_in(model, attention: str = "onnx"):
 
         q, k, v = (to_bhsd(t, layout, tag) for t, layout, tag in
                    zip(node.input, (attrs.q_layout, attrs.k_layout, attrs.v_layout), "qkv"))
-        if attention == "onnx":
+        biased = node.op_type == BIAS_OP_TYPE
+        if attention == "onnx" and not biased:
             o = add("Attention", [q, k, v], "attention", scale=float(attrs.scale))
         else:
             kt = add("Transpose", [k], "k_t", perm=[0, 1, 3, 2])
@@ -335,6 +336,16 @@ def native_stand_in(model, attention: str = "onnx"):
             scale = fresh(f"{base}/stand_in/scale_fp32")
             inits.append(numpy_helper.from_array(np.array(attrs.scale, np.float32), scale))
             scaled = add("Mul", [scores, add("CastLike", [scale, scores], "scale")], "scaled")
+            if biased:  # batch b reads bias[b % Bb]: the scores as (B / Bb, Bb, H, S_q, S_kv) plus the bias
+                bias = node.input[3]
+                bb = add("Slice", [add("Shape", [bias], "bias_shape"), const(f"{base}/stand_in/b0", [0]),
+                                   const(f"{base}/stand_in/b1", [1])], "bias_batch")
+                split = add("Concat", [const(f"{base}/stand_in/minus1", [-1]), bb,
+                                       add("Slice", [add("Shape", [scaled], "scores_shape"),
+                                                     const(f"{base}/stand_in/s1", [1]), const(f"{base}/stand_in/s4", [4])],
+                                           "scores_hqk")], "periodic_shape", axis=0)
+                periodic = add("Add", [add("Reshape", [scaled, split], "periodic"), bias], "biased")
+                scaled = add("Reshape", [periodic, add("Shape", [scaled], "scores_shape_back")], "scores_biased")
             o = add("MatMul", [add("Softmax", [scaled], "probs", axis=-1), v], "attention")
         result = node.output[0]
         if attrs.out_layout == "BHSD":
@@ -360,7 +371,7 @@ def native_stand_in(model, attention: str = "onnx"):
     del g.node[:]
     g.node.extend(nodes)
     g.initializer.extend(inits)
-    dropped = {o for node in model.graph.node if node.op_type == OP_TYPE and node.domain == DOMAIN for o in node.output[1:]}
+    dropped = {o for node in model.graph.node if node.op_type in OP_TYPES and node.domain == DOMAIN for o in node.output[1:]}
     keep_outputs = [o for o in g.output if o.name not in dropped]
     del g.output[:]
     g.output.extend(keep_outputs)

@@ -47,7 +47,7 @@ class _Einsum(nn.Module):
 
 
 class MaskedAttention(_Einsum):
-    """Spatial attention with an additive bias on the scores: not what the kernel computes."""
+    """Spatial attention with an additive mask on the scores (Einsum): the bias input takes it."""
 
     def forward(self, x):
         q, k, v = self.views(x)
@@ -323,3 +323,61 @@ class AttentionAndClassifier(nn.Module):
 
     def forward(self, x):
         return self.fc(self.attn(x).mean((2, 3))).softmax(-1)
+
+
+class SwinWindowAttention(nn.Module):
+    """Swin's (shifted) window attention, as timm's WindowAttention and SwinTransformerBlock compute it on
+    an NCHW map: windows of ws x ws tokens (batch x windows, windows inner), a relative position bias
+    gathered from a ((2 ws - 1)^2, heads) table and added to the scores, and with `shift` the -100 mask of
+    the shifted windows added on a (B, windows, heads, N, N) view of them."""
+    def __init__(self, c=16, heads=2, ws=4, shift=2):
+        super().__init__()
+        self.c, self.h, self.ws, self.shift = c, heads, ws, shift
+        self.qkv = nn.Linear(c, 3*c); self.proj = nn.Linear(c, c)
+        n = ws*ws
+        self.table = nn.Parameter(torch.randn((2*ws-1)**2, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + ws - 1
+        self.register_buffer("index", rel[..., 0] * (2*ws-1) + rel[..., 1], persistent=False)
+    def mask(self, H, W):
+        ws, s = self.ws, self.shift
+        img = torch.zeros(1, H, W, 1); cnt = 0
+        for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+            for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+                img[:, hs, wsl, :] = cnt; cnt += 1
+        win = img.view(1, H//ws, ws, W//ws, ws, 1).permute(0,1,3,2,4,5).reshape(-1, ws*ws)
+        m = win[:, None, :] - win[:, :, None]
+        return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+    def forward(self, x):
+        B, C, H, W = x.shape; ws = self.ws
+        t = x.permute(0, 2, 3, 1)
+        if self.shift: t = torch.roll(t, (-self.shift, -self.shift), (1, 2))
+        t = t.view(B, H//ws, ws, W//ws, ws, C).permute(0,1,3,2,4,5).reshape(-1, ws*ws, C)
+        B_, N, _ = t.shape
+        q, k, v = self.qkv(t).reshape(B_, N, 3, self.h, C//self.h).permute(2,0,3,1,4).unbind(0)
+        attn = (q * (C//self.h)**-0.5) @ k.transpose(-2, -1)
+        bias = self.table[self.index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        attn = attn + bias.unsqueeze(0)
+        if self.shift:
+            m = self.mask(H, W); nW = m.shape[0]
+            attn = attn.view(B_ // nW, nW, self.h, N, N) + m.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.h, N, N)
+        o = (attn.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, C)
+        o = self.proj(o).view(B, H//ws, W//ws, ws, ws, C).permute(0,1,3,2,4,5).reshape(B, H, W, C)
+        if self.shift: o = torch.roll(o, (self.shift, self.shift), (1, 2))
+        return o.permute(0, 3, 1, 2)
+
+class MaskedFill(nn.Module):
+    """Causal attention over pixels by masked_fill (-inf) or an additive -1e4 mask."""
+
+    def __init__(self, c=16, heads=2, fill=float("-inf")):
+        super().__init__()
+        self.h, self.qkv, self.fill = heads, nn.Conv2d(c, 3 * c, 1), fill
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b, 3, self.h, c // self.h, h * w).transpose(-1, -2).unbind(1)
+        s = q @ k.transpose(-1, -2) * (c // self.h) ** -0.5
+        m = torch.ones(h * w, h * w, dtype=torch.bool).triu(1)
+        s = s.masked_fill(m, self.fill) if self.fill is not None else s + m.float() * -1e4
+        return (s.softmax(-1) @ v).transpose(-1, -2).reshape(b, c, h, w)

@@ -1,0 +1,96 @@
+"""The scores' bias on the GPU: what adding it costs, and the biased kernel against float64.
+
+    python benchmarks/bias.py --out DIR
+
+Rows (one run, one GPU, each variant timed in the same process with triton.testing.do_bench, median):
+- Swin-style: one (S, S) bias per head shared by every window and sample ((1, H, S, S), S <= 256), and
+  Swin's shifted windows ((windows, H, S, S), batch b reads bias[b % windows]), against the same Triton
+  config with no bias: issue 23 asks for <= 10% more;
+- a full (B, H, S, S) bias at S = 4096 (an S x S mask per sample and head): its cost and its bytes;
+- PyTorch's SDPA with the same additive mask (`attn_mask`, the efficient kernel) as the peer.
+Each biased output is checked against float64 on fresh random inputs first. Writes DIR/bias.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton.testing
+
+from convattn.plugins.flash import flash_attention, pick_config
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# (name, batch x windows, heads, S, D, bias batch): Swin-T stage 1 (7x7 windows, 3 heads of 32, 8 images of
+# 224: 64 windows each), SwinV2 (16x16 windows), and a full per-sample bias at S = 4096.
+SHAPES = [("swin 7x7", 512, 3, 49, 32, 1), ("swin 7x7 shifted", 512, 3, 49, 32, 64),
+          ("swinv2 16x16", 256, 4, 256, 32, 1), ("swinv2 16x16 shifted", 256, 4, 256, 32, 16),
+          ("full (B,H,S,S)", 2, 8, 4096, 64, 2)]
+TOL = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 3e-2}  # or twice SDPA's own error on the same inputs, if larger
+
+
+def float64_reference(q, k, v, bias, scale):
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    s = s + bias.double()[torch.arange(q.shape[0], device=q.device) % bias.shape[0]]
+    return torch.softmax(s, -1) @ v.double()
+
+
+def row(name, b, h, s, d, bb, dtype):
+    torch.manual_seed(0)
+    dt = DTYPES[dtype]
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dt) for _ in range(3))
+    bias = (torch.randn(bb, h, s, s, device="cuda") * 2).to(dt)
+    bias[..., 1::7] = float("-inf") if "shifted" in name else bias[..., 1::7]
+    scale = d ** -0.5
+    config = pick_config(q.device, dt, d, s)
+    biased = flash_attention(q, k, v, bias=bias, config=config)
+    err = (biased.double() - float64_reference(q, k, v, bias, scale)).abs().max().item()
+    t_bias = triton.testing.do_bench(lambda: flash_attention(q, k, v, bias=bias, config=config))
+    t_plain = triton.testing.do_bench(lambda: flash_attention(q, k, v, config=config))
+    t_jit = triton.testing.do_bench(lambda: flash_attention(q, k, v))  # what the JIT path dispatches (Hopper too)
+    mask = bias.repeat(b // bb, 1, 1, 1) if bb > 1 else bias.expand(b, h, s, s)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa_err = None
+    try:
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            peer = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+            sdpa_err = (peer().double() - float64_reference(q, k, v, bias, scale)).abs().max().item()
+            t_sdpa = triton.testing.do_bench(peer)
+    except RuntimeError as e:
+        t_sdpa = f"n/a ({str(e).splitlines()[0][:60]})"
+    return {"shape": name, "dtype": dtype, "B": b, "H": h, "S": s, "D": d, "bias": [bb, h, s, s],
+            "bias_MB": bias.numel() * bias.element_size() / 2**20, "max_err": err, "sdpa_err": sdpa_err,
+            "tol": max(TOL[dtype], 2 * (sdpa_err or 0)),
+            "config": config.to_dict(), "biased_ms": t_bias, "unbiased_ms": t_plain, "jit_unbiased_ms": t_jit,
+            "ratio": t_bias / t_plain, "sdpa_efficient_mask_ms": t_sdpa}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = [row(*shape, dtype) for dtype in ("fp16", "bf16", "fp32") for shape in SHAPES]
+    name = torch.cuda.get_device_name()
+    lines = [f"# The scores' bias on {name}", "",
+             "| shape | dtype | B x H x S x D | bias | bias MB | max err (tol: the larger of a fixed one and 2x SDPA's) | biased ms | unbiased ms (same config) | "
+             "biased / unbiased | JIT unbiased ms | SDPA efficient + mask ms |", "|---" * 11 + "|"]
+    for r in rows:
+        sdpa = r["sdpa_efficient_mask_ms"]
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['B']}x{r['H']}x{r['S']}x{r['D']} | {tuple(r['bias'])} | "
+                     f"{r['bias_MB']:.1f} | {r['max_err']:.2e} ({r['tol']:g}) | {r['biased_ms']:.4f} | "
+                     f"{r['unbiased_ms']:.4f} | {r['ratio']:.3f} | {r['jit_unbiased_ms']:.4f} | "
+                     f"{sdpa if isinstance(sdpa, str) else f'{sdpa:.4f}'} |")
+    (a.out / "bias.md").write_text("\n".join(lines) + "\n")
+    (a.out / "bias.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n".join(lines))
+    bad = [r for r in rows if not r["max_err"] <= r["tol"]]
+    if bad:
+        raise SystemExit(f"biased kernel off float64: {[(r['shape'], r['dtype'], r['max_err']) for r in bad]}")
+
+
+if __name__ == "__main__":
+    main()
