@@ -484,7 +484,7 @@ def _print_summary(fusion, result, warnings, fused_path, onnx_path) -> None:
     for b in fusion.blocks:
         d = b.details
         blocks.add_row(escape(b.name), b.pattern, "[green]yes[/]" if b.fused else "[red]no[/]",
-                       _heads(d) if b.fused else "", "/".join(d.get("layouts", [])), escape(b.reason))
+                       _heads(d) if b.fused else "", _layouts(d), escape(b.reason))
     for b in fusion.others:  # every Softmax of the graph is accounted for
         blocks.add_row(escape(b.name), b.pattern, "[dim]not attention[/]", "", "", escape(b.reason))
     out.print(blocks)
@@ -510,6 +510,12 @@ def _print_paths(result: dict) -> None:
         mem = r["device_memory_bytes"]
         table.add_row(name, f"{r['ms']:.3f}", f"{mem / 1e6:.1f} MB" if mem else "?")
     out.print(table)
+
+
+def _layouts(d: dict) -> str:
+    """The node's layouts, and the bias it reads (Bb x Hb x Sqb x S_kv at the probe) where it has one."""
+    text = "/".join(d.get("layouts", []))
+    return f"{text} + bias {'x'.join(map(str, d['bias']))}" if d.get("bias") else text
 
 
 def _heads(d: dict) -> str:

@@ -432,7 +432,8 @@ def _operand_options(op: _Operand, g: _Graph):
                 yield root, layout, heads, factor, static, view
                 break
             swapped = transpose_view(expected, (0, 1, 3, 2))
-            if layout == "NCHW" and _same_attention_operand(view, swapped):
+            if layout == "NCHW" and shape[1] > heads and _same_attention_operand(view, swapped):  # (one channel a
+                # head is no channel attention: a (B, heads, 1, D) decoding query reads so)
                 if found:
                     return
                 # The deeper root knows better: its axes are channels and pixels. A shallower
@@ -485,14 +486,18 @@ def _solve(cand: _Candidate, g: _Graph):
     q_shape, k_shape, v_shape = (
         tuple(np.array(g.shape(o.tensor))[list(o.perm)]) for o in (cand.q, cand.k, cand.v)
     )
-    if not (q_shape[:-2] == k_shape[:-2] == v_shape[:-2]):
+    grouped = (len(q_shape) == 4 and q_shape[0] == k_shape[0] and k_shape[:-2] == v_shape[:-2]
+               and k_shape[1] < q_shape[1] and q_shape[1] % k_shape[1] == 0)  # grouped-query: K/V heads shared
+    if not (q_shape[:-2] == k_shape[:-2] == v_shape[:-2] or grouped):
         raise _NotFusable(f"Q, K, V batch shapes differ (broadcast): {q_shape}, {k_shape}, {v_shape}")
     if k_shape[-2] != v_shape[-2]:
         raise _NotFusable(f"K and V have different sequence lengths: {k_shape[-2]} vs {v_shape[-2]}")
     options = [list(_operand_options(o, g)) for o in (cand.q, cand.k, cand.v)]
     first = None
     for q, k, v in itertools.product(*options):  # deepest roots first; the first combination that solves
-        if not q[2] == k[2] == v[2]:
+        heads_agree = q[2] == k[2] == v[2] or (grouped and k[2] == v[2] and q[2] % k[2] == 0
+                                                 and k[1] not in CHANNEL_LAYOUTS and v[1] not in CHANNEL_LAYOUTS)
+        if not heads_agree:
             first = first or _NotFusable(f"Q, K, V split into different numbers of heads: {q[2]}, {k[2]}, {v[2]}")
             continue
         try:
@@ -1012,9 +1017,10 @@ def _attention_op_candidate(node, g: _Graph):
     q_heads, kv_heads = node.attrs.get("q_num_heads"), node.attrs.get("kv_num_heads")
     if rank == 4:
         q_heads, kv_heads = g.shape(node.inputs[0])[1], g.shape(node.inputs[1])[1]
-    if q_heads != kv_heads:
-        raise _NotFusable(f"grouped-query attention: K and V have {kv_heads} heads, Q has {q_heads}; the kernel "
-                          "needs one K/V head per query head")
+    if q_heads != kv_heads and (rank != 4 or q_heads % kv_heads):
+        raise _NotFusable(f"grouped-query attention with 3-D inputs (K and V {kv_heads} heads, Q {q_heads}): the node "
+                          "splits every token tensor into one number of heads" if rank == 3 else
+                          f"K and V have {kv_heads} heads, which do not divide Q's {q_heads}")
     cache = inputs["past_key"] is not None
     if cache and rank != 4:
         raise _NotFusable("a KV cache (past_key/past_value) with 3-D Q, K, V: the cache is 4-D, the kernel would "

@@ -96,8 +96,9 @@ class AotArtifact:
         for t, shape, layout in (("q", q_shape, ql), ("k", k_shape, kl), ("v", v_shape, vl), ("o", o_shape, ol)):
             strides.update(zip((f"stride_{t}{a}" for a in "bhsd"), layout_strides(shape, layout, self.num_heads)))
         batch, heads, seq_q = self._queries(q_shape)
-        seq_kv = logical_shape(k_shape, kl, self.num_heads)[2]
-        values = {**strides, "batch": batch, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv}
+        _, kv_heads, seq_kv, _ = logical_shape(k_shape, kl, self.num_heads)
+        values = {**strides, "batch": batch, "num_heads": heads, "seq_q": seq_q, "seq_kv": seq_kv,
+                  "kv_group": heads // kv_heads}
         if self.bias:
             if bias_shape is None:
                 raise PluginError("a FlashAttentionBias kernel needs the bias's shape")

@@ -63,7 +63,8 @@ def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: 
     grid = (triton.cdiv(s_q, config.block_m), b * h, config.dv_programs(d_v))
     dims = bias_dims(tuple(bias.shape), b, h, s_q, s_kv) if bias is not None else (1, 1, 1)
     _attn_fwd[grid](
-        q, k, v, bias, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, *dims, out, q_bias,
+        q, k, v, bias, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, *dims, h // k.shape[1],
+        out, q_bias,
         QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=config.dv_block(d_v),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32 and not tf32, HAS_Q_BIAS=q_bias is not None,
         HAS_BIAS=bias is not None,
@@ -75,7 +76,8 @@ def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: 
 
 def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None,
                     tf32: bool | None = None, bias=None):
-    """softmax(scale * q k^T [+ bias]) v with q (B, H, S_q, D), k (B, H, S_kv, D), v (B, H, S_kv, D_v).
+    """softmax(scale * q k^T [+ bias]) v with q (B, H, S_q, D), k (B, H_kv, S_kv, D), v (B, H_kv, S_kv, D_v):
+    H_kv dividing H is grouped-query attention (query head h reads K/V head h // (H / H_kv), ONNX's order).
 
     Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
     of the output map. fp16, bf16, fp32; fp32 accumulation; O(S) memory. CUDA tensors run the
@@ -94,7 +96,8 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise PluginError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[3] != k.shape[3]:
+    if (q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or k.shape[:3] != v.shape[:3]
+            or q.shape[3] != k.shape[3]):
         raise PluginError(f"shapes do not form an attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise PluginError(f"expected q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -118,7 +121,7 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
         if bias.dtype != q.dtype or bias.device != q.device or not bias.is_contiguous():
             raise PluginError(f"bias: expected a contiguous {q.dtype} tensor on {q.device}, got {bias.dtype} on "
                              f"{bias.device}, strides {bias.stride()}")
-    if config is None and bias is None and q.device.type == "cuda" and _hopper_takes(q, k, v):
+    if config is None and bias is None and k.shape[1] == q.shape[1] and q.device.type == "cuda" and _hopper_takes(q, k, v):
         from .hopper import hopper_attention
 
         hopper_attention(q, k, v, out, scale, q_bias)

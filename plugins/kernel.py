@@ -48,6 +48,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_os, stride_od,
     num_heads, seq_q, seq_kv,
     bias_b, bias_h, bias_q,  # the bias's batch, head and row sizes (1: broadcast); unused without BIAS
+    kv_group,  # query heads per K/V head (grouped-query attention; 1: one K/V head per query head)
     Out,
     Q_BIAS,  # heads*D values added to q (a Q conv's bias), or None (a constexpr: AOT kernels have none)
     QK_SCALE: tl.constexpr,  # softmax scale * log2(e)
@@ -73,13 +74,13 @@ def _attn_fwd(
     if aligned:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
-                   num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q,
+                   num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q, kv_group,
                    QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, True)
     else:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
-                   num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q,
+                   num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q, kv_group,
                    QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, False)
 
@@ -106,7 +107,7 @@ def _attn_body(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
-    num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q,
+    num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q, kv_group,
     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_Q_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -129,8 +130,9 @@ def _attn_body(
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    h_kv = h // kv_group  # ONNX's grouped-query order: query heads g*h_kv .. g*h_kv + g - 1 share K/V head h_kv
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     # Wide heads: grid axis 2 splits the output's head dim into BLOCK_DV slices; each program
     # recomputes the scores for its slice of V (the fp32 accumulator of a whole 512-wide row

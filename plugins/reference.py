@@ -33,13 +33,18 @@ def from_bhsd(o: np.ndarray, layout: str, out_shape, num_heads: int) -> np.ndarr
 
 def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, block_k: int = BLOCK_K,
                     bias: np.ndarray | None = None) -> np.ndarray:
-    """softmax(scale * q k^T [+ bias]) v for (B, H, S, D) arrays, one key block at a time. `bias`: 4-D,
+    """softmax(scale * q k^T [+ bias]) v for (B, H, S, D) arrays (K and V may have fewer heads: grouped-query),
+    one key block at a time. `bias`: 4-D,
     broadcast as `op.bias_dims` says (a windowed batch reads bias[b % Bb]); a row every score of which
     is -inf gives zeros."""
     if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:
         raise PluginError(f"expected k, v with equal S and q, k with equal D; got q{q.shape} k{k.shape} v{v.shape}")
     q32 = q.astype(np.float32) * np.float32(scale)
     b, h, s_q, _ = q.shape
+    if k.shape[1] != h:  # grouped-query: query head i reads K/V head i // (h / h_kv)
+        if h % k.shape[1] or k.shape[1] != v.shape[1]:
+            raise PluginError(f"{h} query heads do not group over {k.shape[1]} K and {v.shape[1]} V heads")
+        k, v = (np.repeat(t, h // t.shape[1], axis=1) for t in (k, v))
     if bias is not None:
         bb = bias_dims(bias.shape, b, h, s_q, k.shape[2])[0]
         bias = bias[np.arange(b) % bb]  # the windowed batch's period, unrolled (here only: a CPU reference)

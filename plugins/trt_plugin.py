@@ -147,13 +147,16 @@ def _describe(trtp, q, v, attrs: FlashAttentionAttrs):
 
 def _combinations(trtp, q, k, v, attrs: FlashAttentionAttrs, bias: bool) -> list:
     """One combination per element size (the tactic lists differ: fp32 tiles fit less SMEM): every tensor,
-    the bias too, of one dtype. The Hopper kernels take no bias: a biased node runs the Triton kernel."""
+    the bias too, of one dtype. The Hopper kernels take no bias and no grouped K/V heads: such a node runs
+    the Triton kernel."""
     head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
     head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
     combinations = []
     for dtype in ("fp16", "fp32"):
         tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch, head_dim_v)) + 1))
-        if not bias and hopper_problem(q, k, v, attrs, dtype) is None:
+        grouped = static_logical_shape(k, attrs.k_layout, attrs.num_heads)[1] != static_logical_shape(
+            q, attrs.q_layout, attrs.num_heads)[1]  # (0 where dynamic: then never offered either)
+        if not bias and not grouped and hopper_problem(q, k, v, attrs, dtype) is None:
             tactics.append(HOPPER_TACTIC)
         combinations.append(trtp.AutoTuneCombination(io_types(dtype, bias), "LINEAR", tactics))
     return combinations

@@ -206,7 +206,7 @@ def test_the_bias_plugin_is_found_and_builds(trt):
     built = h.build_node(core, plugin, [core.float16] * 4, shapes, env, tactics=[1])
     assert built.output_shape == (6, 2, 20, 8)
     launch = built.launches[1]
-    assert launch.extras[-3:] == [3, 2, 20]  # bias_b, bias_h, bias_q
+    assert launch.extras[-4:] == [3, 2, 20, 1]  # bias_b, bias_h, bias_q, then the K/V group
     assert launch.grid[1] == 12
     assert "HOPPER" not in str(built.tactics) and trt_plugin.HOPPER_TACTIC not in built.tactics
 
