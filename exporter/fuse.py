@@ -397,6 +397,7 @@ class _Candidate:
     scale_static: bool = True
     solved: tuple | None = None  # what `_solve` returns, where the pattern fixes it (3-D Attention)
     bias: list = field(default_factory=list)  # _BiasTerm: what is added to the scores before the softmax
+    softcap: float = 0.0  # the scaled scores soft-capped (softcap * tanh(s / softcap)) before the bias
     prepare: list = field(default_factory=list)  # graph edits the rewrite makes first (a KV cache's Concat)
 
 
@@ -546,7 +547,7 @@ def _solve_with(cand: _Candidate, q, k, v, shapes, g: _Graph):
             raise _NotFusable("the attention output is not a (B, heads, S, D) tensor, NCHW map or token sequence "
                               "the kernel can write")
         out = cand.out
-    attrs = FlashAttentionAttrs(qh, float(scale), ql, kl, vl, out_layout)
+    attrs = FlashAttentionAttrs(qh, float(scale), ql, kl, vl, out_layout, softcap=float(cand.softcap))
     details = {
         "q": qr.name, "k": kr.name, "v": vr.name, "output": out.name,
         "num_heads": int(qh), "head_dim": int(head_dim), "head_dim_v": int(d_v),
@@ -578,22 +579,24 @@ def _scores_producer(t, g: _Graph):
     factor, static)."""
     factor, static = 1.0, True
     while t.inputs:
-        node = t.inputs[0]
-        if node.op == "Cast" and _widens(node, g):  # scores cast up for the softmax: the kernel's fp32 scores
-            t = node.inputs[0]
-            continue
-        if node.op in ("Add", "Sub") and len(node.inputs) == 2 and _is_zero(node.inputs[1], g):
-            t = node.inputs[0]
-            continue
-        if node.op == "Add" and len(node.inputs) == 2 and _is_zero(node.inputs[0], g):
-            t = node.inputs[1]
-            continue
-        scalar = _scalar_operand(node, g)
-        if scalar is None:
-            return node, factor, static
-        t, f, s = scalar
+        step = _step_back(t.inputs[0], g)
+        if step is None:
+            return t.inputs[0], factor, static
+        t, f, s = step
         factor, static = factor * f, static and s
     return None, factor, static
+
+
+def _step_back(node, g: _Graph):
+    """(input, factor, static) where `node` changes the scores by a scalar factor at most (a Mul/Div by a
+    scalar, + 0, a Cast that loses nothing), else None."""
+    if node.op == "Cast" and _widens(node, g):  # scores cast up for the softmax: the kernel's fp32 scores
+        return node.inputs[0], 1.0, True
+    if node.op in ("Add", "Sub") and len(node.inputs) == 2 and _is_zero(node.inputs[1], g):
+        return node.inputs[0], 1.0, True
+    if node.op == "Add" and len(node.inputs) == 2 and _is_zero(node.inputs[0], g):
+        return node.inputs[1], 1.0, True
+    return _scalar_operand(node, g)
 
 
 def _dtype(t, g: _Graph):
@@ -706,19 +709,42 @@ def _reaches_scores(t, g: _Graph) -> bool:
     return producer is not None and producer.op in ("MatMul", "Einsum")
 
 
+def _soft_cap(node, g: _Graph):
+    """(softcap c, its input) where `node` is Mul(Tanh(Div(x, c)), c) (ONNX's expanded Attention; Mul by 1/c
+    for the Div too), else None."""
+    scalar = _scalar_operand(node, g)
+    if node.op != "Mul" or scalar is None or not scalar[0].inputs or scalar[0].inputs[0].op != "Tanh":
+        return None
+    inner = scalar[0].inputs[0].inputs[0]
+    if not inner.inputs:
+        return None
+    divide = _scalar_operand(inner.inputs[0], g)
+    c = scalar[1]
+    if divide is None or c <= 0 or not math.isclose(divide[1], 1.0 / c, rel_tol=1e-6):
+        return None
+    return c, divide[0]
+
+
 def _scores_chain(t, g: _Graph):
-    """Walk back from `t` through what `_scores_producer` steps over and the bias terms added to the
-    scores (Add of a tensor, Where filling with -inf, Reshapes of the batch axes between them):
-    (producer node, factor, static, [_BiasTerm, outermost first])."""
-    factor, static, terms = 1.0, True, []
+    """Walk back from `t` through what `_scores_producer` steps over, a soft cap (`_soft_cap`) and the bias
+    terms added to the scores (Add of a tensor, Where filling with -inf, Reshapes of the batch axes between
+    them): (producer node, factor, static, [_BiasTerm, outermost first], softcap)."""
+    factor, static, terms, softcap, outer_terms = 1.0, True, [], 0.0, 0
     while t.inputs:
         node = t.inputs[0]
-        producer, f, s = _scores_producer(t, g)
-        if producer is not node or f != 1.0:  # scalars, zeros or widening Casts: stepped over
+        capped = _soft_cap(node, g)
+        if capped is not None:
+            if softcap or factor != 1.0:
+                raise _NotFusable(f"the soft cap ({node.name!r}) is {'applied twice' if softcap else 'scaled after'}: "
+                                  "the kernel caps the scaled scores once, before the bias")
+            softcap, t, outer_terms = capped[0], capped[1], len(terms)
+            continue
+        if softcap and len(terms) > outer_terms:
+            raise _NotFusable("a bias is added inside the soft cap (before the Tanh): the kernel adds it after")
+        step = _step_back(node, g)
+        if step is not None:  # a scalar, a zero or a widening Cast
+            t, f, s = step
             factor, static = factor * f, static and s
-            if producer is None:
-                break
-            t = producer.outputs[0]
             continue
         if _same_rows(node, g):
             t = node.inputs[0]
@@ -746,10 +772,10 @@ def _scores_chain(t, g: _Graph):
                     t = node.inputs[keep]
                     break
             else:
-                return node, factor, static, terms
+                return node, factor, static, terms, softcap
             continue
-        return node, factor, static, terms
-    return None, factor, static, terms
+        return node, factor, static, terms, softcap
+    return None, factor, static, terms, softcap
 
 
 def _bias_refusal(node, g: _Graph) -> str:
@@ -882,7 +908,7 @@ def _einsum_terms(node):
 
 def _softmax_candidate(softmax, g: _Graph):
     """Einsum or MatMul attention anchored at `softmax`; None if it is not attention at all."""
-    producer, factor, static, bias = _scores_chain(softmax.inputs[0], g)
+    producer, factor, static, bias, softcap = _scores_chain(softmax.inputs[0], g)
     if producer is None or producer.op not in ("MatMul", "Einsum", "Add", "Where", "Sub"):
         return None
     rank = len(g.shape(softmax.inputs[0]))
@@ -911,12 +937,13 @@ def _softmax_candidate(softmax, g: _Graph):
         return _Candidate(
             name, "matmul-softmax-matmul", _Operand(q, tuple(range(rank))), _Operand(k, _swap_last(rank)),
             _Operand(pv.inputs[1], tuple(range(rank))), pv.outputs[0], tuple(range(rank)), factor, static, bias=bias,
+            softcap=softcap,
         )
     cand = _einsum_candidate(name, producer, pv, probs, factor, static)
     (_, _), so = _einsum_terms(producer)
     if bias and so[-1] not in _einsum_terms(pv)[0][1 if pv.inputs[0] is probs else 0]:
         raise _NotFusable(f"a bias is added to Einsum scores {so} whose last axis is not the keys")
-    cand.bias = bias
+    cand.bias, cand.softcap = bias, softcap
     return cand
 
 
@@ -991,7 +1018,8 @@ _ATTENTION_OUTPUTS = ("Y", "present_key", "present_value", "qk_matmul_output")
 def _attention_op_candidate(node, g: _Graph):
     """The ONNX `Attention` op (opset 23 and later), honoured attribute by attribute: fused only where
     the kernel computes exactly that (4-D BHSD, or 3-D with `q_num_heads` = `kv_num_heads` as BSC
-    tokens; `scale`; `attn_mask`, boolean or additive, and `is_causal` as the bias on the scores; a
+    tokens; `scale`; `softcap`; `attn_mask`, boolean or additive, and the position masks (`is_causal`, the
+    window sizes, `nonpad_kv_seqlen`: `_position_term`) as the bias on the scores; a
     KV cache (`past_key`/`past_value`, 4-D) as a Concat in front of the node, which makes the present
     outputs); everything else refused with the true reason."""
     inputs = {name: None for name in _ATTENTION_INPUTS}
@@ -1002,17 +1030,8 @@ def _attention_op_candidate(node, g: _Graph):
     used = {name for name, t in outputs.items() if t.name and (t.outputs or t.name in graph_outputs)}
     if "qk_matmul_output" in used:
         raise _NotFusable("the Attention op's qk_matmul_output output is used; the kernel computes Y only")
-    if inputs["nonpad_kv_seqlen"] is not None:
-        raise _NotFusable("the Attention op has a nonpad_kv_seqlen input (a padded KV cache): the kernel reads "
-                          "every key (pass the padding as attn_mask)")
     if (inputs["past_key"] is None) != (inputs["past_value"] is None):
         raise _NotFusable("the Attention op has one of past_key/past_value but not both")
-    if node.attrs.get("softcap", 0.0):
-        raise _NotFusable(f"a soft-capped Attention (softcap={node.attrs['softcap']:g}): the kernel has no softcap")
-    windows = {a: node.attrs.get(a, -1) for a in ("left_window_size", "right_window_size")}
-    if any(w >= 0 for w in windows.values()):
-        said = ", ".join(f"{a}={w}" for a, w in windows.items() if w >= 0)
-        raise _NotFusable(f"a windowed Attention ({said}): the kernel attends to every key")
     rank = len(g.shape(node.inputs[0]))
     q_heads, kv_heads = node.attrs.get("q_num_heads"), node.attrs.get("kv_num_heads")
     if rank == 4:
@@ -1040,8 +1059,11 @@ def _attention_op_candidate(node, g: _Graph):
                               "mask over every key")
         boolean = _dtype(mask, g) == np.bool_
         bias.append(_BiasTerm(mask, context, fill=-math.inf if boolean else None, fill_when=False))
-    if node.attrs.get("is_causal", 0):
-        bias.append(_causal_term(q, k, inputs["past_key"], rank, context))
+    causal, left, right = (node.attrs.get(a, d) for a, d in (("is_causal", 0), ("left_window_size", -1),
+                                                               ("right_window_size", -1)))
+    if causal or left >= 0 or right >= 0 or inputs["nonpad_kv_seqlen"] is not None:
+        bias.append(_position_term(q, k, inputs["past_key"], inputs["nonpad_kv_seqlen"], bool(causal), left, right,
+                                   rank, context, g))
     prepare = [_kv_cache(inputs[p], node.inputs[i], outputs[o])
                for p, i, o in (("past_key", 1, "present_key"), ("past_value", 2, "present_value")) if cache]
     if rank == 3:
@@ -1051,7 +1073,9 @@ def _attention_op_candidate(node, g: _Graph):
         ops = [_Operand(t, ident) for t in (q, k, v)]
         cand = _Candidate(node.name or node.outputs[0].name, "onnx-attention", *ops, node.outputs[0], ident,
                           node.attrs.get("scale"))
-    cand.bias, cand.prepare = bias, prepare
+    cand.bias, cand.prepare, cand.softcap = bias, prepare, float(node.attrs.get("softcap", 0.0))
+    if cand.solved is not None:  # 3-D: the pattern fixed the attributes
+        cand.solved = (replace(cand.solved[0], softcap=cand.softcap), *cand.solved[1:])
     return cand
 
 
@@ -1064,30 +1088,66 @@ def _kv_cache(past, new, present):
     return edit
 
 
-def _causal_term(q, k, past, rank: int, context) -> _BiasTerm:
-    """ONNX's `is_causal`: query i attends to keys j <= i + offset (offset: the cache's length, 0 without
-    one), a (S_q, S_kv) mask made in the graph once per run: Trilu of ones, as a condition."""
+def _position_term(q, k, past, nonpad, causal: bool, left: int, right: int, rank: int, context, g: _Graph):
+    """ONNX Attention's masks by position, as one condition made in the graph once per run (ONNX's
+    reference, `_apply_causal`/`_apply_sliding_window`/the padding mask): query i attends to key j where
+    j <= i + offset (causal), i + offset - left <= j (left >= 0), j <= i + offset + right (right >= 0) and
+    j < nonpad_kv_seqlen[b]; offset = the cache's length, nonpad_kv_seqlen[b] - S_q for an external cache,
+    else 0. (S_q, S_kv), or (B, 1, S_q, S_kv) where it depends on the batch."""
     axis = 2 if rank == 4 else 1
+    per_batch = nonpad is not None
 
     def make(graph: gs.Graph, names):
-        base = names(f"{q.name}/causal")
-        sizes = [_shape_slice(graph, names, q, axis, axis + 1), _shape_slice(graph, names, k, axis, axis + 1)]
-        shape, ones, lower, allowed = (gs.Variable(f"{base}/{w}", d) for w, d in (
-            ("shape", np.int64), ("ones", np.int64), ("lower", np.int64), ("allowed", np.bool_)))
-        graph.nodes += [gs.Node("Concat", attrs={"axis": 0}, inputs=sizes, outputs=[shape]),
-                        gs.Node("ConstantOfShape", attrs={"value": helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1])},
-                                inputs=[shape], outputs=[ones])]
-        trilu = [ones]
-        if past is not None:
-            offset, scalar = gs.Variable(f"{base}/offset", np.int64), _shape_slice(graph, names, past, 2, 3)
-            graph.nodes.append(gs.Node("Squeeze", inputs=[scalar, gs.Constant(f"{base}/axis0", np.array([0], np.int64))],
-                                       outputs=[offset]))
-            trilu.append(offset)
-        graph.nodes += [gs.Node("Trilu", attrs={"upper": 0}, inputs=trilu, outputs=[lower]),
-                        gs.Node("Cast", attrs={"to": onnx.TensorProto.BOOL}, inputs=[lower], outputs=[allowed])]
-        return allowed
+        base = names(f"{q.name}/positions")
 
-    return _BiasTerm(None, context, fill=-math.inf, fill_when=False, make=make, shape=context[-2:])
+        def var(what, dtype):
+            return gs.Variable(names(f"{base}/{what}"), dtype)
+
+        def node(op, inputs, what, dtype=np.int64, **attrs):
+            out = var(what, dtype)
+            graph.nodes.append(gs.Node(op, attrs=attrs, inputs=inputs, outputs=[out]))
+            return out
+
+        def const(what, value):
+            return gs.Constant(names(f"{base}/{what}"), np.array(value, np.int64))
+
+        def length(t, i):  # a 0-D int64: t's dim i
+            return node("Squeeze", [_shape_slice(graph, names, t, i, i + 1), const(f"axis{i}", [0])], f"len{i}")
+
+        s_q, s_kv = length(q, axis), length(k, axis)
+        rows = node("Unsqueeze", [node("Range", [const("zero", 0), s_q, const("one", 1)], "rows"), const("ax1", [1])],
+                    "rows2")  # (S_q, 1)
+        cols = node("Range", [const("zero_k", 0), s_kv, const("one_k", 1)], "cols")  # (S_kv,)
+        lengths = None
+        if nonpad is not None:  # (B, 1, 1, 1) lengths, int64
+            lengths = node("Reshape", [node("Cast", [nonpad], "nonpad64", to=onnx.TensorProto.INT64),
+                                       const("b111", [-1, 1, 1, 1])], "lengths")
+        if past is not None:
+            offset = length(past, 2)
+        elif lengths is not None:
+            offset = node("Sub", [lengths, s_q], "offset")
+        else:
+            offset = const("no_offset", 0)
+        front = node("Add", [rows, offset], "front")  # i + offset: (S_q, 1) or (B, 1, S_q, 1)
+        allowed = []
+        if causal:
+            allowed.append(node("LessOrEqual", [cols, front], "causal", np.bool_))
+        if left >= 0:
+            allowed.append(node("GreaterOrEqual", [cols, node("Sub", [front, const("left", left)], "lo")], "left_ok",
+                                np.bool_))
+        if right >= 0:
+            allowed.append(node("LessOrEqual", [cols, node("Add", [front, const("right", right)], "hi")], "right_ok",
+                                np.bool_))
+        if lengths is not None:
+            allowed.append(node("Less", [cols, lengths], "unpadded", np.bool_))
+        mask = allowed[0]
+        for i, more in enumerate(allowed[1:]):
+            mask = node("And", [mask, more], f"and{i}", np.bool_)
+        return mask
+
+    batch = context[0]
+    shape = (batch, 1, context[2], context[3]) if per_batch else (context[2], context[3])
+    return _BiasTerm(None, context, fill=-math.inf, fill_when=False, make=make, shape=shape)
 
 
 def _bsc_attention_candidate(node, g: _Graph, heads: int):

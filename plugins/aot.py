@@ -67,6 +67,7 @@ class AotArtifact:
     hidden_params_removed: int
     tf32: bool = False
     bias: bool = False  # a FlashAttentionBias kernel: the bias pointer after V, its dims among the extras
+    softcap: float = 0.0  # compiled in: the scores' soft cap (0: none)
     scratch_bytes: int = 0  # global scratch per program (the Hopper kernel's TMA descriptors)
     arg_order: list[str] = field(default_factory=list)
     constants: dict = field(default_factory=dict)  # compiled in: unit strides, scale, tile sizes
@@ -123,6 +124,7 @@ def compile_artifact(
     head_dim_v: int | None = None,
     tf32: bool = False,
     bias: bool = False,
+    softcap: float = 0.0,
 ) -> AotArtifact:
     """Compile the kernel ahead of time for one variant. `arch` is the compute capability
     (80, 89, 90, ...); 90 compiles for sm_90a, Hopper only. `tf32`: fp32 products on TF32 tensor
@@ -131,7 +133,8 @@ def compile_artifact(
     every node, some alike)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, config=config, scale=scale,
-                                      arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v, tf32=tf32, bias=bias))
+                                      arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v, tf32=tf32, bias=bias,
+                                      softcap=softcap))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -145,7 +148,7 @@ def compile_artifact(
         "BLOCK_D": block_dim(head_dim), "BLOCK_DV": config.dv_block(head_dim_v),
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "IEEE": dtype == "fp32" and not tf32,
         "Q_BIAS": None, "HAS_Q_BIAS": False,  # a Q conv's bias stays in the engine's conv
-        "HAS_BIAS": bias, **({} if bias else {"BIAS": None, "bias_b": 1, "bias_h": 1, "bias_q": 1}),
+        "HAS_BIAS": bias, "SOFTCAP": float(softcap), **({} if bias else {"BIAS": None, "bias_b": 1, "bias_h": 1, "bias_q": 1}),
         **unit_flags({f"{t}{unit_axis(layout)}" for t, layout in zip("qkvo", layouts)}),
     }
     for t, layout in zip("qkvo", layouts):
@@ -183,7 +186,7 @@ def compile_artifact(
         threads_per_block=32 * md.num_warps, config=config, arch=f"sm_{arch}", layouts=tuple(layouts),
         head_dim=head_dim, head_dim_v=head_dim_v, num_heads=num_heads, dtype=dtype, scale=scale, tf32=tf32 and dtype == "fp32",
         scalar_arg_names=scalar_names, ptx_isa=isa, min_driver=PTX_ISA_DRIVER.get(isa, ("?", "unknown"))[1],
-        triton_version=triton.__version__, hidden_params_removed=removed, bias=bias,
+        triton_version=triton.__version__, hidden_params_removed=removed, bias=bias, softcap=float(softcap),
         arg_order=["Q", "K", "V", *(["BIAS"] if bias else []), *scalar_names, "Out"], constants=constants,
     )
 

@@ -57,7 +57,8 @@ def _strides(t) -> list[int]:
     return st
 
 
-def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: bool = False, bias=None) -> None:
+def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: bool = False, bias=None,
+           softcap: float = 0.0) -> None:
     b, h, s_q, d = q.shape
     s_kv, d_v = k.shape[2], v.shape[3]
     grid = (triton.cdiv(s_q, config.block_m), b * h, config.dv_programs(d_v))
@@ -67,7 +68,7 @@ def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: 
         out, q_bias,
         QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=config.dv_block(d_v),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32 and not tf32, HAS_Q_BIAS=q_bias is not None,
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, SOFTCAP=float(softcap),
         **unit_flags({f"{n}{a}" for n, t in zip("qkvo", (q, k, v, out)) for a, i in (("s", 2), ("d", 3)) if t.stride(i) == 1}),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
@@ -75,7 +76,7 @@ def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: 
 
 
 def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None,
-                    tf32: bool | None = None, bias=None):
+                    tf32: bool | None = None, bias=None, softcap: float = 0.0):
     """softmax(scale * q k^T [+ bias]) v with q (B, H, S_q, D), k (B, H_kv, S_kv, D), v (B, H_kv, S_kv, D_v):
     H_kv dividing H is grouped-query attention (query head h reads K/V head h // (H / H_kv), ONNX's order).
 
@@ -90,6 +91,8 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
 
     `bias`: an additive bias on the scores, broadcast as `op.bias_dims` says (a contiguous 4-D tensor
     (Bb, Hb, 1 or S_q, S_kv)), read tile by tile; the Triton kernel only (the Hopper kernels take none).
+    `softcap` > 0: the scaled scores become softcap * tanh(scores / softcap) before the bias (ONNX's
+    Attention; the Triton kernel only).
 
     `tf32` (fp32 inputs): both products on TF32 tensor cores; None follows PyTorch's own switch,
     `torch.backends.cuda.matmul.allow_tf32` (off by default: exact fp32).
@@ -121,7 +124,7 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
         if bias.dtype != q.dtype or bias.device != q.device or not bias.is_contiguous():
             raise PluginError(f"bias: expected a contiguous {q.dtype} tensor on {q.device}, got {bias.dtype} on "
                              f"{bias.device}, strides {bias.stride()}")
-    if config is None and bias is None and k.shape[1] == q.shape[1] and q.device.type == "cuda" and _hopper_takes(q, k, v):
+    if config is None and bias is None and not softcap and k.shape[1] == q.shape[1] and q.device.type == "cuda" and _hopper_takes(q, k, v):
         from .hopper import hopper_attention
 
         hopper_attention(q, k, v, out, scale, q_bias)
@@ -129,11 +132,11 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
     if q.device.type == "cuda" or _interpreting():
         tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
         launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]), q_bias, tf32,
-               bias)
+               bias, softcap)
         return out
     from .reference import reference_attention_torch
 
-    return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out, bias)
+    return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out, bias, softcap)
 
 
 def _hopper_takes(q, k, v) -> bool:

@@ -58,6 +58,7 @@ def _attn_fwd(
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not tf32
     HAS_Q_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # > 0: the scaled scores soft-capped, softcap * tanh(s / softcap), before the bias
     # Which (s, d) strides are the constant 1, per tensor (the contiguous axis of each layout).
     QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
@@ -75,13 +76,13 @@ def _attn_fwd(
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
                    num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q, kv_group,
-                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS, SOFTCAP,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, True)
     else:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
                    num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q, kv_group,
-                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS,
+                   QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, IEEE, HAS_Q_BIAS, HAS_BIAS, SOFTCAP,
                    QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1, False)
 
 
@@ -110,7 +111,7 @@ def _attn_body(
     num_heads, seq_q, seq_kv, Q_BIAS, BIAS, bias_b, bias_h, bias_q, kv_group,
     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, HAS_Q_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, HAS_Q_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
     QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -170,11 +171,11 @@ def _attn_body(
     for start_n in range(0, n_full, BLOCK_N):
         m_i, l_i, acc = _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0,
                               m_i, l_i, acc, bias_rows, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                              BLOCK_DV, BLOCK_N, IEEE, False, HAS_BIAS)
+                              BLOCK_DV, BLOCK_N, IEEE, False, HAS_BIAS, SOFTCAP)
     if n_full < seq_kv:
         m_i, l_i, acc = _step(q, k_base, v_base, n_full, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0,
                               m_i, l_i, acc, bias_rows, QK_SCALE, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                              BLOCK_DV, BLOCK_N, IEEE, True, HAS_BIAS)
+                              BLOCK_DV, BLOCK_N, IEEE, True, HAS_BIAS, SOFTCAP)
     if HAS_BIAS:  # a row the bias masks whole (every score -inf) has l = 0: zeros, not 0/0
         l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
@@ -202,7 +203,7 @@ def _dv_in(offs_dv, dv0, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr):
 def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, stride_vd, dv0, m_i, l_i, acc,
           bias_rows, QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-          MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+          MASK_N: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
     """One key/value tile: scores (plus the bias tile), online-softmax update, P V. MASK_N only for
     the last tile."""
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -228,6 +229,8 @@ def _step(q, k_base, v_base, start_n, seq_kv, stride_ks, stride_kd, stride_vs, s
     else:
         qk = tl.dot(q, _tf32(kt, IEEE))
     qk = qk * QK_SCALE
+    if SOFTCAP > 0:  # in log2 units: qk = s log2(e); tanh(s / c) = 1 - 2 / (exp(2 s / c) + 1), finite at any s
+        qk = (1.0 - 2.0 / (tl.math.exp2(qk * (2.0 / SOFTCAP)) + 1.0)) * (SOFTCAP * _LOG2E)
     if HAS_BIAS:  # in the exp2 domain, as the scale is
         qk += bias.to(tl.float32) * _LOG2E
     if MASK_N:

@@ -133,7 +133,8 @@ def layout_strides(shape, layout: str, num_heads: int) -> tuple:
 class FlashAttentionAttrs:
     """The attributes that define what one fused node computes. `num_heads` splits the channels
     of NCHW and BSC tensors; a BHSD or BHDS query carries its heads on axis 1, which is what the
-    kernels launch over (a windowed block's merged heads x windows axis may be dynamic). `tf32`:
+    kernels launch over (a windowed block's merged heads x windows axis may be dynamic). `softcap`: ONNX
+    Attention's soft cap of the scaled scores (0: none). `tf32`:
     fp32 inputs may run their two products on TF32 tensor cores (10-bit mantissa); off, exact fp32."""
 
     num_heads: int
@@ -143,6 +144,7 @@ class FlashAttentionAttrs:
     v_layout: str = "NCHW"
     out_layout: str = "NCHW"
     tf32: bool = False
+    softcap: float = 0.0  # > 0: scores softcap * tanh(scores / softcap) before the bias (ONNX's Attention); 0: none
 
     def __post_init__(self):
         if self.num_heads < 1:
@@ -152,6 +154,8 @@ class FlashAttentionAttrs:
         for name in ("q_layout", "k_layout", "v_layout", "out_layout"):
             if getattr(self, name) not in LAYOUTS:
                 raise PluginError(f"{name}: expected one of {LAYOUTS}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.softcap) and self.softcap >= 0):
+            raise PluginError(f"softcap: expected a finite float >= 0 (0: none), got {self.softcap}")
         if self.out_layout == "NCHW" and self.q_layout != "NCHW":
             raise PluginError("out_layout 'NCHW' takes H and W from the query map: expected q_layout 'NCHW'")
 
@@ -168,7 +172,7 @@ class FlashAttentionAttrs:
         keeps all its digits (a FLOAT would be rounded to float32)."""
         return {"num_heads": str(self.num_heads), "scale": repr(float(self.scale)), "q_layout": self.q_layout,
                 "k_layout": self.k_layout, "v_layout": self.v_layout, "out_layout": self.out_layout,
-                "tf32": str(int(self.tf32)),
+                "tf32": str(int(self.tf32)), "softcap": repr(float(self.softcap)),
                 "plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION,
                 "aot": aot_attribute(plugin_mode)}
 
@@ -187,6 +191,8 @@ class FlashAttentionAttrs:
                 values["num_heads"] = int(values["num_heads"])
             if "scale" in values:
                 values["scale"] = float(values["scale"])
+            if "softcap" in values:
+                values["softcap"] = float(values["softcap"])
             if "tf32" in values:
                 values["tf32"] = {"0": False, "1": True}[values["tf32"]]
         except (ValueError, KeyError) as e:

@@ -32,11 +32,11 @@ def from_bhsd(o: np.ndarray, layout: str, out_shape, num_heads: int) -> np.ndarr
 
 
 def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, block_k: int = BLOCK_K,
-                    bias: np.ndarray | None = None) -> np.ndarray:
+                    bias: np.ndarray | None = None, softcap: float = 0.0) -> np.ndarray:
     """softmax(scale * q k^T [+ bias]) v for (B, H, S, D) arrays (K and V may have fewer heads: grouped-query),
     one key block at a time. `bias`: 4-D,
     broadcast as `op.bias_dims` says (a windowed batch reads bias[b % Bb]); a row every score of which
-    is -inf gives zeros."""
+    is -inf gives zeros. `softcap` > 0: scores softcap * tanh(scores / softcap) before the bias."""
     if k.shape[2] != v.shape[2] or q.shape[3] != k.shape[3]:
         raise PluginError(f"expected k, v with equal S and q, k with equal D; got q{q.shape} k{k.shape} v{v.shape}")
     q32 = q.astype(np.float32) * np.float32(scale)
@@ -55,6 +55,8 @@ def tiled_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, b
         kb = k[:, :, start : start + block_k].astype(np.float32)
         vb = v[:, :, start : start + block_k].astype(np.float32)
         s = q32 @ kb.transpose(0, 1, 3, 2)  # (B, H, S_q, block_k)
+        if softcap:
+            s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
         if bias is not None:
             s = s + bias[..., start : start + block_k].astype(np.float32)
         m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
@@ -77,18 +79,19 @@ def flash_attention_reference(q, k, v, attrs: FlashAttentionAttrs, block_k: int 
         attrs.scale,
         block_k,
         bias,
+        attrs.softcap,
     )
     return from_bhsd(o, attrs.out_layout, output_shape(q.shape, v.shape, attrs), attrs.num_heads)
 
 
-def reference_attention_torch(q, k, v, scale: float, out=None, bias=None):
+def reference_attention_torch(q, k, v, scale: float, out=None, bias=None, softcap: float = 0.0):
     """`tiled_attention` on (B, H, S, D) CPU torch tensors of any strides; writes into `out`
     (any strides) if given. The CPU path of `flash_attention` where no Triton runs."""
     import torch
 
     arrays = [t.detach().float().numpy() for t in (q, k, v)]
     bias = None if bias is None else bias.detach().float().numpy()
-    o = torch.from_numpy(tiled_attention(*arrays, scale, bias=bias))
+    o = torch.from_numpy(tiled_attention(*arrays, scale, bias=bias, softcap=softcap))
     if out is None:
         return o.to(q.dtype)
     out.copy_(o)

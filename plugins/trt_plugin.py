@@ -67,12 +67,12 @@ def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int, head_dim_v:
     return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch, head_dim_v)[max(tactic, 1) - 1]
 
 
-def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32) -> FlashAttentionAttrs:
+def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32, softcap) -> FlashAttentionAttrs:
     """The node's attributes as `tensorrt.plugin` hands them over: strings, possibly ending in NUL
     (numbers too: see `FlashAttentionAttrs.onnx_attributes` for why)."""
     return FlashAttentionAttrs.from_attributes(dict(num_heads=num_heads, scale=scale, q_layout=q_layout,
                                                     k_layout=k_layout, v_layout=v_layout, out_layout=out_layout,
-                                                    tf32=tf32))
+                                                    tf32=tf32, softcap=softcap))
 
 
 @functools.cache
@@ -99,41 +99,44 @@ def _register(trtp) -> None:
     @trtp.register(PLUGIN_ID)
     def _desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
               q_layout: str, k_layout: str, v_layout: str, out_layout: str,
-              tf32: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return _describe(trtp, q, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32))
+              tf32: str, softcap: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return _describe(trtp, q, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
+                                                  tf32, softcap))
 
     @trtp.register(BIAS_PLUGIN_ID)
     def _desc_bias(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc, num_heads: str,
                    scale: str, q_layout: str, k_layout: str, v_layout: str, out_layout: str,
-                   tf32: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return _describe(trtp, q, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32))
+                   tf32: str, softcap: str) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return _describe(trtp, q, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
+                                                  tf32, softcap))
 
     @trtp.autotune(PLUGIN_ID)
     def _autotune(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str,
-                  q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str,
+                  q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str, softcap: str,
                   outputs) -> list[trtp.AutoTuneCombination]:
         return _combinations(trtp, q, k, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
-                                                          tf32), bias=False)
+                                                          tf32, softcap), bias=False)
 
     @trtp.autotune(BIAS_PLUGIN_ID)
     def _autotune_bias(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc,
                        num_heads: str, scale: str, q_layout: str, k_layout: str, v_layout: str, out_layout: str,
-                       tf32: str, outputs) -> list[trtp.AutoTuneCombination]:
+                       tf32: str, softcap: str, outputs) -> list[trtp.AutoTuneCombination]:
         return _combinations(trtp, q, k, v, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
-                                                          tf32), bias=True)
+                                                          tf32, softcap), bias=True)
 
     @trtp.impl(PLUGIN_ID)
     def _impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, num_heads: str, scale: str, q_layout: str,
-              k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs, stream: int, tactic: int) -> None:
-        _run(q, k, v, None, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32), outputs,
-             stream, tactic)
+              k_layout: str, v_layout: str, out_layout: str, tf32: str, softcap: str, outputs, stream: int,
+              tactic: int) -> None:
+        _run(q, k, v, None, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32, softcap),
+             outputs, stream, tactic)
 
     @trtp.impl(BIAS_PLUGIN_ID)
     def _impl_bias(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, bias: trtp.Tensor, num_heads: str, scale: str,
-                   q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs, stream: int,
-                   tactic: int) -> None:
-        _run(q, k, v, bias, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32), outputs,
-             stream, tactic)
+                   q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str, softcap: str, outputs,
+                   stream: int, tactic: int) -> None:
+        _run(q, k, v, bias, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32, softcap),
+             outputs, stream, tactic)
 
 
 def _describe(trtp, q, v, attrs: FlashAttentionAttrs):
@@ -156,7 +159,7 @@ def _combinations(trtp, q, k, v, attrs: FlashAttentionAttrs, bias: bool) -> list
         tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch, head_dim_v)) + 1))
         grouped = static_logical_shape(k, attrs.k_layout, attrs.num_heads)[1] != static_logical_shape(
             q, attrs.q_layout, attrs.num_heads)[1]  # (0 where dynamic: then never offered either)
-        if not bias and not grouped and hopper_problem(q, k, v, attrs, dtype) is None:
+        if not bias and not grouped and not attrs.softcap and hopper_problem(q, k, v, attrs, dtype) is None:
             tactics.append(HOPPER_TACTIC)
         combinations.append(trtp.AutoTuneCombination(io_types(dtype, bias), "LINEAR", tactics))
     return combinations
@@ -184,7 +187,7 @@ def _run(q, k, v, bias, attrs: FlashAttentionAttrs, outputs, stream: int, tactic
             return
         config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic, views[2].shape[-1])
         flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32,
-                        bias=None if bias is None else torch_tensor(bias))
+                        bias=None if bias is None else torch_tensor(bias), softcap=attrs.softcap)
 
 
 def _register_aot(trtp) -> None:
@@ -192,17 +195,17 @@ def _register_aot(trtp) -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, num_heads: str, scale: str, q_layout: str,
-             k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs,
+             k_layout: str, v_layout: str, out_layout: str, tf32: str, softcap: str, outputs,
              tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         return _kernel(trtp, q, k, v, None, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
-                                                          tf32), tactic)
+                                                          tf32, softcap), tactic)
 
     @trtp.aot_impl(BIAS_PLUGIN_ID)
     def _aot_bias(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, bias: trtp.TensorDesc, num_heads: str,
-                  scale: str, q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str, outputs,
+                  scale: str, q_layout: str, k_layout: str, v_layout: str, out_layout: str, tf32: str, softcap: str, outputs,
                   tactic: int) -> tuple[str, str, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         return _kernel(trtp, q, k, v, bias, plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout,
-                                                          tf32), tactic)
+                                                          tf32, softcap), tactic)
 
 
 def _kernel(trtp, q, k, v, bias, attrs: FlashAttentionAttrs, tactic: int):
@@ -216,7 +219,8 @@ def _kernel(trtp, q, k, v, bias, attrs: FlashAttentionAttrs, tactic: int):
     arch = _arch()
     head_dim = static_head_dim(q, attrs.q_layout, attrs.num_heads)
     if tactic == HOPPER_TACTIC:
-        problem = "the Hopper kernels take no bias" if bias is not None else hopper_problem(q, k, v, attrs, dtype)
+        problem = ("the Hopper kernels take no bias" if bias is not None else "the Hopper kernels have no softcap"
+                   if attrs.softcap else hopper_problem(q, k, v, attrs, dtype))
         if problem:  # TensorRT asks only for tactics autotune offered
             raise PluginError(f"tactic {tactic} (the Hopper kernel) cannot serve this node: {problem}")
         art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
@@ -226,7 +230,8 @@ def _kernel(trtp, q, k, v, bias, attrs: FlashAttentionAttrs, tactic: int):
         config = tactic_config(head_dim, dtype, arch, tactic, head_dim_v)
         art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v,
                                num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
-                               arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32, bias=bias is not None)
+                               arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32, bias=bias is not None,
+                               softcap=attrs.softcap)
     _EMITTED.append({"kernel": art.kernel_name, "ptx_isa": art.ptx_isa, "target": art.arch + ("a" if art.arch == "sm_90" else ""),
                      "min_driver": art.min_driver, "min_cuda": PTX_ISA_DRIVER.get(art.ptx_isa, ("?",))[0],
                      "shared_mem": art.shared_mem, "scratch_bytes": art.scratch_bytes, "tactic": tactic,

@@ -246,3 +246,53 @@ def test_gpu_the_aot_bias_kernel_as_tensorrt_launches_it(trt, form, dtype):
     torch.cuda.synchronize()
     want = float64_attention(q.cpu(), k.cpu(), v.cpu(), bias.cpu(), d ** -0.5)
     assert (out.double().cpu() - want).abs().max() <= {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}[dtype]
+
+
+def float64_softcapped(q, k, v, bias, scale, softcap):
+    """ONNX Attention's order, written here: the scaled scores capped (softcap * tanh(s / softcap)), then the bias."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    s = softcap * torch.tanh(s / softcap) + bias.double()[torch.arange(q.shape[0]) % bias.shape[0]]
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(m), 0, m))  # a row masked whole: zeros
+    return (p / p.sum(-1, keepdim=True).clamp_min(1e-300)) @ v.double()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernel in Triton's CPU interpreter")
+@pytest.mark.parametrize("softcap", [1.5, 30.0])
+def test_the_kernel_soft_caps_the_scores_before_the_bias(softcap):
+    """Large scores (x4) so the cap bites. Mutations: the cap after the bias (a -inf key then gets
+    -softcap: probability leaks to it); tanh(s) without dividing by the cap (error ~0.5)."""
+    from convattn.plugins import flash_attention
+
+    q, k, v, bias = _problem("per_head", seed=4)
+    q, k = q * 4, k * 4
+    out = flash_attention(q, k, v, bias=bias, config=KernelConfig(16, 16, 4, 1), softcap=softcap)
+    assert (out.double() - float64_softcapped(q, k, v, bias, q.shape[-1] ** -0.5, softcap)).abs().max() <= 1e-5
+    got = tiled_attention(q.numpy(), k.numpy(), v.numpy(), q.shape[-1] ** -0.5, 16, bias.numpy(), softcap)
+    assert np.abs(got - float64_softcapped(q, k, v, bias, q.shape[-1] ** -0.5, softcap).numpy()).max() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_gpu_the_aot_softcap_kernel_as_tensorrt_launches_it(trt, dtype):
+    """A soft-capped, biased node's PTX (the cap compiled in) with TensorRT's argument list, against float64."""
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    b, hh, s_q, s_kv, d, shape = FORMS["per_head"]
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    trt_dtype = {"fp32": core.float32, "fp16": core.float16, "bf16": core.bfloat16}[dtype]
+    attrs = FlashAttentionAttrs(hh, d ** -0.5, "BHSD", "BHSD", "BHSD", "BHSD", softcap=2.0)
+    plugin = h.parse_node(core, make_node(["q", "k", "v", "bias"], "o", attrs, "aot", name="n"))
+    built = h.build_node(core, plugin, [trt_dtype] * 4, [(b, hh, s_q, d), (b, hh, s_kv, d), (b, hh, s_kv, d), shape],
+                         {}, tactics=[1])
+    q, k, v, bias = _problem("per_head", seed=5)
+    q, k, v, bias = (t.to(torch_dtype).cuda() for t in (q * 4, k * 4, v, bias))
+    out = torch.empty(b, hh, s_q, d, dtype=torch_dtype, device="cuda")
+    from convattn.plugins.aot import launch_ptx
+
+    launch = built.launches[1]
+    launch_ptx(launch.ptx, launch.kernel_name, launch.grid, launch.block, launch.shared_mem, (q, k, v, bias),
+               launch.extras, (out,))
+    torch.cuda.synchronize()
+    want = float64_softcapped(q.cpu(), k.cpu(), v.cpu(), bias.cpu(), d ** -0.5, 2.0)
+    assert (out.double().cpu() - want).abs().max() <= {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}[dtype]
