@@ -109,7 +109,8 @@ def test_string_attributes_arrive_with_a_nul_and_work(trt):
     fields = h.load_fields(core, core.get_plugin_registry().get_creator(OP_TYPE, "1", "convattn").field_names, node())
     layout_field = next(f for f in fields if f.name == "q_layout")
     assert layout_field.data.tobytes() == b"NCHW\0" and layout_field.type == core.PluginFieldType.CHAR
-    assert {f.name for f in fields} == {"num_heads", "scale", "q_layout", "k_layout", "v_layout", "out_layout", "tf32"}
+    assert {f.name for f in fields} == {"num_heads", "scale", "q_layout", "k_layout", "v_layout", "out_layout", "tf32",
+                                        "softcap"}
     plugin = h.parse_node(core, node())
     assert plugin.attrs["q_layout"] == "NCHW\0"  # what NVIDIA's create_plugin hands us
     (q_shape, kv_shape), env = SHAPES["NCHW"]
@@ -149,7 +150,8 @@ def _expected_extras(layout, shapes, names):
 
     views = dict(zip("qkvo", (view(q_shape), view(kv_shape), view(kv_shape), view(out_shape))))
     values = {f"stride_{t}{a}": views[t].stride(i) for t in "qkvo" for i, a in enumerate("bhsd")}
-    values.update(num_heads=HEADS, seq_q=views["q"].shape[2], seq_kv=views["k"].shape[2])
+    values.update(num_heads=HEADS, seq_q=views["q"].shape[2], seq_kv=views["k"].shape[2],
+                  kv_group=views["q"].shape[1] // views["k"].shape[1])
     return [values[n] for n in names]
 
 
