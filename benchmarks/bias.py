@@ -84,11 +84,35 @@ def bench(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn)
 
 
+def best_configs(name, b, h, s, d, bb, dtype="fp16"):
+    """The fastest config of the tuning space with the bias and without it (each its own), CUDA graphs."""
+    from convattn.plugins.kernel import candidate_configs
+
+    dt = DTYPES[dtype]
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dt) for _ in range(3))
+    bias, out = torch.randn(bb, h, s, s, device="cuda").to(dt), torch.empty_like(q)
+    times = {}
+    for c in candidate_configs(d, dt.itemsize):
+        times[c] = (bench(lambda: flash_attention(q, k, v, bias=bias, config=c, out=out)),
+                    bench(lambda: flash_attention(q, k, v, config=c, out=out)))
+    biased, plain = min(times, key=lambda c: times[c][0]), min(times, key=lambda c: times[c][1])
+    return {"shape": name, "dtype": dtype, "best_biased": biased.to_dict(), "best_biased_ms": times[biased][0],
+            "best_unbiased": plain.to_dict(), "best_unbiased_ms": times[plain][1],
+            "ratio": times[biased][0] / times[plain][1]}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tune", action="store_true", help="only: each Swin shape's best config with and without the bias")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.tune:
+        rows = [best_configs(*shape) for shape in SHAPES[:4]]
+        (a.out / "bias_tune.json").write_text(json.dumps(rows, indent=1) + "\n")
+        for r in rows:
+            print(r)
+        return
     rows = [row(*shape, dtype) for dtype in ("fp16", "bf16", "fp32") for shape in SHAPES]
     name = torch.cuda.get_device_name()
     lines = [f"# The scores' bias on {name}", "",

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import cached, export_fuse, run_ort
 
-from convattn.exporter.fuse import fuse_attention, identity_view, reshape_view
+from convattn.exporter.fuse import fuse_attention
+from convattn.exporter.fuse.views import identity_view, reshape_view
 from convattn.models import ConvMHAttn
 from convattn.plugins.op import DOMAIN, OP_TYPE
 
