@@ -296,3 +296,27 @@ def test_gpu_the_aot_softcap_kernel_as_tensorrt_launches_it(trt, dtype):
     torch.cuda.synchronize()
     want = float64_softcapped(q.cpu(), k.cpu(), v.cpu(), bias.cpu(), d ** -0.5, 2.0)
     assert (out.double().cpu() - want).abs().max() <= {"fp32": 1e-5, "fp16": 4e-3, "bf16": 3e-2}[dtype]
+
+
+def test_a_scale_after_the_bias_scales_the_bias_too():
+    """(q k^T + bias) * 0.5: the kernel's scale is 0.5 and its bias 0.5 x the model's. Mutation: the term's
+    factor not applied in `_emit_bias` (the bias twice too large)."""
+    import torch.nn as nn
+
+    class ScaledAfter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(2, 12, 12) * 3)
+
+        def forward(self, q):  # q (B, 2, 12, 8)
+            return torch.softmax((q @ q.transpose(-1, -2) + self.bias) * 0.5, -1) @ q
+
+    module = ScaledAfter().eval()
+    fusion = fuse_attention(export_onnx(module, [(2, 2, 12, 8)], dynamic=False).model)
+    [block] = fusion.blocks
+    assert block.fused and block.details["scale"] == 0.5
+    from convattn.plugins import ort_op
+
+    x = torch.randn(2, 2, 12, 8)
+    [got] = ort_op.run(fusion.model, {fusion.model.graph.input[0].name: x.numpy()})[:1]
+    assert np.abs(got - module.double()(x.double()).detach().numpy()).max() <= 1e-5
