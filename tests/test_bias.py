@@ -320,3 +320,25 @@ def test_a_scale_after_the_bias_scales_the_bias_too():
     x = torch.randn(2, 2, 12, 8)
     [got] = ort_op.run(fusion.model, {fusion.model.graph.input[0].name: x.numpy()})[:1]
     assert np.abs(got - module.double()(x.double()).detach().numpy()).max() <= 1e-5
+
+
+def test_a_relative_position_table_is_recognised_by_its_values():
+    """Swin's bias, table[h, yi - yj, xi - xj] over a 7x7 window, is found as a table of 2 x 13 x 13 values
+    (what the report says indexing in the kernel would save); a 1-D relative bias (ALiBi/T5-like) too; a
+    shifted window's mask and a random bias are not tables. Mutation: the x offset dropped from the key
+    (the 7x7 table is then not found)."""
+    from convattn.exporter.fuse.scores import _relative_table
+
+    g = np.random.default_rng(0)
+    table = g.standard_normal((2, 13, 13))
+    y, x = np.divmod(np.arange(49), 7)
+    swin = table[:, y[:, None] - y[None, :] + 6, x[:, None] - x[None, :] + 6]
+    assert _relative_table(swin) == (7, 7)
+    assert _relative_table(swin[None]) == (7, 7)
+    line = g.standard_normal(2 * 40 - 1)
+    i = np.arange(40)
+    assert _relative_table(line[i[:, None] - i[None, :] + 39]) == (1, 40)
+    mask = np.zeros((49, 49))
+    mask[:21, 21:] = mask[21:, :21] = -100.0  # regions of a shifted window
+    assert _relative_table(mask) is None
+    assert _relative_table(g.standard_normal((3, 49, 49))) is None

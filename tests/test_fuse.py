@@ -172,7 +172,19 @@ def test_vae_attention_torchscript_multihead_fuses_on_the_heads_as_batch_tensors
     assert_same_function(module, [(1, 64, 6, 5)], exported, fusion, atol=5e-5)
 
 
-@pytest.mark.parametrize("model,between", [("TemperatureAttention", "Mul"), ("TalkingHeads", "Conv")])
+def test_a_learned_per_head_temperature_moves_onto_q_and_fuses():
+    """Scores times a (heads, 1, 1) parameter (edgenext's XCA-style temperature, SwinV2's logit scale):
+    `row_scale` moves it onto Q, the block fuses and computes the model's function. Before, it was
+    reported "attention-like"."""
+    import user_models
+
+    module = user_models.TemperatureAttention().eval()
+    exported, fusion = export_fuse(module, [(1, 16, 5, 6)])
+    assert [b.fused for b in fusion.blocks] == [True], [b.reason for b in fusion.blocks]
+    assert_same_function(module, [(1, 16, 5, 6)], exported, fusion, atol=5e-5)
+
+
+@pytest.mark.parametrize("model,between", [("KeyScaledAttention", "Mul"), ("TalkingHeads", "Conv")])
 def test_attention_the_fuser_does_not_take_is_reported(model, between, tmp_path):
     """Every Softmax over a product of two activations is a block in the report, fused or not, with
     the reason; a model whose attention is all unfusable exits 3 saying so (not "no attention block

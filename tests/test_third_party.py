@@ -167,7 +167,53 @@ def test_timm_swin_fuses_every_window_attention_with_its_bias():
     exported, fusion = export_fuse(module, [(1, 3, 32, 32)])
     assert len(fusion.blocks) == 4 and all(b.fused for b in fusion.blocks), [b.reason for b in fusion.blocks]
     assert [b.details["bias"][0] for b in fusion.blocks] == [1, 16, 1, 4]  # shared table; 16 then 4 windows masked
+    # The report says what indexing the table in the kernel would save (exported constant: found by its values)
+    assert [b.details["bias_table"].split(" values)")[0].split("window (")[1] for b in fusion.blocks] == [
+        "98", "98", "196", "196"]  # 2 and 4 heads of (2 * 4 - 1)^2 relative positions
     assert sum(n.op_type == BIAS_OP_TYPE for n in fusion.model.graph.node) == 4
+    result = validate(module, exported.model, fusion.model, exported.input_shapes, blocks=fusion.blocks, seed=0)
+    assert result.passed, result
+
+
+def test_timm_swinv2_fuses_every_window_attention_with_its_per_head_scale():
+    """timm's SwinTransformerV2 (cosine attention: normalised Q and K, a learned logit scale per head on the
+    scores, a bias from the continuous position MLP, shifted windows): the per-head scale moves onto Q
+    (`fuse.row_scale`), every block fuses and the model validates end to end and per block. Before, none
+    fused ("a learned or per-head scale"). Mutation: the factor left off Q (validation fails)."""
+    from conftest import export_fuse
+
+    from convattn.exporter.validate import validate
+
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    torch.manual_seed(0)
+    module = SwinTransformerV2(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                               num_classes=5).eval()
+    with torch.no_grad():  # logit scales apart per head (timm starts them all at log(10))
+        for blk in (b for stage in module.layers for b in stage.blocks):
+            blk.attn.logit_scale.copy_(torch.rand_like(blk.attn.logit_scale) * 3)
+    exported, fusion = export_fuse(module, [(1, 3, 32, 32)])
+    assert len(fusion.blocks) == 4 and all(b.fused for b in fusion.blocks), [b.reason for b in fusion.blocks]
+    result = validate(module, exported.model, fusion.model, exported.input_shapes, blocks=fusion.blocks, seed=0)
+    assert result.passed, result
+
+
+def test_timm_edgenext_cross_covariance_attention_fuses_and_validates():
+    """EdgeNeXt's XCA: attention over each head's channels (the tokens are the contracted axis, D = H*W),
+    with a learned temperature per head (moved onto Q). At the reduced probe the last stage's map is 1x1:
+    D = 1, where BHSD and BHDS views look alike; the fuser probes larger (as for a sequence of 1) and
+    every block fuses as BHSD and validates. Mutation: only a sequence of 1 counted as degenerate (the
+    last block fused as NCHW: 0.12 off the unfused graph, validation fails)."""
+    import timm
+
+    from conftest import export_fuse
+    from convattn.exporter.validate import validate
+
+    torch.manual_seed(0)
+    module = timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10).eval()
+    exported, fusion = export_fuse(module, [(1, 3, 256, 256)])
+    assert [b.fused for b in fusion.blocks] == [True] * 3, [b.reason for b in fusion.blocks]
+    assert [b.details["layouts"][0] for b in fusion.blocks] == ["BHSD"] * 3
     result = validate(module, exported.model, fusion.model, exported.input_shapes, blocks=fusion.blocks, seed=0)
     assert result.passed, result
 

@@ -176,6 +176,14 @@ class TemperatureAttention(nn.Module):
         return (attn.softmax(-1) @ v).transpose(-1, -2).reshape(b, c, h, w)
 
 
+class KeyScaledAttention(TemperatureAttention):
+    """Scores times a learned factor per head and key (30 keys: a 5x6 map): not the kernel's one scale."""
+
+    def __init__(self, c=16, heads=2, keys=30):
+        super().__init__(c, heads)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, keys) + 0.5)
+
+
 class RelativeBiasAttention(nn.Module):
     """A position bias added to the scores after a Reshape (MONAI SABlock with relative positions)."""
 

@@ -6,7 +6,7 @@ a `_Candidate` (Q, K, V operands, each oriented as (batch..., S, D), the scale, 
 the attention output); one solver (`solve`) decides whether the candidate can be fused and how, on the
 views of `views`; the bias is planned in the kernel's axes (`scores`); the driver here rewires the
 solved candidates and runs `cleanup().toposort()` once. Modules, lowest first: views, report, probe,
-edits, solve, scores, matmul, onnx_attention.
+edits, solve, scores, matmul, onnx_attention; one pass before matching (`row_scale`).
 
 How we prove a rewrite computes the same function. Every Reshape/Transpose between a
 conv output and the attention matmuls is followed symbolically: each tensor is a *view* of
@@ -38,7 +38,8 @@ from .report import BlockReport, FusionResult, _NotFusable
 from .probe import PROBE_MAX_DIM, _Graph, _dtype, _probe, _probe_shapes
 from .edits import _Names, _const, _dims, _merge_heads, _reshape, _shape_slice
 from .solve import _solve
-from .scores import _combined, _emit_bias, _plan_bias
+from .scores import _bias_table_note, _combined, _emit_bias, _plan_bias
+from .row_scale import move_row_scales
 from .matmul import _attention_like, _not_attention, _softmax_candidate
 from .onnx_attention import _attention_op_candidate
 
@@ -78,16 +79,20 @@ def fuse_attention(model: onnx.ModelProto, input_shapes=None, *, attention: str 
     if plugin_mode not in PLUGIN_MODES:
         raise InputError(f"--plugin-mode: expected one of {PLUGIN_MODES}, got {plugin_mode!r}")
     graph = gs.import_onnx(model)
+    probed = model
+    if move_row_scales(graph):  # SwinV2's per-head scale onto Q: the probe runs the graph that is matched
+        probed = gs.export_onnx(graph)
+        onnx.helper.set_model_props(probed, {p.key: p.value for p in model.metadata_props})
     max_dim = PROBE_MAX_DIM
     while True:
         notes: list[str] = []
-        values, mode = _probe(model, input_shapes, notes, max_dim)
+        values, mode = _probe(probed, input_shapes, notes, max_dim)
         g = _Graph(graph, values)
         blocks, rewrites, degenerate, others = _find_blocks(graph, g, attention, dtype)
-        # A probe so small that an attention's sequence is 1 (a deep stage at 1x1) cannot tell
-        # pixels from channels: probe larger, up to the export shapes.
-        if not degenerate or mode != "reduced" or (_probe_shapes(model, input_shapes, mode, max_dim)
-                                                    == _probe_shapes(model, input_shapes, mode, 2 * max_dim)):
+        # A probe so small that an attention's sequence or head dim is 1 (a deep stage at 1x1; XCA's tokens)
+        # pixels from channels (its stride is anything): probe larger, up to the export shapes.
+        if not degenerate or mode != "reduced" or (_probe_shapes(probed, input_shapes, mode, max_dim)
+                                                    == _probe_shapes(probed, input_shapes, mode, 2 * max_dim)):
             break
         max_dim *= 2
     _rewrite(graph, g, rewrites, plugin_mode, tf32)
@@ -151,7 +156,8 @@ def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
                     others.append(BlockReport(node.name or node.outputs[0].name, "softmax", False,
                                               _not_attention(node, g), path="not attention"))
                 continue
-            degenerate |= any(np.array(g.shape(o.tensor))[list(o.perm)][-2] == 1 for o in (cand.q, cand.k))
+            # a sequence or head dim of 1 at the probe: its axis's stride is anything, layouts look alike
+            degenerate |= any(1 in np.array(g.shape(o.tensor))[list(o.perm)][-2:] for o in (cand.q, cand.k))
             attrs, qr, kr, vr, out, details = _solve(cand, g)
             bias = _plan_bias(cand, attrs, qr, g)
         except _NotFusable as e:
@@ -166,6 +172,9 @@ def _find_blocks(graph: gs.Graph, g: _Graph, attention: str, dtype: str):
             continue
         if bias:
             details["bias"] = [int(n) for n in (*_combined(form for _, form in bias), details["probe_seq_kv"])]
+            table = _bias_table_note(bias, g, _dtype(qr, g))
+            if table:
+                details["bias_table"] = table
         blocks.append(BlockReport(cand.name, cand.pattern, True, details=details))
         rewrites.append((cand.name, attrs, (qr, kr, vr), out, bias, cand.prepare))
     return blocks, rewrites, degenerate, others

@@ -309,3 +309,45 @@ def _emit_bias(graph: gs.Graph, names, plan, dtype, name: str):
             x = y
         total = x
     return total
+
+
+
+def _relative_table(values: np.ndarray):
+    """(rows, cols) of the window over which a (..., S, S) bias depends only on the relative position of
+    query and key pixels (bias[.., i, j] = table[.., yi - yj, xi - xj], S = rows * cols; rows 1: a 1-D
+    sequence), or None. Swin's relative position bias is one; a shifted window's mask is not."""
+    s = values.shape[-1]
+    if values.ndim < 2 or values.shape[-2] != s or s < 2 or values.size > 2**24:  # not a table's size
+        return None
+    planes = values.reshape(-1, s * s)
+    for rows in (r for r in range(1, s + 1) if s % r == 0):
+        cols = s // rows
+        y, x = np.divmod(np.arange(s), cols)
+        key = ((y[:, None] - y[None, :] + rows - 1) * (2 * cols - 1) + x[:, None] - x[None, :] + cols - 1).reshape(-1)
+        table = np.zeros((planes.shape[0], (2 * rows - 1) * (2 * cols - 1)), planes.dtype)
+        table[:, key] = planes
+        if np.array_equal(table[:, key], planes):
+            return rows, cols
+    return None
+
+
+def _bias_table_note(plan, g: _Graph, dtype) -> str | None:
+    """Where a bias term is a relative-position table expanded to (.., S, S) (Swin's, constant at export):
+    what passing the table and indexing it in the kernel would save, for the report (issue 23 asks). The
+    node reads the expanded bias: made once, shared by every window and sample, its size is the saving."""
+    for term, (bb, hb, b_q) in plan:
+        t = term.tensor
+        if t is None or term.make or term.fill is not None or not g.is_static(t):
+            continue
+        values = t.values if isinstance(t, gs.Constant) else g.values.get(t.name)
+        window = values is not None and _relative_table(np.asarray(values))
+        if not window:
+            continue
+        rows, cols = window
+        planes = values.size // values.shape[-1] ** 2
+        table, expanded, size = planes * (2 * rows - 1) * (2 * cols - 1), values.size, np.dtype(dtype).itemsize
+        return (f"the bias is a relative-position table over a {rows}x{cols} window ({table} values) expanded to "
+                f"{bb}x{hb}x{b_q}x{values.shape[-1]} ({expanded} values, {expanded * size / 1024:.1f} KiB, read by "
+                f"every window and sample): indexing the table in the kernel would save "
+                f"{(expanded - table) * size / 1024:.1f} KiB, so the node reads the expanded bias")
+    return None
