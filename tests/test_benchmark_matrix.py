@@ -1,0 +1,21 @@
+"""Issue 24's committed benchmark matrix: the rows the issue names are there, ids are unique, and a result
+that drops a row is told so."""
+
+from convattn.benchmarks.matrix import PEERS, ROWS, missing
+
+
+def test_the_matrix_holds_the_rows_the_issue_names():
+    ids = [r.id for r in ROWS]
+    assert len(ids) == len(set(ids))
+    for want in ("attention/fp16/d64/h8/S16384/B8", "attention/fp16/d128/h4/S16384/B4", "attention/fp16/d64/h8/S65536/B1",
+                 "attention/fp16/d64/h8/S262144/B1", "attention/bf16/d128/h4/S16384/B4", "attention/fp16/d256/h2/S16384/B4",
+                 "block/fp32/d128/h4/S4096/B4", "block/fp16/d512/h1/S16384/B4", "tail/fp16/d64/h8/S4097/B4",
+                 "tail/fp16/d128/h4/S16000/B4", "scale/fp16/d64/h8/S1048576/B1", "scale/fp16/d512/h1/S1048576/B1"):
+        assert want in ids, want
+    assert {"flash-attn-4", "cudnn", "einsum", "sdpa-efficient"} <= set(PEERS)
+
+
+def test_a_dropped_row_is_reported_missing():
+    ids = [r.id for r in ROWS]
+    assert missing(ids) == []
+    assert missing(ids[1:]) == [ids[0]]
