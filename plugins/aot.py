@@ -131,6 +131,9 @@ def compile_artifact(
     cores (else exact fp32). `bias`: the FlashAttentionBias kernel. No GPU needed. Cached per variant
     (TensorRT asks for every tactic of
     every node, some alike)."""
+    if config.windows:
+        raise PluginError(f"config {config}: the short-sequence kernel (windows) has no AOT artifact yet; "
+                          "give an `_attn_fwd` config (flash.pick_config without `problem`)")
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, config=config, scale=scale,
                                       arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v, tf32=tf32, bias=bias,

@@ -12,7 +12,8 @@ import triton
 
 from ..errors import PluginError
 from .device import device_arch
-from .kernel import SMEM_LIMIT, KernelConfig, _attn_fwd, block_dim, default_config, qk_scale, unit_flags
+from .kernel import (SMEM_LIMIT, KernelConfig, _attn_fwd, _attn_windows, block_dim, default_config, qk_scale, unit_flags,
+                     windows_config)
 from .op import bias_dims
 from .reference import add_q_bias
 
@@ -41,9 +42,17 @@ def recorded_config(arch: str, dtype: str, head_dim: int, seq_kv: int) -> Kernel
     return KernelConfig(**rec["config"]) if rec else None
 
 
-def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv: int) -> KernelConfig:
-    """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default."""
+def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv: int,
+                problem: tuple[int, int, int] | None = None) -> KernelConfig:
+    """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default. With
+    `problem` (batch x heads, S_q, head_dim_v): the short-sequence kernel where it serves (`windows_config`;
+    the JIT path only: the AOT artifacts run `_attn_fwd`)."""
     arch, smem = device_arch(device) if device.type == "cuda" else ("cpu", SMEM_LIMIT)
+    if problem is not None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        short = windows_config(problem[0], problem[1], seq_kv, head_dim, dtype.itemsize, sms, problem[2])
+        if short is not None:
+            return short
     return (recorded_config(arch, _DTYPES[dtype], head_dim, seq_kv)
             or default_config(head_dim, dtype.itemsize, smem=smem))
 
@@ -61,11 +70,14 @@ def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: 
            softcap: float = 0.0) -> None:
     b, h, s_q, d = q.shape
     s_kv, d_v = k.shape[2], v.shape[3]
-    grid = (triton.cdiv(s_q, config.block_m), b * h, config.dv_programs(d_v))
     dims = bias_dims(tuple(bias.shape), b, h, s_q, s_kv) if bias is not None else (1, 1, 1)
-    _attn_fwd[grid](
+    grid = (triton.cdiv(s_q, config.block_m), config.programs_y(b, h, dims[0]), config.dv_programs(d_v))
+    if config.windows and s_kv > config.block_n:
+        raise PluginError(f"config {config}: the windows kernel takes S_kv <= block_n, got S_kv = {s_kv}")
+    kernel, extra = (_attn_windows, {"WINDOWS": config.windows}) if config.windows else (_attn_fwd, {})
+    kernel[grid](
         q, k, v, bias, *_strides(q), *_strides(k), *_strides(v), *_strides(out), h, s_q, s_kv, *dims, h // k.shape[1],
-        out, q_bias,
+        *([b] if config.windows else []), out, q_bias, **extra,
         QK_SCALE=qk_scale(scale), HEAD_DIM=d, HEAD_DIM_V=d_v, BLOCK_D=block_dim(d), BLOCK_DV=config.dv_block(d_v),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, IEEE=q.dtype == torch.float32 and not tf32, HAS_Q_BIAS=q_bias is not None,
         HAS_BIAS=bias is not None, SOFTCAP=float(softcap),
@@ -131,8 +143,9 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
         return out
     if q.device.type == "cuda" or _interpreting():
         tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
-        launch(q, k, v, out, scale, config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2]), q_bias, tf32,
-               bias, softcap)
+        config = config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2],
+                                       (q.shape[0] * q.shape[1], q.shape[2], v.shape[3]))
+        launch(q, k, v, out, scale, config, q_bias, tf32, bias, softcap)
         return out
     from .reference import reference_attention_torch
 

@@ -215,16 +215,20 @@ def test_fp32_products_follow_pytorchs_tf32_switch(monkeypatch):
     Mutation: IEEE from the dtype alone."""
     from convattn.plugins import flash
 
-    seen, real = [], flash._attn_fwd
+    seen = []
 
     class Spy:
+        def __init__(self, real):
+            self.real = real
+
         def __getitem__(self, grid):
             def run(*args, **kwargs):
                 seen.append(kwargs["IEEE"])
-                return real[grid](*args, **kwargs)
+                return self.real[grid](*args, **kwargs)
             return run
 
-    monkeypatch.setattr(flash, "_attn_fwd", Spy())
+    for kernel in ("_attn_fwd", "_attn_windows"):  # 16 keys: the short-sequence kernel
+        monkeypatch.setattr(flash, kernel, Spy(getattr(flash, kernel)))
     q = torch.randn(1, 2, 16, 8)
     flash.flash_attention(q, q, q)
     # torch serves allow_tf32 through __getattr__/__setattr__: set and restore it through them
