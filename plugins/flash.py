@@ -94,8 +94,8 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
 
     Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
     of the output map. fp16, bf16, fp32; fp32 accumulation; O(S) memory. CUDA tensors run the
-    Triton kernel, or on Hopper a Gluon kernel (`hopper`, `hopper_ws`) where `_hopper_takes` says so
-    (no `config` given); CPU tensors run the Triton kernel when TRITON_INTERPRET=1 (tests), else
+    Triton kernel (at S_kv <= 64 its short-sequence variant, `kernel.windows_config`), or on Hopper a Gluon
+    kernel (`hopper`, `hopper_ws`) where `_hopper_takes` says so (no `config` given); CPU tensors run the Triton kernel when TRITON_INTERPRET=1 (tests), else
     the tiled NumPy reference.
 
     `q_bias` (H*D values, a Q conv's bias) is added to q first, by both kernels to their resident

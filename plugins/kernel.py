@@ -526,7 +526,7 @@ def windows_config(pairs: int, seq_q: int, seq_kv: int, head_dim: int, dtype_byt
                    head_dim_v: int | None = None) -> KernelConfig | None:
     """The short-sequence kernel's config where it serves (S_kv <= 64, heads <= 128 wide), else None.
     `pairs`: batch x heads. Samples per program: 4 where that still leaves >= 2 programs per SM, fewer
-    on small batches; 1 for fp32 (FMA-bound: parallelism wins). H200, run 43 (Swin's 512 windows x 3
+    on small batches; 1 for fp32 (FMA-bound: parallelism wins). H200, run 44 (Swin's 512 windows x 3
     heads of 49 pixels): 7.4 us unbiased, 9.0 biased, where `_attn_fwd`'s best configs take 9.4 and 13.0."""
     if seq_kv > 64 or max(block_dim(head_dim), block_dim(head_dim_v or head_dim)) > 128:
         return None
