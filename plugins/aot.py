@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..errors import KernelError, PluginError
-from .kernel import KernelConfig, _attn_fwd, block_dim, qk_scale, unit_flags
+from .kernel import KernelConfig, _attn_fwd, _attn_windows, block_dim, qk_scale, unit_flags
 from .op import (SCRATCH_BYTES, SCRATCH_ROWS, FlashAttentionAttrs, bias_dims, layout_strides, logical_shape, output_shape,
                  unit_axis)
 
@@ -72,15 +72,19 @@ class AotArtifact:
     arg_order: list[str] = field(default_factory=list)
     constants: dict = field(default_factory=dict)  # compiled in: unit strides, scale, tile sizes
 
-    def grid(self, batch, heads, seq_q, cdiv=lambda a, b: -(-a // b)) -> tuple:
-        """(x, y, z) for concrete sizes, or symbolic ones with TensorRT's `cdiv`."""
-        return (cdiv(seq_q, self.config.block_m), batch * heads, self.config.dv_programs(self.head_dim_v))
+    def grid(self, batch, heads, seq_q, cdiv=lambda a, b: -(-a // b), bias_batch=1) -> tuple:
+        """(x, y, z) for concrete sizes, or symbolic ones with TensorRT's `cdiv`; `bias_batch` (the bias's
+        batch dim) sets the short-sequence kernel's sample stride (`kernel.window_stride`)."""
+        return (cdiv(seq_q, self.config.block_m), self.config.programs_y(batch, heads, bias_batch, cdiv),
+                self.config.dv_programs(self.head_dim_v))
 
     def launch_for(self, q_shape, k_shape, v_shape, cdiv=lambda a, b: -(-a // b), bias_shape=None):
         """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
         exactly what TensorRT's aot_impl returns and what `launch_artifact` passes."""
-        grid = self.grid(*self._queries(q_shape), cdiv)
-        return grid, self.threads_per_block, self.shared_mem, self.scalar_args(q_shape, k_shape, v_shape, bias_shape)
+        scalars = self.scalar_args(q_shape, k_shape, v_shape, bias_shape)
+        bias_batch = bias_shape[0] if self.bias and self.config.windows else 1
+        grid = self.grid(*self._queries(q_shape), cdiv, bias_batch)
+        return grid, self.threads_per_block, self.shared_mem, scalars
 
     def _queries(self, q_shape) -> tuple:
         """(batch, heads, S_q) the kernel runs over, for the grid and its `num_heads` alike: heads from
@@ -131,9 +135,6 @@ def compile_artifact(
     cores (else exact fp32). `bias`: the FlashAttentionBias kernel. No GPU needed. Cached per variant
     (TensorRT asks for every tactic of
     every node, some alike)."""
-    if config.windows:
-        raise PluginError(f"config {config}: the short-sequence kernel (windows) has no AOT artifact yet; "
-                          "give an `_attn_fwd` config (flash.pick_config without `problem`)")
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _compile_in_child(dict(head_dim=head_dim, num_heads=num_heads, dtype=dtype, config=config, scale=scale,
                                       arch=arch, layouts=tuple(layouts), head_dim_v=head_dim_v, tf32=tf32, bias=bias,
@@ -156,8 +157,11 @@ def compile_artifact(
     }
     for t, layout in zip("qkvo", layouts):
         constants[f"stride_{t}{unit_axis(layout)}"] = 1
+    kernel = _attn_windows if config.windows else _attn_fwd  # the short-sequence kernel takes `batch` too
+    if config.windows:
+        constants["WINDOWS"] = config.windows
     signature = {}
-    for name in _attn_fwd.arg_names:
+    for name in kernel.arg_names:
         if name in constants:
             signature[name] = "constexpr"
         elif name in _POINTERS:
@@ -165,14 +169,14 @@ def compile_artifact(
         else:
             signature[name] = "i32"
     # TensorRT hands over 256-byte aligned buffers: pointers divisible by 16 (bytes).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names) if n in _POINTERS and n in signature
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in _POINTERS and n in signature
              and signature[n] != "constexpr"}
     # Only for experiments: compile as Triton's JIT would for shapes that are multiples of 16
     # (not valid for a TensorRT profile, which admits any shape).
     if _ASSUME_ALIGNED_SHAPES:
-        attrs.update({(i,): [["tt.divisibility", 16]] for i, n in enumerate(_attn_fwd.arg_names)
+        attrs.update({(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                       if signature[n] == "i32" and n != "num_heads"})
-    src = ASTSource(fn=_attn_fwd, signature=signature, constexprs=constants, attrs=attrs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg:

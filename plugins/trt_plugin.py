@@ -24,6 +24,8 @@ Tactics: 1..N run the Triton kernel's configs (`tactic_configs`); `HOPPER_TACTIC
 (TMA, wgmma) kernel where `hopper.aot_problem` allows it, fp16/bf16 on sm_90 with sequence
 lengths fixed at build. TensorRT times them all and keeps the fastest: if the Hopper kernel is
 slower, or a TensorRT could not give it its scratch, the engine still has the Triton kernel.
+`WINDOWS_TACTIC` runs the short-sequence kernel (`kernel._attn_windows`) where S_kv is fixed at build
+and <= 64 (windowed attention: Swin's 7x7 windows), `windows_tactic_config`.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
@@ -32,13 +34,14 @@ import functools
 
 from ..errors import PluginError
 from .kernel import (SMEM_WITHOUT_OPT_IN, KernelConfig, candidate_configs, default_config, no_opt_in_config,
-                     smem_estimate, smem_limit)
+                     smem_estimate, smem_limit, windows_config)
 from .op import (BIAS_OP_TYPE, OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, scratch_shape,
                  static_dim)
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 BIAS_PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{BIAS_OP_TYPE}"  # the same with a fourth input, the scores' bias
 HOPPER_TACTIC = 1000  # beside the Triton configs' 1..N
+WINDOWS_TACTIC = 1001
 
 
 @functools.cache
@@ -161,8 +164,22 @@ def _combinations(trtp, q, k, v, attrs: FlashAttentionAttrs, bias: bool) -> list
             q, attrs.q_layout, attrs.num_heads)[1]  # (0 where dynamic: then never offered either)
         if not bias and not grouped and not attrs.softcap and hopper_problem(q, k, v, attrs, dtype) is None:
             tactics.append(HOPPER_TACTIC)
+        if windows_tactic_config(q, k, v, attrs, dtype) is not None:
+            tactics.append(WINDOWS_TACTIC)
         combinations.append(trtp.AutoTuneCombination(io_types(dtype, bias), "LINEAR", tactics))
     return combinations
+
+
+def windows_tactic_config(q, k, v, attrs: FlashAttentionAttrs, dtype: str) -> KernelConfig | None:
+    """The short-sequence kernel's config for a node whose S_kv is fixed at build and <= 64, else None.
+    Samples per program as for a large batch (`kernel.windows_config`): windowed attention runs many
+    windows, and TensorRT keeps `_attn_fwd` where this is slower."""
+    (_, _, seq_q, d), (_, _, seq_kv, _), (_, _, _, d_v) = (
+        static_logical_shape(t, layout, attrs.num_heads) for t, layout in ((q, attrs.q_layout), (k, attrs.k_layout),
+                                                                            (v, attrs.v_layout)))
+    if not seq_kv or not d or not d_v:
+        return None
+    return windows_config(1 << 20, seq_q or 64, seq_kv, d, 4 if dtype == "fp32" else 2, head_dim_v=d_v)
 
 
 def io_types(dtype: str, bias: bool = False) -> str:
@@ -185,7 +202,11 @@ def _run(q, k, v, bias, attrs: FlashAttentionAttrs, outputs, stream: int, tactic
 
             hopper_attention(*views, attrs.scale)
             return
-        config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic, views[2].shape[-1])
+        if tactic == WINDOWS_TACTIC:
+            config = windows_config(1 << 20, views[0].shape[2], views[1].shape[2], views[0].shape[-1],
+                                    views[0].element_size(), head_dim_v=views[2].shape[-1])
+        else:
+            config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic, views[2].shape[-1])
         flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32,
                         bias=None if bias is None else torch_tensor(bias), softcap=attrs.softcap)
 
@@ -227,7 +248,11 @@ def _kernel(trtp, q, k, v, bias, attrs: FlashAttentionAttrs, tactic: int):
                                       layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
     else:
         head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
-        config = tactic_config(head_dim, dtype, arch, tactic, head_dim_v)
+        config = (windows_tactic_config(q, k, v, attrs, dtype) if tactic == WINDOWS_TACTIC
+                  else tactic_config(head_dim, dtype, arch, tactic, head_dim_v))
+        if config is None:  # TensorRT asks only for tactics autotune offered
+            raise PluginError(f"tactic {tactic} (the short-sequence kernel) cannot serve this node: S_kv is not "
+                              "fixed at build or is longer than 64")
         art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v,
                                num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
                                arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32, bias=bias is not None,

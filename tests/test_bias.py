@@ -342,3 +342,54 @@ def test_a_relative_position_table_is_recognised_by_its_values():
     mask[:21, 21:] = mask[21:, :21] = -100.0  # regions of a shifted window
     assert _relative_table(mask) is None
     assert _relative_table(g.standard_normal((3, 49, 49))) is None
+
+
+@pytest.mark.parametrize("case,offered", [("window_7x7", True), ("longer_than_64", False), ("dynamic_length", False)])
+def test_the_short_sequence_tactic_serves_fixed_short_windows_only(trt, case, offered):
+    """S_kv fixed at build and <= 64 (Swin's 7x7 windows, batch x windows dynamic): the short-sequence
+    kernel is a tactic beside the Triton configs, with the batch among its extras and a grid of
+    `kernel.window_stride` programs per head at the run shape (6 windows, bias of 3 shifted-window masks:
+    4 samples per program, stride 3 -> 6 programs). Mutations: the grid's stride ignoring the bias's
+    batch (2 x 2 = 4 programs); the tactic offered for a dynamic S."""
+    from convattn.plugins.kernel import window_stride
+
+    core, _, _ = trt
+    trt_plugin.register_plugin()
+    s = {"window_7x7": 49, "longer_than_64": 65, "dynamic_length": "S"}[case]
+    shapes = [("B", 2, s, 8), ("B", 2, s, 8), ("B", 2, s, 8), ("W", 2, s, s)]
+    env = {"B": 6, "W": 3, "S": 49}
+    built = h.build_node(core, h.parse_node(core, _bias_node()), [core.float16] * 4, shapes, env,
+                         tactics=[trt_plugin.WINDOWS_TACTIC] if offered else [])
+    assert (trt_plugin.WINDOWS_TACTIC in built.tactics) is offered and 1 in built.tactics
+    if offered:
+        launch = built.launches[trt_plugin.WINDOWS_TACTIC]
+        assert launch.grid == (1, window_stride(6, 4, 3) * 2, 1) == (1, 6, 1)
+        assert launch.extras[-5:] == [3, 2, 49, 1, 6]  # bias_b, bias_h, bias_q, the K/V group, the batch
+        assert "_attn_windows" in launch.ptx
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("bias_batch", [1, 64, None], ids=["shared", "shifted", "unbiased"])
+def test_gpu_the_aot_short_sequence_kernel_is_the_jit_kernel(dtype, bias_batch):
+    """The short-sequence kernel's AOT PTX, launched with TensorRT's argument list, computes bit for bit
+    what the JIT kernel computes (Swin's 7x7 windows, 2 images' 128 windows), within tolerance of float64."""
+    from convattn.plugins import flash_attention
+    from convattn.plugins.aot import compile_artifact, launch_artifact
+    from convattn.plugins.kernel import windows_config
+
+    dt = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    g = torch.Generator().manual_seed(bias_batch or 0)
+    q, k, v = (torch.randn(128, 3, 49, 32, generator=g).to("cuda", dt) for _ in range(3))
+    bias = None if bias_batch is None else (torch.randn(bias_batch, 3, 49, 49, generator=g) * 2).to("cuda", dt)
+    config = windows_config(1 << 20, 49, 49, 32, dt.itemsize)
+    art = compile_artifact(head_dim=32, num_heads=3, dtype=dtype, config=config, scale=32**-0.5,
+                           layouts=("BHSD",) * 4, bias=bias is not None)
+    aot, jit = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
+    launch_artifact(art, q, k, v, aot, bias=bias)
+    flash_attention(q, k, v, out=jit, bias=bias, config=config)
+    torch.cuda.synchronize()
+    assert torch.equal(aot, jit)
+    want = float64_attention(q.cpu(), k.cpu(), v.cpu(), torch.zeros(1, 3, 49, 49) if bias is None else bias.cpu(),
+                             32**-0.5)
+    assert (aot.cpu().double() - want).abs().max() <= (1e-5 if dtype == "fp32" else 4e-3)
