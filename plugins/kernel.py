@@ -67,10 +67,8 @@ def _attn_fwd(
     # "S is a multiple of 16" the way Triton's JIT specialises. It tests that at run time
     # (one uniform branch) and runs a body compiled with those alignment hints: 16-byte vector
     # loads along the contiguous axis. Both bodies do the same arithmetic.
-    aligned = (_rem(stride_qb) + _rem(stride_qh) + _rem(stride_qs) + _rem(stride_qd)
-               + _rem(stride_kb) + _rem(stride_kh) + _rem(stride_ks) + _rem(stride_kd)
-               + _rem(stride_vb) + _rem(stride_vh) + _rem(stride_vs) + _rem(stride_vd)
-               + _rem(stride_ob) + _rem(stride_oh) + _rem(stride_os) + _rem(stride_od)
+    aligned = (_strides_rem(stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                            stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od)
                + _rem(seq_q) + _rem(seq_kv)) == 0
     if aligned:
         _attn_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -102,6 +100,25 @@ def _hint(x, ALIGNED: tl.constexpr, IS_ONE: tl.constexpr):
 
 
 @triton.jit
+def _strides_rem(sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod):
+    """0 where every stride is a multiple of 16 (or the contiguous axis's 1)."""
+    return (_rem(sqb) + _rem(sqh) + _rem(sqs) + _rem(sqd) + _rem(skb) + _rem(skh) + _rem(sks) + _rem(skd)
+            + _rem(svb) + _rem(svh) + _rem(svs) + _rem(svd) + _rem(sob) + _rem(soh) + _rem(sos) + _rem(sod))
+
+
+@triton.jit
+def _hint_strides(sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sos, sod, ALIGNED: tl.constexpr,
+                  QS1: tl.constexpr, QD1: tl.constexpr, KS1: tl.constexpr, KD1: tl.constexpr,
+                  VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr):
+    """The 16 strides `_hint`ed for an aligned body. Batch and head strides are never the constant 1 (the
+    launcher passes 0 for size-1 axes)."""
+    return (_hint(sqb, ALIGNED, False), _hint(sqh, ALIGNED, False), _hint(sqs, ALIGNED, QS1), _hint(sqd, ALIGNED, QD1),
+            _hint(skb, ALIGNED, False), _hint(skh, ALIGNED, False), _hint(sks, ALIGNED, KS1), _hint(skd, ALIGNED, KD1),
+            _hint(svb, ALIGNED, False), _hint(svh, ALIGNED, False), _hint(svs, ALIGNED, VS1), _hint(svd, ALIGNED, VD1),
+            _hint(sob, ALIGNED, False), _hint(soh, ALIGNED, False), _hint(sos, ALIGNED, OS1), _hint(sod, ALIGNED, OD1))
+
+
+@triton.jit
 def _attn_body(
     Q, K, V, Out,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -116,16 +133,11 @@ def _attn_body(
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    stride_qs, stride_qd = _hint(stride_qs, ALIGNED, QS1), _hint(stride_qd, ALIGNED, QD1)
-    stride_ks, stride_kd = _hint(stride_ks, ALIGNED, KS1), _hint(stride_kd, ALIGNED, KD1)
-    stride_vs, stride_vd = _hint(stride_vs, ALIGNED, VS1), _hint(stride_vd, ALIGNED, VD1)
-    stride_os, stride_od = _hint(stride_os, ALIGNED, OS1), _hint(stride_od, ALIGNED, OD1)
+    (stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh,
+     stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od) = _hint_strides(
+        stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh,
+        stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od, ALIGNED, QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1)
     seq_q, seq_kv = _hint(seq_q, ALIGNED, False), _hint(seq_kv, ALIGNED, False)
-    # Batch and head strides are never the constant 1 (the launcher passes 0 for size-1 axes).
-    stride_qb, stride_qh = _hint(stride_qb, ALIGNED, False), _hint(stride_qh, ALIGNED, False)
-    stride_kb, stride_kh = _hint(stride_kb, ALIGNED, False), _hint(stride_kh, ALIGNED, False)
-    stride_vb, stride_vh = _hint(stride_vb, ALIGNED, False), _hint(stride_vh, ALIGNED, False)
-    stride_ob, stride_oh = _hint(stride_ob, ALIGNED, False), _hint(stride_oh, ALIGNED, False)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -288,10 +300,8 @@ def _attn_windows(
     every sample of a program reads the same bias rows (Swin's shared (1, H, S, S) table, or its shifted
     windows' (windows, H, S, S) masks), loaded and converted once. Same arithmetic as `_attn_fwd` (one
     `_step`). Strides are tested at run time as there (one uniform branch); S is not."""
-    aligned = (_rem(stride_qb) + _rem(stride_qh) + _rem(stride_qs) + _rem(stride_qd)
-               + _rem(stride_kb) + _rem(stride_kh) + _rem(stride_ks) + _rem(stride_kd)
-               + _rem(stride_vb) + _rem(stride_vh) + _rem(stride_vs) + _rem(stride_vd)
-               + _rem(stride_ob) + _rem(stride_oh) + _rem(stride_os) + _rem(stride_od)) == 0
+    aligned = _strides_rem(stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                           stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od) == 0
     if aligned:
         _windows_body(Q, K, V, Out, stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                       stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
@@ -321,14 +331,10 @@ def _windows_body(
     VS1: tl.constexpr, VD1: tl.constexpr, OS1: tl.constexpr, OD1: tl.constexpr,
     WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    stride_qs, stride_qd = _hint(stride_qs, ALIGNED, QS1), _hint(stride_qd, ALIGNED, QD1)
-    stride_ks, stride_kd = _hint(stride_ks, ALIGNED, KS1), _hint(stride_kd, ALIGNED, KD1)
-    stride_vs, stride_vd = _hint(stride_vs, ALIGNED, VS1), _hint(stride_vd, ALIGNED, VD1)
-    stride_os, stride_od = _hint(stride_os, ALIGNED, OS1), _hint(stride_od, ALIGNED, OD1)
-    stride_qb, stride_qh = _hint(stride_qb, ALIGNED, False), _hint(stride_qh, ALIGNED, False)
-    stride_kb, stride_kh = _hint(stride_kb, ALIGNED, False), _hint(stride_kh, ALIGNED, False)
-    stride_vb, stride_vh = _hint(stride_vb, ALIGNED, False), _hint(stride_vh, ALIGNED, False)
-    stride_ob, stride_oh = _hint(stride_ob, ALIGNED, False), _hint(stride_oh, ALIGNED, False)
+    (stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh,
+     stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od) = _hint_strides(
+        stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd, stride_vb, stride_vh,
+        stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od, ALIGNED, QS1, QD1, KS1, KD1, VS1, VD1, OS1, OD1)
     pid_m = tl.program_id(0)
     h = tl.program_id(1) % num_heads
     c = tl.program_id(1) // num_heads
