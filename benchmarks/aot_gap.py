@@ -9,7 +9,7 @@ import triton.testing
 
 from convattn.plugins import aot
 from convattn.plugins import flash_attention
-from convattn.plugins.flash import pick_config
+from convattn.plugins.plan import pick_config
 
 major, minor = torch.cuda.get_device_capability()
 print(torch.cuda.get_device_name())

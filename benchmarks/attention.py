@@ -33,10 +33,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 from convattn.models import ConvMHAttn
-from convattn.plugins import flash as flash_mod
+from convattn.plugins import plan as plan_mod
 from convattn.plugins.aot import compile_artifact, compile_hopper_artifact, launch_artifact
 from convattn.plugins.op import scratch_shape
-from convattn.plugins.flash import config_key, pick_config
+from convattn.plugins.plan import config_key, pick_config
 from convattn.plugins.hopper import aot_problem
 from convattn.plugins.tune import tune
 
@@ -154,9 +154,9 @@ def main():
             record(tuned)
         if args.tune_only:
             return
-        flash_mod._recorded.cache_clear()
-        recorded = {**flash_mod._recorded(), **tuned}
-        flash_mod._recorded = lambda: recorded  # use what was just tuned
+        plan_mod._recorded.cache_clear()
+        recorded = {**plan_mod._recorded(), **tuned}
+        plan_mod._recorded = lambda: recorded  # use what was just tuned
     rows = []
     small = [(b, c, h, side) for c, h in ((64, 8), (256, 4)) for b, side in ((8, 32), (8, 64), (8, 128), (8, 256))]
     shapes = [("fp16", *r) for r in (*small, (1, 256, 4, 512))]

@@ -21,7 +21,8 @@ import torch
 import triton.testing
 
 from convattn.plugins.aot import compile_artifact, launch_artifact
-from convattn.plugins.flash import flash_attention, pick_config
+from convattn.plugins.flash import flash_attention
+from convattn.plugins.plan import pick_config
 from convattn.plugins.kernel import windows_config
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

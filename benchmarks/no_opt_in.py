@@ -20,7 +20,7 @@ import triton.testing
 from convattn.plugins.aot import compile_artifact, launch_artifact
 from convattn.plugins.kernel import SMEM_WITHOUT_OPT_IN, no_opt_in_config
 from convattn.plugins.op import LAYOUTS, FlashAttentionAttrs, bhsd_view, output_shape
-from convattn.plugins.trt_plugin import tactic_config
+from convattn.plugins.plan import tactic_config
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOL = {"fp16": 4e-3, "bf16": 3e-2, "fp32": 1e-5}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from ..errors import KernelError, PluginError
 from .kernel import KernelConfig, _attn_fwd, _attn_windows, block_dim, qk_scale, unit_flags
+from .plan import hopper_plan
 from .op import (SCRATCH_BYTES, SCRATCH_ROWS, FlashAttentionAttrs, bias_dims, layout_strides, logical_shape, output_shape,
                  unit_axis)
 
@@ -200,7 +201,7 @@ def compile_artifact(
 
 @functools.cache
 def compile_hopper_artifact(*, head_dim: int, num_heads: int, dtype: str, scale: float, layouts, seq_kv: int) -> AotArtifact:
-    """The Hopper (TMA, wgmma) kernel for TensorRT's AOT path, the one `hopper.hopper_attention` runs
+    """The Hopper (TMA, wgmma) kernel for TensorRT's AOT path, the one `plan.hopper_plan` names
     for this head dim (`hopper_ws` at 64 and 128, `hopper` at 256 and 512): contiguous 1x1-conv maps
     in (Q, K, V), any output layout, descriptors made on the device in the scratch output.
     `seq_kv`: the (static) key length, for the tail masking and the variant. The caller checked
@@ -214,8 +215,9 @@ def compile_hopper_artifact(*, head_dim: int, num_heads: int, dtype: str, scale:
 
     from . import hopper, hopper_ws
 
-    if head_dim in hopper_ws.HEAD_DIMS:  # the warp-specialized kernel, as `hopper.hopper_attention` runs it
-        ws = hopper_ws.config_for(head_dim, seq_kv)
+    plan = hopper_plan(head_dim, seq_kv)
+    if plan.kernel == "hopper_ws":  # the warp-specialized kernel, as the JIT path runs it
+        ws = plan.hopper
         fn, block_m, block_n, num_warps = hopper_ws._ws_attn_aot, ws.consumers * hopper_ws.BLOCK_M, ws.block_n, hopper_ws.NUM_WARPS
         extra = {"STAGES": ws.stages, "CONSUMERS": ws.consumers, "CONSUMER_REGS": ws.consumer_regs}
         options = {"num_warps": num_warps, "maxnreg": ws.maxnreg}

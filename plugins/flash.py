@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-from functools import cache
-from pathlib import Path
 
 import torch
 import triton
 
 from ..errors import PluginError
-from .device import device_arch
-from .kernel import (SMEM_LIMIT, KernelConfig, _attn_fwd, _attn_windows, block_dim, default_config, qk_scale, unit_flags,
-                     windows_config)
+from .kernel import KernelConfig, _attn_fwd, _attn_windows, block_dim, qk_scale, unit_flags
 from .op import bias_dims
+from .plan import Plan, jit_plan
 from .reference import add_q_bias
 
-CONFIGS_FILE = Path(__file__).with_name("configs.json")
-_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def seq_bucket(seq: int) -> int:
-    """Configs are tuned per power-of-four sequence bucket: 1024, 4096, 16384, ..."""
-    return 4 ** max(5, min(9, math.ceil(math.log(max(seq, 1), 4))))
-
-
-@cache
-def _recorded() -> dict:
-    return json.loads(CONFIGS_FILE.read_text()) if CONFIGS_FILE.exists() else {}
-
-
-def config_key(arch: str, dtype: str, head_dim: int, seq_kv: int) -> str:
-    return f"{arch}/{dtype}/d{head_dim}/s{seq_bucket(seq_kv)}"
-
-
-def recorded_config(arch: str, dtype: str, head_dim: int, seq_kv: int) -> KernelConfig | None:
-    """The config tuned for this GPU arch, dtype ("fp16", ...), head dim and length, if one is recorded:
-    the one lookup the JIT kernel, the AOT artifacts and the TensorRT tactics share."""
-    rec = _recorded().get(config_key(arch, dtype, head_dim, seq_kv))
-    return KernelConfig(**rec["config"]) if rec else None
-
-
-def pick_config(device: torch.device, dtype: torch.dtype, head_dim: int, seq_kv: int,
-                problem: tuple[int, int, int] | None = None) -> KernelConfig:
-    """The recorded (tuned) config for this GPU, dtype, head dim and length, else the default. With
-    `problem` (batch x heads, S_q, head_dim_v): the short-sequence kernel where it serves (`windows_config`;
-    the JIT path only: the AOT artifacts run `_attn_fwd`)."""
-    arch, smem = device_arch(device) if device.type == "cuda" else ("cpu", SMEM_LIMIT)
-    if problem is not None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        short = windows_config(problem[0], problem[1], seq_kv, head_dim, dtype.itemsize, sms, problem[2])
-        if short is not None:
-            return short
-    return (recorded_config(arch, _DTYPES[dtype], head_dim, seq_kv)
-            or default_config(head_dim, dtype.itemsize, smem=smem))
-
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _strides(t) -> list[int]:
     """Strides as the kernel takes them: 0 for a size-1 batch/head axis (never read), so a
@@ -94,8 +52,8 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
 
     Any strides: conv-output views are read in place, and `out` (B, H, S_q, D_v) may be a view
     of the output map. fp16, bf16, fp32; fp32 accumulation; O(S) memory. CUDA tensors run the
-    Triton kernel (at S_kv <= 64 its short-sequence variant, `kernel.windows_config`), or on Hopper a Gluon
-    kernel (`hopper`, `hopper_ws`) where `_hopper_takes` says so (no `config` given); CPU tensors run the Triton kernel when TRITON_INTERPRET=1 (tests), else
+    kernel `plan.jit_plan` chooses: the Triton kernel (at S_kv <= 64 its short-sequence variant), or on
+    Hopper a Gluon kernel (`hopper`, `hopper_ws`) where it was measured faster (no `config` given); CPU tensors run the Triton kernel when TRITON_INTERPRET=1 (tests), else
     the tiled NumPy reference.
 
     `q_bias` (H*D values, a Q conv's bias) is added to q first, by both kernels to their resident
@@ -136,33 +94,29 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
         if bias.dtype != q.dtype or bias.device != q.device or not bias.is_contiguous():
             raise PluginError(f"bias: expected a contiguous {q.dtype} tensor on {q.device}, got {bias.dtype} on "
                              f"{bias.device}, strides {bias.stride()}")
-    if config is None and bias is None and not softcap and k.shape[1] == q.shape[1] and q.device.type == "cuda" and _hopper_takes(q, k, v):
-        from .hopper import hopper_attention
-
-        hopper_attention(q, k, v, out, scale, q_bias)
-        return out
     if q.device.type == "cuda" or _interpreting():
-        tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
-        config = config or pick_config(q.device, q.dtype, q.shape[3], k.shape[2],
-                                       (q.shape[0] * q.shape[1], q.shape[2], v.shape[3]))
-        launch(q, k, v, out, scale, config, q_bias, tf32, bias, softcap)
+        run_plan(jit_plan(q, k, v, bias=bias, softcap=softcap, config=config), q, k, v, out, scale, q_bias, tf32, bias,
+                 softcap)
         return out
     from .reference import reference_attention_torch
 
     return reference_attention_torch(add_q_bias(q, q_bias), k, v, scale, out, bias, softcap)
 
 
-def _hopper_takes(q, k, v) -> bool:
-    """Where the JIT path runs a Hopper kernel: head dim 512 (the wide kernel: 5.2 vs 9.2 ms, run 29),
-    and 64 or 128 from 4096 keys on (the warp-specialized kernel, measured there: run 31)."""
-    d = q.shape[3]
-    if not (d == 512 or (d in (64, 128) and k.shape[2] >= 4096)):  # before importing Gluon
-        return False
-    try:
-        from .hopper import unsupported
-    except ImportError:  # a Triton without Gluon
-        return False
-    return unsupported(q, k, v) is None
+def run_plan(plan: Plan, q, k, v, out, scale: float, q_bias=None, tf32: bool | None = None, bias=None,
+             softcap: float = 0.0) -> None:
+    """Launch what `plan` says (`plan.jit_plan`, or a TensorRT tactic's `plan.engine_plan`) on checked views."""
+    if plan.kernel == "hopper_ws":
+        from .hopper_ws import ws_attention
+
+        ws_attention(q, k, v, out, scale, q_bias, plan.hopper)
+    elif plan.kernel == "hopper_wide":
+        from .hopper import wide_attention
+
+        wide_attention(q, k, v, out, scale, q_bias)
+    else:
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+        launch(q, k, v, out, scale, plan.config, q_bias, tf32, bias, softcap)
 
 
 def _interpreting() -> bool:

@@ -15,9 +15,9 @@ told to do otherwise: it puts every warp of a chained dot along the rows. Gluon 
 - a Q conv's bias (`q_bias`) is added once to the resident Q tile, sparing a pass over Q.
 
 The same kernel compiles for head dims 64, 128 and 256 (no spills, ptxas), but is slower there
-than the Triton kernel (run 29, H100): `hopper_attention` runs the warp-specialized kernel of
-`hopper_ws` at 64 and 128, this one at 256 and 512; `flash._hopper_takes` says where the JIT path
-uses them (`HEAD_DIMS`: where the AOT path offers them as a tactic).
+than the Triton kernel (run 29, H100): `plan.hopper_plan` runs the warp-specialized kernel of
+`hopper_ws` at 64 and 128, this one (`wide_attention`) at 256 and 512; `plan.jit_plan` says where the
+JIT path uses them (`HEAD_DIMS`: where the AOT path offers them as a tactic).
 
 What it takes: sm_90, fp16/bf16, a head_dim of `HEAD_DIMS` for Q, K and V, and the views a 1x1 conv gives
 (pixels contiguous, heads stacked in the channels, rows 16-byte aligned) for TMA. Anything else
@@ -263,16 +263,11 @@ def descriptor(t, box_rows: int, box_cols: int = BLOCK_M):
     return TensorDescriptor(t, shape, [t.stride(3), 1], [box_rows, box_cols], layout), batch_rows
 
 
-def hopper_attention(q, k, v, out, scale: float, q_bias=None) -> None:
+def wide_attention(q, k, v, out, scale: float, q_bias=None) -> None:
     """softmax(scale * (q + q_bias) k^T) v into `out` (any strides); q_bias: H*D contiguous
-    values or None. Head dims 64 and 128 run the warp-specialized kernel (`hopper_ws`), 256 and
-    512 this module's. The caller checked `unsupported`."""
-    from . import hopper_ws
-
+    values or None. `plan.hopper_plan` runs it at head dims 256 and 512 (`hopper_ws` at 64 and 128).
+    The caller checked `unsupported`."""
     b, h, s_q, d = q.shape
-    if d in hopper_ws.HEAD_DIMS:
-        hopper_ws.ws_attention(q, k, v, out, scale, q_bias)
-        return
     (qd, qr), (kd, kr), (vd, vr) = (descriptor(t, d // 2) for t in (q, k, v))
     _wide_attn_fwd[(triton.cdiv(s_q, BLOCK_M), b * h)](
         qd, kd, vd, out, out if q_bias is None else q_bias, *out.stride(), qr, kr, vr, h, s_q, k.shape[2],

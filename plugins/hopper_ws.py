@@ -14,7 +14,7 @@ Registers move to the consumers (`setmaxnreg`): the producer keeps 24.
 
 Layouts as `hopper`: the views a 1x1 conv gives, Q^T, K^T, V^T tiles of [D, 64 or 128] pixels via
 TMA (rows 16-byte aligned), any output strides. JIT entry `_ws_attn_fwd` (host descriptors), AOT
-entry `_ws_attn_aot` (device descriptors in the plugin's scratch output). `hopper.hopper_attention`
+entry `_ws_attn_aot` (device descriptors in the plugin's scratch output). `plan.hopper_plan`
 and `aot.compile_hopper_artifact` choose it for the head dims of `HEAD_DIMS`; `config_for` the variant.
 
 Measured (run 31, H100, attention alone, fp16): d=128, B=4, S=16384: 3.35 ms vs the Triton kernel's
@@ -215,7 +215,7 @@ def config_for(head_dim: int, seq_kv: int) -> WsConfig:
 
 
 def ws_attention(q, k, v, out, scale: float, q_bias=None, config: WsConfig | None = None) -> None:
-    """softmax(scale * (q + q_bias) k^T) v into `out` (any strides), as `hopper.hopper_attention`;
+    """softmax(scale * (q + q_bias) k^T) v into `out` (any strides), as `hopper.wide_attention`;
     head dims `HEAD_DIMS`. The caller checked `hopper.unsupported`."""
     import triton
 

@@ -20,12 +20,11 @@ Hopper kernel's device-side TMA descriptors (a QDP plugin has no workspace). The
 both (`op.node_outputs`): the ONNX parser of TensorRT 10.16 and 11.x requires a node to name every
 output of its layer (tests/PARSER_RULES.md); nothing consumes the scratch.
 
-Tactics: 1..N run the Triton kernel's configs (`tactic_configs`); `HOPPER_TACTIC` runs the Hopper
-(TMA, wgmma) kernel where `hopper.aot_problem` allows it, fp16/bf16 on sm_90 with sequence
-lengths fixed at build. TensorRT times them all and keeps the fastest: if the Hopper kernel is
+Tactics (`plan.engine_tactics`, the one kernel plan): 1..N run the Triton kernel's configs;
+`plan.HOPPER_TACTIC` the Hopper (TMA, wgmma) kernel where `hopper.aot_problem` allows it, fp16/bf16 on
+sm_90 with sequence lengths fixed at build; `plan.WINDOWS_TACTIC` the short-sequence kernel where S_kv
+is fixed at build and <= 64. TensorRT times them all and keeps the fastest: if the Hopper kernel is
 slower, or a TensorRT could not give it its scratch, the engine still has the Triton kernel.
-`WINDOWS_TACTIC` runs the short-sequence kernel (`kernel._attn_windows`) where S_kv is fixed at build
-and <= 64 (windowed attention: Swin's 7x7 windows), `windows_tactic_config`.
 """
 
 # No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
@@ -33,41 +32,12 @@ and <= 64 (windowed attention: Swin's 7x7 windows), `windows_tactic_config`.
 import functools
 
 from ..errors import PluginError
-from .kernel import (SMEM_WITHOUT_OPT_IN, KernelConfig, candidate_configs, default_config, no_opt_in_config,
-                     smem_estimate, smem_limit, windows_config)
+from .plan import Node, engine_plan, engine_tactics
 from .op import (BIAS_OP_TYPE, OP_TYPE, PLUGIN_NAMESPACE, FlashAttentionAttrs, bhsd_view, logical_shape, output_shape, scratch_shape,
                  static_dim)
 
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{OP_TYPE}"
 BIAS_PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{BIAS_OP_TYPE}"  # the same with a fourth input, the scores' bias
-HOPPER_TACTIC = 1000  # beside the Triton configs' 1..N
-WINDOWS_TACTIC = 1001
-
-
-@functools.cache
-def tactic_configs(head_dim: int, dtype: str, arch: str = "sm_90", head_dim_v: int | None = None) -> tuple[KernelConfig, ...]:
-    """Tactic i (1-based: TensorRT reserves 0) runs config i-1: the recorded (tuned) config
-    first, then the rest of the tuning space, so TensorRT's own timing can pick among them.
-    Cached: the JIT `impl` looks its tactic up at every enqueue."""
-    from .flash import recorded_config
-
-    nbytes = 4 if dtype == "fp32" else 2
-    # A profile admits many lengths: the config tuned for the longest recorded one leads.
-    first = next((c for c in (recorded_config(arch, dtype, head_dim, s) for s in (16384, 4096, 1024)) if c), None)
-    first = first or default_config(head_dim, nbytes, head_dim_v, smem=smem_limit(arch))
-    configs = [first, *(c for c in candidate_configs(head_dim, nbytes, head_dim_v, smem=smem_limit(arch)) if c != first)]
-    # A tactic within 48 KiB of shared memory, if the list has none: an engine still builds where
-    # TensorRT does not opt a kernel in to more (not documented either way).
-    safe = no_opt_in_config(head_dim, nbytes, head_dim_v)
-    if safe is not None and not any(smem_estimate(c, head_dim, nbytes, head_dim_v) <= SMEM_WITHOUT_OPT_IN for c in configs):
-        configs.append(safe)
-    return tuple(configs)
-
-
-def tactic_config(head_dim: int, dtype: str, arch: str, tactic: int, head_dim_v: int | None = None) -> KernelConfig:
-    """The config of a tactic TensorRT chose (0, its default, is the first one); bf16 shares fp16's list
-    (one AutoTuneCombination serves both 16-bit types)."""
-    return tactic_configs(head_dim, "fp32" if dtype == "fp32" else "fp16", arch, head_dim_v)[max(tactic, 1) - 1]
 
 
 def plugin_attrs(num_heads, scale, q_layout, k_layout, v_layout, out_layout, tf32, softcap) -> FlashAttentionAttrs:
@@ -153,33 +123,19 @@ def _describe(trtp, q, v, attrs: FlashAttentionAttrs):
 
 def _combinations(trtp, q, k, v, attrs: FlashAttentionAttrs, bias: bool) -> list:
     """One combination per element size (the tactic lists differ: fp32 tiles fit less SMEM): every tensor,
-    the bias too, of one dtype. The Hopper kernels take no bias and no grouped K/V heads: such a node runs
-    the Triton kernel."""
-    head_dim, arch = static_head_dim(q, attrs.q_layout, attrs.num_heads), _arch()
-    head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
-    combinations = []
-    for dtype in ("fp16", "fp32"):
-        tactics = list(range(1, len(tactic_configs(head_dim, dtype, arch, head_dim_v)) + 1))
-        grouped = static_logical_shape(k, attrs.k_layout, attrs.num_heads)[1] != static_logical_shape(
-            q, attrs.q_layout, attrs.num_heads)[1]  # (0 where dynamic: then never offered either)
-        if not bias and not grouped and not attrs.softcap and hopper_problem(q, k, v, attrs, dtype) is None:
-            tactics.append(HOPPER_TACTIC)
-        if windows_tactic_config(q, k, v, attrs, dtype) is not None:
-            tactics.append(WINDOWS_TACTIC)
-        combinations.append(trtp.AutoTuneCombination(io_types(dtype, bias), "LINEAR", tactics))
-    return combinations
+    the bias too, of one dtype; its tactics `plan.engine_tactics`."""
+    return [trtp.AutoTuneCombination(io_types(dtype, bias), "LINEAR", engine_tactics(_node(q, k, v, attrs, dtype, bias)))
+            for dtype in ("fp16", "fp32")]
 
 
-def windows_tactic_config(q, k, v, attrs: FlashAttentionAttrs, dtype: str) -> KernelConfig | None:
-    """The short-sequence kernel's config for a node whose S_kv is fixed at build and <= 64, else None.
-    Samples per program as for a large batch (`kernel.windows_config`): windowed attention runs many
-    windows, and TensorRT keeps `_attn_fwd` where this is slower."""
-    (_, _, seq_q, d), (_, _, seq_kv, _), (_, _, _, d_v) = (
-        static_logical_shape(t, layout, attrs.num_heads) for t, layout in ((q, attrs.q_layout), (k, attrs.k_layout),
-                                                                            (v, attrs.v_layout)))
-    if not seq_kv or not d or not d_v:
-        return None
-    return windows_config(1 << 20, seq_q or 64, seq_kv, d, 4 if dtype == "fp32" else 2, head_dim_v=d_v)
+def _node(q, k, v, attrs: FlashAttentionAttrs, dtype: str, bias: bool) -> Node:
+    """What the plan needs of a node, from its TensorDescs (0 where a size is dynamic: the K/V heads then
+    count as grouped, so nothing that needs equal head counts is offered)."""
+    (_, heads, seq_q, _), (_, kv_heads, seq_kv, _) = (
+        static_logical_shape(t, layout, attrs.num_heads) for t, layout in ((q, attrs.q_layout), (k, attrs.k_layout)))
+    return Node(_arch(), dtype, static_head_dim(q, attrs.q_layout, attrs.num_heads),
+                static_head_dim(v, attrs.v_layout, attrs.num_heads), (attrs.q_layout, attrs.k_layout, attrs.v_layout),
+                seq_q or None, seq_kv or None, bias, attrs.softcap, kv_heads != heads)
 
 
 def io_types(dtype: str, bias: bool = False) -> str:
@@ -189,25 +145,24 @@ def io_types(dtype: str, bias: bool = False) -> str:
 
 
 def _run(q, k, v, bias, attrs: FlashAttentionAttrs, outputs, stream: int, tactic: int) -> None:
-    """The JIT implementation: the kernel on TensorRT's stream, reading the tensors in place."""
+    """The JIT implementation: the tactic's kernel (`plan.engine_plan`) on TensorRT's stream, reading the
+    tensors in place."""
     import torch
 
-    from .flash import _DTYPES, flash_attention
+    from .flash import flash_attention, run_plan
+    from .plan import dtype_name
 
     layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
     views = [bhsd_view(torch_tensor(t), layout, attrs.num_heads) for t, layout in zip((q, k, v, outputs[0]), layouts)]
+    (_, heads, s_q, d), (_, kv_heads, s_kv, _) = views[0].shape, views[1].shape
+    node = Node(_arch(), dtype_name(views[0].dtype), d, views[2].shape[-1], layouts[:3], s_q, s_kv, bias is not None,
+                attrs.softcap, kv_heads != heads)
+    plan = engine_plan(node, tactic)
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        if tactic == HOPPER_TACTIC:
-            from .hopper import hopper_attention
-
-            hopper_attention(*views, attrs.scale)
+        if plan.kernel.startswith("hopper"):
+            run_plan(plan, *views, attrs.scale)
             return
-        if tactic == WINDOWS_TACTIC:
-            config = windows_config(1 << 20, views[0].shape[2], views[1].shape[2], views[0].shape[-1],
-                                    views[0].element_size(), head_dim_v=views[2].shape[-1])
-        else:
-            config = tactic_config(views[0].shape[-1], _DTYPES[views[0].dtype], _arch(), tactic, views[2].shape[-1])
-        flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=config, tf32=attrs.tf32,
+        flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=plan.config, tf32=attrs.tf32,
                         bias=None if bias is None else torch_tensor(bias), softcap=attrs.softcap)
 
 
@@ -237,26 +192,15 @@ def _kernel(trtp, q, k, v, bias, attrs: FlashAttentionAttrs, tactic: int):
 
     layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
     dtype = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}[q.dtype]
-    arch = _arch()
-    head_dim = static_head_dim(q, attrs.q_layout, attrs.num_heads)
-    if tactic == HOPPER_TACTIC:
-        problem = ("the Hopper kernels take no bias" if bias is not None else "the Hopper kernels have no softcap"
-                   if attrs.softcap else hopper_problem(q, k, v, attrs, dtype))
-        if problem:  # TensorRT asks only for tactics autotune offered
-            raise PluginError(f"tactic {tactic} (the Hopper kernel) cannot serve this node: {problem}")
-        art = compile_hopper_artifact(head_dim=head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
-                                      layouts=layouts, seq_kv=static_logical_shape(k, attrs.k_layout, attrs.num_heads)[2])
+    node = _node(q, k, v, attrs, dtype, bias is not None)
+    plan = engine_plan(node, tactic)
+    if plan.kernel.startswith("hopper"):
+        art = compile_hopper_artifact(head_dim=node.head_dim, num_heads=attrs.num_heads, dtype=dtype, scale=attrs.scale,
+                                      layouts=layouts, seq_kv=node.seq_kv)
     else:
-        head_dim_v = static_head_dim(v, attrs.v_layout, attrs.num_heads)
-        config = (windows_tactic_config(q, k, v, attrs, dtype) if tactic == WINDOWS_TACTIC
-                  else tactic_config(head_dim, dtype, arch, tactic, head_dim_v))
-        if config is None:  # TensorRT asks only for tactics autotune offered
-            raise PluginError(f"tactic {tactic} (the short-sequence kernel) cannot serve this node: S_kv is not "
-                              "fixed at build or is longer than 64")
-        art = compile_artifact(head_dim=head_dim, head_dim_v=head_dim_v,
-                               num_heads=attrs.num_heads, dtype=dtype, config=config, scale=attrs.scale,
-                               arch=int(arch[3:]), layouts=layouts, tf32=attrs.tf32, bias=bias is not None,
-                               softcap=attrs.softcap)
+        art = compile_artifact(head_dim=node.head_dim, head_dim_v=node.head_dim_v, num_heads=attrs.num_heads, dtype=dtype,
+                               config=plan.config, scale=attrs.scale, arch=int(node.arch[3:]), layouts=layouts,
+                               tf32=attrs.tf32, bias=bias is not None, softcap=attrs.softcap)
     _EMITTED.append({"kernel": art.kernel_name, "ptx_isa": art.ptx_isa, "target": art.arch + ("a" if art.arch == "sm_90" else ""),
                      "min_driver": art.min_driver, "min_cuda": PTX_ISA_DRIVER.get(art.ptx_isa, ("?",))[0],
                      "shared_mem": art.shared_mem, "scratch_bytes": art.scratch_bytes, "tactic": tactic,
@@ -307,16 +251,10 @@ def static_logical_shape(desc, layout: str, num_heads: int) -> tuple:
 
 
 def hopper_problem(q, k, v, attrs: FlashAttentionAttrs, dtype: str) -> str | None:
-    """Why the Hopper AOT kernel cannot serve this node (`hopper.aot_problem`); None when it can."""
-    try:
-        from .hopper import aot_problem
-    except ImportError:  # a Triton without Gluon
-        return "needs Triton's Gluon"
-    (_, _, seq_q, d), (_, _, seq_kv, _), (_, _, _, d_v) = (
-        static_logical_shape(t, layout, attrs.num_heads) for t, layout in ((q, attrs.q_layout), (k, attrs.k_layout),
-                                                                            (v, attrs.v_layout)))
-    return aot_problem(_arch(), dtype, d, d_v, (attrs.q_layout, attrs.k_layout, attrs.v_layout),
-                       seq_q or None, seq_kv or None)
+    """Why the Hopper AOT kernel cannot serve this node (`plan.hopper_problem`); None when it can."""
+    from .plan import hopper_problem as problem
+
+    return problem(_node(q, k, v, attrs, dtype, False))
 
 
 def static_head_dim(desc, layout: str, num_heads: int) -> int:

@@ -7,7 +7,8 @@ import json
 
 import torch
 
-from .flash import CONFIGS_FILE, config_key, launch
+from .flash import launch
+from .plan import CONFIGS_FILE, config_key
 from .kernel import candidate_configs
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trt_harness as h
-from convattn.plugins import trt_plugin
+from convattn.plugins import plan, trt_plugin
 from convattn.plugins.kernel import KernelConfig
 from convattn.plugins.op import BIAS_OP_TYPE, FlashAttentionAttrs, bias_dims, is_fused_node, make_node
 from convattn.plugins.reference import tiled_attention
@@ -208,7 +208,7 @@ def test_the_bias_plugin_is_found_and_builds(trt):
     launch = built.launches[1]
     assert launch.extras[-4:] == [3, 2, 20, 1]  # bias_b, bias_h, bias_q, then the K/V group
     assert launch.grid[1] == 12
-    assert "HOPPER" not in str(built.tactics) and trt_plugin.HOPPER_TACTIC not in built.tactics
+    assert "HOPPER" not in str(built.tactics) and plan.HOPPER_TACTIC not in built.tactics
 
 
 def test_the_bias_plugin_offers_no_hopper_tactic(trt):
@@ -219,7 +219,7 @@ def test_the_bias_plugin_offers_no_hopper_tactic(trt):
     shapes = [(2, 2, 96, 64), (2, 2, 56, 64), (2, 2, 56, 64), (1, 2, 96, 56)]
     plugin = h.parse_node(core, _bias_node(head_dim=64))
     built = h.build_node(core, plugin, [core.float16] * 4, shapes, None, tactics=[])
-    assert built.tactics and trt_plugin.HOPPER_TACTIC not in built.tactics
+    assert built.tactics and plan.HOPPER_TACTIC not in built.tactics
 
 
 @pytest.mark.gpu
@@ -359,10 +359,10 @@ def test_the_short_sequence_tactic_serves_fixed_short_windows_only(trt, case, of
     shapes = [("B", 2, s, 8), ("B", 2, s, 8), ("B", 2, s, 8), ("W", 2, s, s)]
     env = {"B": 6, "W": 3, "S": 49}
     built = h.build_node(core, h.parse_node(core, _bias_node()), [core.float16] * 4, shapes, env,
-                         tactics=[trt_plugin.WINDOWS_TACTIC] if offered else [])
-    assert (trt_plugin.WINDOWS_TACTIC in built.tactics) is offered and 1 in built.tactics
+                         tactics=[plan.WINDOWS_TACTIC] if offered else [])
+    assert (plan.WINDOWS_TACTIC in built.tactics) is offered and 1 in built.tactics
     if offered:
-        launch = built.launches[trt_plugin.WINDOWS_TACTIC]
+        launch = built.launches[plan.WINDOWS_TACTIC]
         assert launch.grid == (1, window_stride(6, 4, 3) * 2, 1) == (1, 6, 1)
         assert launch.extras[-5:] == [3, 2, 49, 1, 6]  # bias_b, bias_h, bias_q, the K/V group, the batch
         assert "_attn_windows" in launch.ptx

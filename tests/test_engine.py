@@ -83,9 +83,9 @@ def test_attention_layers_are_read_from_the_engine_information():
 
 
 def test_tactics_start_with_the_recorded_config():
-    from convattn.plugins.flash import _recorded
+    from convattn.plugins.plan import _recorded
     from convattn.plugins.kernel import KernelConfig
-    from convattn.plugins.trt_plugin import tactic_configs
+    from convattn.plugins.plan import tactic_configs
 
     from convattn.plugins.kernel import candidate_configs
 

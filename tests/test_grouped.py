@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trt_harness as h
-from convattn.plugins import trt_plugin
+from convattn.plugins import plan, trt_plugin
 from convattn.plugins.kernel import KernelConfig
 from convattn.plugins.op import FlashAttentionAttrs, make_node
 from convattn.plugins.reference import tiled_attention
@@ -73,7 +73,7 @@ def test_the_plugin_passes_the_group_and_offers_no_hopper_tactic(trt):
     built = _build(core, core.float16)
     assert built.launches[1].extras[-1] == H // H_KV
     assert built.launches[1].grid[1] == B * H and built.output_shape == (B, H, S_Q, D_V)
-    assert trt_plugin.HOPPER_TACTIC not in built.tactics
+    assert plan.HOPPER_TACTIC not in built.tactics
 
 
 @pytest.mark.gpu

@@ -164,7 +164,7 @@ def test_untuned_gpus_get_a_config_their_shared_memory_holds(arch):
     """No recorded config for this GPU: the default and every tactic fit its per-block limit
     (sm_86's 99 KB cannot hold the H100's 224 KB head-split tiles)."""
     from convattn.plugins.kernel import block_dim, default_config, smem_limit
-    from convattn.plugins.trt_plugin import tactic_configs
+    from convattn.plugins.plan import tactic_configs
 
     for d, nbytes in ((512, 2), (512, 4), (320, 2), (64, 2), (8, 4)):
         for c in [default_config(d, nbytes, smem=smem_limit(arch)),

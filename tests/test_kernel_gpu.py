@@ -84,7 +84,7 @@ def test_large_logits_stay_finite(dtype):
 def test_aot_launch_is_bit_identical_to_jit(dtype, d, heads):
     from convattn.plugins.aot import compile_artifact, launch_artifact
     from convattn.plugins import flash_attention
-    from convattn.plugins.flash import pick_config
+    from convattn.plugins.plan import pick_config
 
     dt = DTYPES[dtype]
     major, minor = torch.cuda.get_device_capability()
@@ -153,7 +153,7 @@ def test_aot_token_layout_wide_head_is_bit_identical_to_jit(d):
     over grid z) launched through the driver API with TensorRT's argument list."""
     from convattn.plugins.aot import compile_artifact, launch_artifact
     from convattn.plugins import flash_attention
-    from convattn.plugins.flash import pick_config
+    from convattn.plugins.plan import pick_config
     from convattn.plugins.op import bhsd_view
 
     major, minor = torch.cuda.get_device_capability()
@@ -248,10 +248,12 @@ def test_hopper_kernel_vs_float64_and_pytorch(dtype, b, s_q, s_kv, one_conv, log
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("b,h,s_q,s_kv", [(2, 2, 1000, 776), (1, 4, 4096, 4096), (2, 2, 200, 40000)])
 def test_hopper_kernel_at_other_head_dims_vs_float64(d, b, h, s_q, s_kv):
-    """`hopper_attention` at head dims 64..256 (the warp-specialized kernel at 64 and 128, with both
-    of its variants: 40000 keys picks the three-consumer one at 64; the wide kernel at 256), on
+    """The Hopper kernels `plan.hopper_plan` names at head dims 64..256 (the warp-specialized kernel at 64
+    and 128, with both of its variants: 40000 keys picks the three-consumer one at 64; the wide kernel at 256), on
     multi-head conv views: within 2x PyTorch's own fp16 error."""
-    from convattn.plugins.hopper import hopper_attention, unsupported
+    from convattn.plugins.flash import run_plan
+    from convattn.plugins.hopper import unsupported
+    from convattn.plugins.plan import hopper_plan
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is for Hopper (sm_90)")
@@ -259,7 +261,7 @@ def test_hopper_kernel_at_other_head_dims_vs_float64(d, b, h, s_q, s_kv):
     (_, q), (_, k), (_, v) = (conv_views(b, h, d, s, torch.float16) for s in (s_q, s_kv, s_kv))
     assert unsupported(q, k, v) is None
     out_map = torch.full((b, h * d, s_q), float("nan"), device="cuda", dtype=torch.float16)
-    hopper_attention(q, k, v, out_map.view(b, h, d, s_q).transpose(-1, -2), d**-0.5)
+    run_plan(hopper_plan(d, s_kv), q, k, v, out_map.view(b, h, d, s_q).transpose(-1, -2), d**-0.5)
     ref = ref64(q, k, v, d**-0.5)
     err = (out_map.view(b, h, d, s_q).transpose(-1, -2).double() - ref).abs().max().item()
     assert torch.isfinite(out_map).all() and err <= 2 * sdpa_error(q, k, v, d**-0.5, ref) + 1e-4, err
@@ -294,7 +296,7 @@ def test_aot_launch_is_bit_identical_to_jit_in_every_layout(layout, dtype):
     computes bit for bit what the JIT kernel computes on the same views."""
     from convattn.plugins.aot import compile_artifact, launch_artifact
     from convattn.plugins import flash_attention
-    from convattn.plugins.flash import pick_config
+    from convattn.plugins.plan import pick_config
     from convattn.plugins.op import bhsd_view
 
     dt, heads, d = DTYPES[dtype], 2, 40
@@ -352,7 +354,9 @@ def test_hopper_aot_launch_is_bit_identical_to_jit(dtype, d, layouts, s_q, s_kv)
     float64. The scratch is offset by 128 bytes from a 256-byte boundary: the alignment Triton asks."""
     from convattn.plugins.aot import compile_hopper_artifact, launch_artifact
     from convattn.plugins.op import SCRATCH_BYTES, scratch_shape
-    from convattn.plugins.hopper import hopper_attention, unsupported
+    from convattn.plugins.flash import run_plan
+    from convattn.plugins.hopper import unsupported
+    from convattn.plugins.plan import hopper_plan
     from convattn.plugins.op import FlashAttentionAttrs, bhsd_view, output_shape
 
     dt, b, heads = DTYPES[dtype], 2, max(1, 256 // d)
@@ -373,7 +377,7 @@ def test_hopper_aot_launch_is_bit_identical_to_jit(dtype, d, layouts, s_q, s_kv)
     views = [bhsd_view(t, layout, heads) for t, layout in zip((q, k, v), layouts)]
     assert unsupported(*views) is None
     jit = torch.full_like(aot, float("nan"))
-    hopper_attention(*views, bhsd_view(jit, layouts[3], heads), d**-0.5)
+    run_plan(hopper_plan(d, s_kv), *views, bhsd_view(jit, layouts[3], heads), d**-0.5)
     assert torch.equal(aot, jit)
     err = (bhsd_view(aot, layouts[3], heads).double() - ref64(*views, d**-0.5)).abs().max().item()
     assert err <= 2 * sdpa_error(*views, d**-0.5, ref64(*views, d**-0.5)) + 1e-3

@@ -14,7 +14,7 @@ import torch
 
 import trt_harness as h
 from convattn.errors import EngineBuildError
-from convattn.plugins import trt_plugin
+from convattn.plugins import plan, trt_plugin
 from convattn.plugins.op import LAYOUTS, OP_TYPE, FlashAttentionAttrs, make_node
 
 VERSIONS = list(h.WHEELS)
@@ -175,7 +175,7 @@ def test_aot_launch_for_every_layout_and_dtype(trt, layout, dtype):
     from convattn.plugins.aot import compile_artifact
 
     art = compile_artifact(head_dim=D, head_dim_v=D, num_heads=HEADS, dtype=dtype,
-                           config=trt_plugin.tactic_config(D, dtype, "sm_90", 1), scale=float(plugin.attrs["scale"].rstrip("\0")),
+                           config=plan.tactic_config(D, dtype, "sm_90", 1), scale=float(plugin.attrs["scale"].rstrip("\0")),
                            arch=90, layouts=(layout,) * 4)
     shapes = (concrete(q_shape, env), concrete(kv_shape, env))
     assert launch.extras == _expected_extras(layout, shapes, art.scalar_arg_names)
@@ -211,7 +211,7 @@ def _replay(core, layout):
     from convattn.plugins.kernel import _attn_fwd
 
     art = compile_artifact(head_dim=D, head_dim_v=D, num_heads=HEADS, dtype="fp32",
-                           config=trt_plugin.tactic_config(D, "fp32", "sm_90", 1), scale=float(plugin.attrs["scale"].rstrip("\0")),
+                           config=plan.tactic_config(D, "fp32", "sm_90", 1), scale=float(plugin.attrs["scale"].rstrip("\0")),
                            arch=90, layouts=(layout,) * 4)
     torch.manual_seed(0)
     q, k, v = (torch.randn(concrete(s, env)) for s in (q_shape, kv_shape, kv_shape))
@@ -240,7 +240,7 @@ def test_aot_bhsd_heads_are_the_tensors_axis_not_the_attribute(monkeypatch, vers
         from convattn.plugins.kernel import _attn_fwd
 
         art = compile_artifact(head_dim=D, head_dim_v=D, num_heads=3, dtype="fp32", arch=90, layouts=("BHSD",) * 4,
-                               config=trt_plugin.tactic_config(D, "fp32", "sm_90", 1), scale=D**-0.5)
+                               config=plan.tactic_config(D, "fp32", "sm_90", 1), scale=D**-0.5)
     assert launch.grid[1] == 2 * 5 and dict(zip(art.scalar_arg_names, launch.extras))["num_heads"] == 5
     if os.environ.get("TRITON_INTERPRET") != "1":
         return  # the GPU run covers the launch itself
@@ -542,7 +542,7 @@ def test_hopper_tactic_only_where_its_kernel_can_run(trt, monkeypatch, case, off
         shapes = [[2, 16, 8, 12]] * 3
     env = {"B": 2, "H": 8, "W": 12}
     built = h.build_node(core, h.parse_node(core, node("NCHW")), [dtype] * 3, shapes, env, tactics=[])
-    assert (trt_plugin.HOPPER_TACTIC in built.tactics) is offered
+    assert (plan.HOPPER_TACTIC in built.tactics) is offered
     assert 1 in built.tactics  # the Triton kernel is always a tactic
 
 
@@ -550,8 +550,8 @@ def _hopper_launch(core, layout, dtype, out_layout=None):
     shapes = HOPPER_SHAPES[layout]
     trt_dtype = {"fp16": core.float16, "bf16": core.bfloat16}[dtype]
     plugin = h.parse_node(core, node(layout, out_layout, heads=HEADS, scale=64**-0.5))
-    built = h.build_node(core, plugin, [trt_dtype] * 3, shapes, {}, tactics=[trt_plugin.HOPPER_TACTIC])
-    return built, built.launches[trt_plugin.HOPPER_TACTIC]
+    built = h.build_node(core, plugin, [trt_dtype] * 3, shapes, {}, tactics=[plan.HOPPER_TACTIC])
+    return built, built.launches[plan.HOPPER_TACTIC]
 
 
 @pytest.mark.parametrize("layout,out_layout", [("NCHW", "NCHW"), ("BHDS", "BSC")])
@@ -594,7 +594,7 @@ def test_a_profile_that_fixes_the_sequence_lets_the_hopper_kernel_compete(fused_
     profile = engine.parse_profiles(["input"], [(1, 128, 8, 8)], max_shape=max_shape)
     engine.build_engine(_typed(fused_d64, "aot", "fp16"), tmp_path / "m.plan", profile)
     (layer,) = __import__("json").loads((tmp_path / "m.plan").read_bytes())["Layers"]
-    assert (trt_plugin.HOPPER_TACTIC in layer["tactics"]) is offered and 1 in layer["tactics"]
+    assert (plan.HOPPER_TACTIC in layer["tactics"]) is offered and 1 in layer["tactics"]
 
 
 @pytest.mark.gpu
@@ -621,8 +621,8 @@ def test_gpu_hopper_tactic_as_tensorrt_passes_it(trt, layout, out_layout, dtype)
     # The JIT plugin at the same tactic: NVIDIA's enqueue, our impl, the same kernel with host descriptors.
     jit = h.parse_node(core, node(layout, out_layout, plugin_mode="jit", scale=64**-0.5))
     trt_dtype = {"fp16": core.float16, "bf16": core.bfloat16}[dtype]
-    assert trt_plugin.HOPPER_TACTIC in h.build_node(core, jit, [trt_dtype] * 3, HOPPER_SHAPES[layout], {}).tactics
-    jit.set_tactic(trt_plugin.HOPPER_TACTIC)
+    assert plan.HOPPER_TACTIC in h.build_node(core, jit, [trt_dtype] * 3, HOPPER_SHAPES[layout], {}).tactics
+    jit.set_tactic(plan.HOPPER_TACTIC)
     out_jit = torch.full_like(out, float("nan"))
     _enqueue_as_tensorrt(core, jit, trt_dtype, (q, k, v), (out_jit, scratch))
     assert torch.equal(out_jit, out)
@@ -682,7 +682,7 @@ def test_aot_v_strides_come_from_v_when_its_head_dim_differs(monkeypatch):
     from convattn.plugins.kernel import _attn_fwd
 
     art = compile_artifact(head_dim=8, head_dim_v=16, num_heads=HEADS, dtype="fp32", arch=90, layouts=("NCHW",) * 4,
-                           config=trt_plugin.tactic_config(8, "fp32", "sm_90", 1), scale=D**-0.5)
+                           config=plan.tactic_config(8, "fp32", "sm_90", 1), scale=D**-0.5)
     torch.manual_seed(0)
     q, k, v = (torch.randn(concrete(s, env)) for s in shapes)
     out = torch.full(built.output_shape, float("nan"))

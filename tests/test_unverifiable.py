@@ -11,7 +11,7 @@ import pytest
 
 import trt_harness as h
 from convattn.errors import DriverError, ModelError
-from convattn.plugins import trt_plugin
+from convattn.plugins import plan, trt_plugin
 from convattn.plugins.kernel import SMEM_WITHOUT_OPT_IN
 from convattn.plugins.op import FlashAttentionAttrs, make_node, scratch_shape
 
@@ -34,7 +34,7 @@ def test_every_node_has_a_tactic_without_opt_in(trt, dtype, head_dim):
     node = make_node("qkv", "o", FlashAttentionAttrs(heads, head_dim**-0.5))
     built = h.build_node(trt, h.parse_node(trt, node), [trt.float16 if dtype == "fp16" else trt.float32] * 3,
                          shapes, {}, tactics=[])
-    configs = trt_plugin.tactic_configs(head_dim, dtype)
+    configs = plan.tactic_configs(head_dim, dtype)
     from convattn.plugins.kernel import smem_estimate
 
     safe = [t for t in built.tactics if t <= len(configs)

@@ -95,7 +95,7 @@ def test_the_jit_path_takes_it_for_short_sequences_only():
     assert windows_config(1536, 16, 16, 32, 2) == KernelConfig(16, 16, 4, 2, windows=4)
     assert windows_config(1536, 49, 65, 32, 2) is None
     assert windows_config(1536, 49, 49, 256, 2) is None
-    from convattn.plugins.flash import pick_config
+    from convattn.plugins.plan import pick_config
 
     cpu = torch.device("cpu")
     assert pick_config(cpu, torch.float16, 32, 49, (1536, 49, 32)).windows == 4
