@@ -21,7 +21,7 @@ import torch
 import triton.testing
 
 from convattn.plugins.aot import compile_artifact, launch_artifact
-from convattn.plugins.flash import flash_attention
+from convattn.plugins.flash import jit_attention as flash_attention
 from convattn.plugins.plan import pick_config
 from convattn.plugins.kernel import windows_config
 

@@ -122,24 +122,29 @@ class ConvMHAttn(nn.Module):
         optimizer step or `.to()` rebuilds them): at small maps the launches are the cost.
         """
         convs = (self.q_conv, self.k_conv, self.v_conv, self.out_conv)
+        if torch.compiler.is_compiling():  # traced: built in the graph (no data pointers to key a cache by)
+            return self._stacked_weights()
         params = [p for conv in convs for p in (conv.weight, conv.bias) if p is not None]
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         cached = getattr(self, "_flash_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                w_qkv = torch.cat([_matrix(conv) for conv in convs[:3]])
-                w_out = _matrix(self.out_conv)
-                bias = self.out_conv.bias
-                if self.v_conv.bias is not None:
-                    bias = w_out @ self.v_conv.bias + (0 if bias is None else bias)
-                # 8 rows keep the appended matrix's rows 16-byte aligned for fp16 GEMMs.
-                tail = w_out.new_zeros(8)
-                tail[0] = 1
-                w_out = F.pad(w_out, (0, len(tail)))
-                if bias is not None:
-                    w_out[:, -len(tail)] = bias
-                cached = self._flash_cache = (key, w_qkv, w_out, tail)
+                cached = self._flash_cache = (key, *self._stacked_weights())
         return cached[1:]
+
+    def _stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w_qkv = torch.cat([_matrix(conv) for conv in (self.q_conv, self.k_conv, self.v_conv)])
+        w_out = _matrix(self.out_conv)
+        bias = self.out_conv.bias
+        if self.v_conv.bias is not None:
+            bias = w_out @ self.v_conv.bias + (0 if bias is None else bias)
+        # 8 rows keep the appended matrix's rows 16-byte aligned for fp16 GEMMs.
+        tail = torch.zeros(8, dtype=w_out.dtype, device=w_out.device)
+        tail[0] = 1
+        w_out = F.pad(w_out, (0, len(tail)))
+        if bias is not None:
+            w_out[:, -len(tail)] = bias
+        return w_qkv, w_out, tail
 
 
 def _matrix(conv: nn.Conv2d) -> torch.Tensor:

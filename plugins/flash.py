@@ -1,4 +1,5 @@
-"""`flash_attention`: checks, allocation, grid, launch. The JIT path of the kernel."""
+"""`jit_attention`: checks, allocation, grid, launch. The JIT path of the kernels, which the public
+`convattn.plugins.flash_attention` (the `convattn::flash_attention` operator) runs."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import triton
 
 from ..errors import PluginError
 from .kernel import KernelConfig, _attn_fwd, _attn_windows, block_dim, qk_scale, unit_flags
-from .op import bias_dims
+from .op import attention_output_shape, bias_dims
 from .plan import Plan, jit_plan
 from .reference import add_q_bias
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _strides(t) -> list[int]:
     """Strides as the kernel takes them: 0 for a size-1 batch/head axis (never read), so a
@@ -45,8 +45,8 @@ def launch(q, k, v, out, scale: float, config: KernelConfig, q_bias=None, tf32: 
     )
 
 
-def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None,
-                    tf32: bool | None = None, bias=None, softcap: float = 0.0):
+def jit_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | None = None, q_bias=None,
+                  tf32: bool | None = None, bias=None, softcap: float = 0.0):
     """softmax(scale * q k^T [+ bias]) v with q (B, H, S_q, D), k (B, H_kv, S_kv, D), v (B, H_kv, S_kv, D_v):
     H_kv dividing H is grouped-query attention (query head h reads K/V head h // (H / H_kv), ONNX's order).
 
@@ -67,23 +67,12 @@ def flash_attention(q, k, v, *, scale=None, out=None, config: KernelConfig | Non
     `tf32` (fp32 inputs): both products on TF32 tensor cores; None follows PyTorch's own switch,
     `torch.backends.cuda.matmul.allow_tf32` (off by default: exact fp32).
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise PluginError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if (q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or k.shape[:3] != v.shape[:3]
-            or q.shape[3] != k.shape[3]):
-        raise PluginError(f"shapes do not form an attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
-        raise PluginError(f"expected q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not 1 <= q.shape[3] <= 512 or not 1 <= v.shape[3] <= 512:
-        raise PluginError(f"head dims 1..512 supported, got {q.shape[3]} and {v.shape[3]}")
+    shape_o = attention_output_shape(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    shape_o = (*q.shape[:3], v.shape[3])
     if out is None:
         out = torch.empty(shape_o, dtype=q.dtype, device=q.device)
     elif tuple(out.shape) != shape_o or out.dtype != q.dtype:
         raise PluginError(f"out: expected shape {shape_o} and dtype {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-    if q.numel() == 0 or k.shape[2] == 0:
-        raise PluginError("empty attention: S_q and S_kv must be >= 1")
     if q_bias is not None:
         if q_bias.numel() != q.shape[1] * q.shape[3] or q_bias.device != q.device:
             raise PluginError(f"q_bias: expected {q.shape[1] * q.shape[3]} values (heads x head_dim) on {q.device}, "

@@ -306,6 +306,26 @@ def make_node(inputs, output: str, attrs: FlashAttentionAttrs, plugin_mode: str 
                                  **attrs.onnx_attributes(plugin_mode))
 
 
+def attention_output_shape(q, k, v) -> tuple:
+    """(B, H, S_q, D_v): the output of q (B, H, S_q, D), k and v (B, H_kv, S_kv, D / D_v) torch tensors,
+    which must form an attention the kernels compute (one dtype among fp16/bf16/fp32, H_kv dividing H,
+    head dims 1..512, S >= 1)."""
+    import torch
+
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise PluginError(f"expected 4-D (B, H, S, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (q.shape[0] != k.shape[0] or q.shape[1] % k.shape[1] or k.shape[:3] != v.shape[:3]
+            or q.shape[3] != k.shape[3]):
+        raise PluginError(f"shapes do not form an attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise PluginError(f"expected q, k, v of one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not 1 <= q.shape[3] <= 512 or not 1 <= v.shape[3] <= 512:
+        raise PluginError(f"head dims 1..512 supported, got {q.shape[3]} and {v.shape[3]}")
+    if q.numel() == 0 or k.shape[2] == 0:
+        raise PluginError("empty attention: S_q and S_kv must be >= 1")
+    return (*q.shape[:3], v.shape[3])
+
+
 def bias_dims(bias_shape, batch, heads, seq_q, seq_kv) -> tuple:
     """(Bb, Hb, Sqb): the bias's batch, head and query-row sizes, which the kernels take as int32
     extras and broadcast from (see the module's docstring). Checked where the sizes are ints; TensorRT's

@@ -1,5 +1,5 @@
 """The kernel plan: which kernel serves an attention problem, with which config. The one place that
-choice is made: the JIT path (`flash.flash_attention`), TensorRT's tactics and their JIT enqueue
+choice is made: the JIT path (`flash.jit_attention`), TensorRT's tactics and their JIT enqueue
 (`trt_plugin`) and the AOT artifacts (`aot`) ask here; the kernels' modules say only what each can
 compute (`hopper.aot_problem`, `hopper.unsupported`, `kernel.windows_config`).
 
@@ -109,7 +109,7 @@ def hopper_plan(head_dim: int, seq_kv: int) -> Plan:
 
 
 def jit_plan(q, k, v, *, bias=None, softcap: float = 0.0, config: KernelConfig | None = None) -> Plan:
-    """What `flash.flash_attention` runs for (B, H, S, D) views: `config`'s kernel where one is given;
+    """What `flash.jit_attention` runs for (B, H, S, D) views: `config`'s kernel where one is given;
     on CUDA a Hopper kernel where it was measured faster and `hopper.unsupported` allows it; else the
     short-sequence kernel (S_kv <= 64) or `_attn_fwd` with `pick_config`'s config."""
     if config is not None:

@@ -149,7 +149,7 @@ def _run(q, k, v, bias, attrs: FlashAttentionAttrs, outputs, stream: int, tactic
     tensors in place."""
     import torch
 
-    from .flash import flash_attention, run_plan
+    from .flash import jit_attention, run_plan
     from .plan import dtype_name
 
     layouts = (attrs.q_layout, attrs.k_layout, attrs.v_layout, attrs.out_layout)
@@ -162,7 +162,7 @@ def _run(q, k, v, bias, attrs: FlashAttentionAttrs, outputs, stream: int, tactic
         if plan.kernel.startswith("hopper"):
             run_plan(plan, *views, attrs.scale)
             return
-        flash_attention(*views[:3], scale=attrs.scale, out=views[3], config=plan.config, tf32=attrs.tf32,
+        jit_attention(*views[:3], scale=attrs.scale, out=views[3], config=plan.config, tf32=attrs.tf32,
                         bias=None if bias is None else torch_tensor(bias), softcap=attrs.softcap)
 
 

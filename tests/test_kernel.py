@@ -230,14 +230,14 @@ def test_fp32_products_follow_pytorchs_tf32_switch(monkeypatch):
     for kernel in ("_attn_fwd", "_attn_windows"):  # 16 keys: the short-sequence kernel
         monkeypatch.setattr(flash, kernel, Spy(getattr(flash, kernel)))
     q = torch.randn(1, 2, 16, 8)
-    flash.flash_attention(q, q, q)
+    flash.jit_attention(q, q, q)
     # torch serves allow_tf32 through __getattr__/__setattr__: set and restore it through them
     # (monkeypatch's undo would delattr it, which pytest >= 9 reports as a teardown error).
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        flash.flash_attention(q, q, q)
-        flash.flash_attention(q, q, q, tf32=False)
+        flash.jit_attention(q, q, q)
+        flash.jit_attention(q, q, q, tf32=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert seen == [True, False, True]

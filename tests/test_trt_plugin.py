@@ -643,7 +643,7 @@ def test_the_jit_impl_passes_the_nodes_tf32_to_the_kernel(trt, monkeypatch, tf32
     monkeypatch.setattr(trt_plugin, "torch_tensor", lambda t: torch.zeros(tuple(t.shape)))
     monkeypatch.setattr(torch.cuda, "ExternalStream", lambda stream: None)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(flash, "flash_attention", lambda *a, **kw: seen.append(kw.get("tf32")))
+    monkeypatch.setattr(flash, "jit_attention", lambda *a, **kw: seen.append(kw.get("tf32")))
     (q_shape, kv_shape), env = SHAPES["NCHW"]
     shapes = [concrete(s, env) for s in (q_shape, kv_shape, kv_shape)]
     plugin = h.parse_node(core, node("NCHW", plugin_mode="jit", tf32=tf32))
