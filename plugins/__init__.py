@@ -27,7 +27,7 @@ def flash_attention(q, k, v, *, scale=None, out=None, config=None, q_bias=None, 
 
     The `convattn::flash_attention` operator (`torch_op`): under torch.compile or torch.export, and on
     tensors that are not plain ones (fake, functional), the call is that one op; eager calls on plain
-    tensors skip the dispatcher (~37 us a call on a 2-core CPU) and run the same function. `config` (a
+    tensors skip the dispatcher's per-call cost and run the same function. `config` (a
     `KernelConfig`: tuning, benchmarks) runs that config of the Triton kernels directly, outside the op."""
     import math
 
