@@ -19,3 +19,22 @@ def test_a_dropped_row_is_reported_missing():
     ids = [r.id for r in ROWS]
     assert missing(ids) == []
     assert missing(ids[1:]) == [ids[0]]
+
+
+def test_the_runner_measures_a_row_against_float64():
+    """The runner's plumbing on the CPU (the JIT path in Triton's interpreter, einsum): every path's
+    sampled rows against float64. Mutation: the reference without the 1/sqrt(D) scale (every path off)."""
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel in Triton's CPU interpreter")
+    from convattn.benchmarks.matrix import Row
+    from convattn.benchmarks.run_matrix import measure_row
+
+    result = measure_row(Row("attention", "fp32", 16, 40, 2, 2), runs=1)
+    assert set(result["paths"]) == {"jit", "jit-tf32", "einsum"}
+    for name, path in result["paths"].items():
+        assert "error" not in path, (name, path)
+        assert path["max_err"] <= 1e-5 and path["ms"] > 0, (name, path)
