@@ -13,6 +13,8 @@ wants, copied before timing (attention rows) or inside the timed block (block ro
   fastest, so the fastest of these is reported), launched with TensorRT's argument list (`aot.launch_artifact`);
 - "jit": `convattn.plugins.flash_attention` (`plan.jit_plan`'s kernel);
 - fp32 rows: exact fp32 (ours, einsum with TF32 off) and TF32 (`-tf32`: ours' tf32 artifact and switch).
+Block rows: `block_paths` (each path pays its copies inside the timed call), checked against the block in
+float64 at sample 0's first 128 output pixels (`block_reference`).
 Writes DIR/matrix.json after every row (a cut call keeps what it measured); rows not measured are listed
 (`matrix.missing`: each counts as failed). On a machine without CUDA only "jit" and "einsum" run (a smoke
 test of the runner itself: tests/test_benchmark_matrix.py)."""
@@ -158,6 +160,55 @@ def _fa4():
     return _FA4[0]
 
 
+def block_paths(row: Row, m, x):
+    """{path: (callable, getter)} for the whole block (1x1 Q/K/V convs, attention, output conv), each path
+    paying the copies it needs inside the timed call; the getter returns sample 0's first REF_ROWS output
+    pixels as (C, r). Ours: `ConvMHAttn(attention="flash")` (JIT) and the engine's artifacts between cuDNN's
+    convs (`attention.block_fn`); peers: einsum, SDPA's backends (`attention.block_fn`) and flash-attn-4."""
+    from convattn.benchmarks.attention import block_fn
+
+    kept = {}
+
+    def keep(fn):
+        def run():
+            kept["o"] = fn()
+        return run
+    sampled = lambda: kept["o"][0].flatten(1)[:, :REF_ROWS]  # noqa: E731
+    paths = {}
+    tf32_modes = ((False, ""), (True, "-tf32")) if row.dtype == "fp32" else ((False, ""),)
+    for tf32, suffix in tf32_modes:
+        paths["jit" + suffix] = (keep(block_fn("ours-jit" + suffix, m, x)), sampled)
+    if x.device.type == "cuda":
+        for tf32, suffix in tf32_modes:
+            for name, art, _ in _engine_artifacts(row, tf32):
+                paths[f"engine{suffix}[{name}]"] = (keep(block_fn("ours-aot", m, x, art)), sampled)
+        for peer, name in (("cudnn", "sdpa-cudnn"), ("sdpa-flash", "sdpa-flash"), ("sdpa-efficient", "sdpa-efficient")):
+            if row.dtype in PEERS[peer]["dtypes"]:
+                paths[peer] = (keep(block_fn(name, m, x)), sampled)
+        if row.dtype in PEERS["flash-attn-4"]["dtypes"] and _fa4() is not None:
+            def fa4_block():
+                b, c, hh, ww = x.shape
+                qkv = [conv(x).view(b, row.heads, row.head_dim, hh * ww).permute(0, 3, 1, 2).contiguous()
+                       for conv in (m.q_conv, m.k_conv, m.v_conv)]  # (B, S, H, D), the layout it reads
+                o = _fa4()(*qkv, softmax_scale=row.head_dim ** -0.5, causal=False)
+                o = o[0] if isinstance(o, tuple) else o
+                return m.out_conv(o.permute(0, 2, 3, 1).reshape(b, c, hh, ww))
+            paths["flash-attn-4"] = (keep(fa4_block), sampled)
+    paths["einsum"] = (keep(block_fn("einsum", m, x)), sampled)
+    return paths
+
+
+def block_reference(m, x):
+    """The block in float64 at sample 0's first REF_ROWS output pixels, (C, r): 1x1 convs are per pixel, so
+    only those queries' attention rows are computed."""
+    x0 = x[:1].double().flatten(2)  # (1, C_in, S)
+    conv = lambda c, t: c.weight.double().flatten(1) @ t + c.bias.double()[:, None]  # noqa: E731
+    h, d = m.num_heads, m.head_dim
+    q, k, v = (conv(c, x0).view(h, d, -1).transpose(-1, -2) for c in (m.q_conv, m.k_conv, m.v_conv))  # (h, S, d)
+    o = torch.softmax((q[:, :REF_ROWS] @ k.transpose(-1, -2)) * d ** -0.5, -1) @ v  # (h, r, d)
+    return conv(m.out_conv, o.transpose(-1, -2).reshape(h * d, -1))
+
+
 def time_ms(fn) -> float:
     if torch.cuda.is_available():
         import triton.testing
@@ -170,10 +221,20 @@ def time_ms(fn) -> float:
 
 def measure_row(row: Row, runs: int) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q_map, k_map, v_map = maps(row, device)
-    ref = float64_rows(*(views(m, row) for m in (q_map, k_map, v_map)))
+    if row.kind == "block":
+        from convattn.models import ConvMHAttn
+
+        torch.manual_seed(row.seq + row.head_dim)
+        c, side = row.heads * row.head_dim, int(row.seq ** 0.5)
+        m = ConvMHAttn(c, c, row.heads).to(device, DTYPES[row.dtype]).eval()
+        x = torch.randn(row.batch, c, side, side, device=device).to(DTYPES[row.dtype])
+        ref, paths = block_reference(m, x), block_paths(row, m, x)
+    else:
+        q_map, k_map, v_map = maps(row, device)
+        ref = float64_rows(*(views(t, row) for t in (q_map, k_map, v_map)))
+        paths = attention_paths(row, q_map, k_map, v_map)
     result = {"id": row.id, "paths": {}}
-    for name, (fn, sample) in attention_paths(row, q_map, k_map, v_map).items():
+    for name, (fn, sample) in paths.items():
         entry = result["paths"][name] = {}
         try:
             if device == "cuda":
@@ -196,7 +257,7 @@ def measure_row(row: Row, runs: int) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--kinds", default="attention", help="row kinds to run (block, tail, dynamic, scale: not yet)")
+    ap.add_argument("--kinds", default="attention,block", help="row kinds to run (tail, dynamic, scale: not yet)")
     ap.add_argument("--only", default="", help="a regex the row ids must match")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peers-site", default="/tmp/peers", help="where peer_wheels.sh installed flash-attn-4")

@@ -38,3 +38,22 @@ def test_the_runner_measures_a_row_against_float64():
     for name, path in result["paths"].items():
         assert "error" not in path, (name, path)
         assert path["max_err"] <= 1e-5 and path["ms"] > 0, (name, path)
+
+
+def test_the_runner_measures_a_block_row_against_float64():
+    """The block rows' plumbing (the JIT block, einsum) against the float64 block at 128 pixels. Mutation:
+    `block_reference` without the output conv's bias."""
+    import os
+
+    import pytest
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel in Triton's CPU interpreter")
+    from convattn.benchmarks.matrix import Row
+    from convattn.benchmarks.run_matrix import measure_row
+
+    result = measure_row(Row("block", "fp32", 8, 144, 2, 2), runs=1)
+    assert set(result["paths"]) == {"jit", "jit-tf32", "einsum"}
+    for name, path in result["paths"].items():
+        assert "error" not in path, (name, path)
+        assert path["max_err"] <= 1e-4, (name, path)
