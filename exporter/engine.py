@@ -337,7 +337,7 @@ def check_int32(model: onnx.ModelProto, shapes: dict) -> None:
 def fixed_dims(model: onnx.ModelProto, profile: Profile) -> onnx.ModelProto:
     """`model` (changed in place) with every input dim the profile fixes (min == max) written as a
     constant, so that TensorRT knows it at build, as a plugin's shape expressions do: a fixed
-    sequence length lets the plugin offer its Hopper (TMA) kernel (`trt_plugin.hopper_problem`).
+    sequence length lets the plugin offer its Hopper (TMA) kernel (`plan.hopper_problem`).
     Dims the profile lets vary stay dynamic. The inner shape annotations go (TensorRT infers its own)."""
     set_input_dims(model, {name: [a if a == b else None for a, b in zip(lo, hi)]
                            for name, (lo, _, hi) in profile.shapes.items()})

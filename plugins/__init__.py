@@ -6,6 +6,7 @@ lazily by the modules that need them.
 """
 
 from .op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs
+from .plan import default_tf32
 from .torch_op import flash_attention_op, run  # registers convattn::flash_attention
 
 __all__ = ["DOMAIN", "LAYOUTS", "OP_TYPE", "FlashAttentionAttrs", "flash_attention"]
@@ -36,17 +37,20 @@ def flash_attention(q, k, v, *, scale=None, out=None, config=None, q_bias=None, 
     from .op import attention_output_shape
 
     if config is not None:
-        from .flash import jit_attention
-
-        return jit_attention(q, k, v, scale=scale, out=out, config=config, q_bias=q_bias, tf32=tf32, bias=bias,
-                             softcap=softcap)
+        try:
+            from .flash import jit_attention
+        except ImportError:  # no Triton: no configs either; the reference below
+            pass
+        else:
+            return jit_attention(q, k, v, scale=scale, out=out, config=config, q_bias=q_bias, tf32=tf32, bias=bias,
+                                 softcap=softcap)
     if out is None:
         out = q.new_empty(attention_output_shape(q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    tf32 = bool(torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32)
-    args = (q, k, v, out, scale, q_bias, bias, float(softcap), tf32)
-    tensors = [t for t in args if isinstance(t, torch.Tensor)]
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+    args = (q, k, v, out, scale, q_bias, bias, float(softcap), default_tf32(q.dtype) if tf32 is None else bool(tf32))
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+                for t in args if isinstance(t, torch.Tensor))
+    if torch.compiler.is_compiling() or not plain:  # traced, fake, functional or meta: the operator
         flash_attention_op(*args)
     else:
         run(*args)

@@ -73,9 +73,13 @@ class AotArtifact:
     arg_order: list[str] = field(default_factory=list)
     constants: dict = field(default_factory=dict)  # compiled in: unit strides, scale, tile sizes
 
-    def grid(self, batch, heads, seq_q, cdiv=lambda a, b: -(-a // b), bias_batch=1) -> tuple:
+    def grid(self, batch, heads, seq_q, cdiv=lambda a, b: -(-a // b), bias_batch=None) -> tuple:
         """(x, y, z) for concrete sizes, or symbolic ones with TensorRT's `cdiv`; `bias_batch` (the bias's
-        batch dim) sets the short-sequence kernel's sample stride (`kernel.window_stride`)."""
+        batch dim) sets a biased short-sequence kernel's sample stride (`kernel.window_stride`)."""
+        if bias_batch is None:
+            if self.bias and self.config.windows:
+                raise PluginError("the biased short-sequence kernel's grid needs the bias's batch (launch_for)")
+            bias_batch = 1
         return (cdiv(seq_q, self.config.block_m), self.config.programs_y(batch, heads, bias_batch, cdiv),
                 self.config.dv_programs(self.head_dim_v))
 
@@ -83,7 +87,7 @@ class AotArtifact:
         """(grid, threads per block, shared memory bytes, int32 extras) for these input shapes:
         exactly what TensorRT's aot_impl returns and what `launch_artifact` passes."""
         scalars = self.scalar_args(q_shape, k_shape, v_shape, bias_shape)
-        bias_batch = bias_shape[0] if self.bias and self.config.windows else 1
+        bias_batch = bias_shape[0] if self.bias else None
         grid = self.grid(*self._queries(q_shape), cdiv, bias_batch)
         return grid, self.threads_per_block, self.shared_mem, scalars
 

@@ -11,7 +11,7 @@ import triton
 from ..errors import PluginError
 from .kernel import KernelConfig, _attn_fwd, _attn_windows, block_dim, qk_scale, unit_flags
 from .op import attention_output_shape, bias_dims
-from .plan import Plan, jit_plan
+from .plan import Plan, default_tf32, jit_plan
 from .reference import add_q_bias
 
 
@@ -104,7 +104,7 @@ def run_plan(plan: Plan, q, k, v, out, scale: float, q_bias=None, tf32: bool | N
 
         wide_attention(q, k, v, out, scale, q_bias)
     else:
-        tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
+        tf32 = default_tf32(q.dtype) if tf32 is None else tf32
         launch(q, k, v, out, scale, plan.config, q_bias, tf32, bias, softcap)
 
 

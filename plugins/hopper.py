@@ -45,7 +45,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .kernel import LOG2E
 from .op import HOPPER_HEAD_DIMS
 
-HEAD_DIM = 512  # the Stable Diffusion VAE's, and the one `flash_attention` dispatches here
+HEAD_DIM = 512  # the Stable Diffusion VAE's, and the one `plan.jit_plan` sends here
 HEAD_DIMS = HOPPER_HEAD_DIMS  # compile without spills; two TMA boxes of D/2 <= 256 rows
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 8
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}

@@ -529,14 +529,18 @@ def default_config(head_dim: int, dtype_bytes: int, head_dim_v: int | None = Non
 
 
 def windows_config(pairs: int, seq_q: int, seq_kv: int, head_dim: int, dtype_bytes: int, sms: int = 132,
-                   head_dim_v: int | None = None) -> KernelConfig | None:
+                   head_dim_v: int | None = None, shared: int | None = None) -> KernelConfig | None:
     """The short-sequence kernel's config where it serves (S_kv <= 64, heads <= 128 wide), else None.
     `pairs`: batch x heads. Samples per program: 4 where that still leaves >= 2 programs per SM, fewer
-    on small batches; 1 for fp32 (FMA-bound: parallelism wins). H200, run 44 (Swin's 512 windows x 3
-    heads of 49 pixels): 7.4 us unbiased, 9.0 biased, where `_attn_fwd`'s best configs take 9.4 and 13.0."""
+    on small batches; 1 for fp32 (FMA-bound: parallelism wins); at most `shared`, the samples that share
+    one bias slice (batch // the bias's batch: a program's samples past them would only be recomputed).
+    H200, run 44 (Swin's 512 windows x 3 heads of 49 pixels): 7.4 us unbiased, 9.0 biased, where
+    `_attn_fwd`'s best configs take 9.4 and 13.0."""
     if seq_kv > 64 or max(block_dim(head_dim), block_dim(head_dim_v or head_dim)) > 128:
         return None
     windows = 1 if dtype_bytes == 4 else 4 if pairs >= 8 * sms else 2 if pairs >= 4 * sms else 1
+    if shared is not None:  # no more than the samples that share one bias slice (the rest would be recomputed)
+        windows = max(1, min(windows, shared))
     return KernelConfig(min(64, block_dim(seq_q)), block_dim(seq_kv), 4, 2, windows=windows)
 
 

@@ -78,10 +78,10 @@ def recorded_config(arch: str, dtype: str, head_dim: int, seq_kv: int) -> Kernel
     return KernelConfig(**rec["config"]) if rec else None
 
 
-def pick_config(device, dtype, head_dim: int, seq_kv: int, problem: tuple[int, int, int] | None = None) -> KernelConfig:
+def pick_config(device, dtype, head_dim: int, seq_kv: int, problem: tuple | None = None) -> KernelConfig:
     """The Triton kernels' config for a torch device and dtype: the recorded (tuned) one, else the default.
-    With `problem` (batch x heads, S_q, head_dim_v): the short-sequence kernel's where it serves
-    (`windows_config`)."""
+    With `problem` (batch, heads, S_q, head_dim_v, the bias's batch or 1): the short-sequence kernel's where
+    it serves (`windows_config`)."""
     import torch
 
     from .device import device_arch
@@ -89,10 +89,27 @@ def pick_config(device, dtype, head_dim: int, seq_kv: int, problem: tuple[int, i
     arch, smem = device_arch(device) if device.type == "cuda" else ("cpu", SMEM_LIMIT)
     if problem is not None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        short = windows_config(problem[0], problem[1], seq_kv, head_dim, dtype.itemsize, sms, problem[2])
+        batch, heads, seq_q, head_dim_v, bias_batch = problem
+        short = windows_config(batch * heads, seq_q, seq_kv, head_dim, dtype.itemsize, sms, head_dim_v,
+                               shared=batch // bias_batch)
         if short is not None:
             return short
     return recorded_config(arch, dtype_name(dtype), head_dim, seq_kv) or default_config(head_dim, dtype.itemsize, smem=smem)
+
+
+def default_tf32(dtype) -> bool:
+    """TF32 products for fp32 inputs where PyTorch allows them for its own matmuls (off by default: exact
+    fp32); read only for fp32, through the API the user set (`fp32_precision` or the older `allow_tf32`,
+    which torch 2.13 refuses to read once the newer one is set)."""
+    import torch
+
+    if dtype != torch.float32:
+        return False
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
 
 
 # ------------------------------------------------------------------ the JIT path
@@ -123,7 +140,8 @@ def jit_plan(q, k, v, *, bias=None, softcap: float = 0.0, config: KernelConfig |
             unsupported = None
         if unsupported is not None and unsupported(q, k, v) is None:
             return hopper_plan(d, s_kv)
-    config = pick_config(q.device, q.dtype, d, s_kv, (q.shape[0] * q.shape[1], q.shape[2], v.shape[3]))
+    config = pick_config(q.device, q.dtype, d, s_kv, (q.shape[0], q.shape[1], q.shape[2], v.shape[3],
+                                                      1 if bias is None else bias.shape[0]))
     return Plan("windows" if config.windows else "triton", config)
 
 
@@ -207,8 +225,10 @@ def engine_tactics(node: Node) -> list[int]:
     return tactics
 
 
+@cache
 def engine_plan(node: Node, tactic: int) -> Plan:
-    """What a tactic TensorRT chose runs (aot_impl compiles it, the JIT enqueue launches it)."""
+    """What a tactic TensorRT chose runs (aot_impl compiles it, the JIT enqueue launches it; cached: the
+    enqueue asks at every call)."""
     if tactic == HOPPER_TACTIC:
         problem = hopper_problem(node)
         if problem:  # TensorRT asks only for tactics autotune offered

@@ -86,7 +86,8 @@ def flash_attention_reference(q, k, v, attrs: FlashAttentionAttrs, block_k: int 
 
 def reference_attention_torch(q, k, v, scale: float, out=None, bias=None, softcap: float = 0.0):
     """`tiled_attention` on (B, H, S, D) CPU torch tensors of any strides; writes into `out`
-    (any strides) if given. The CPU path of `flash_attention` where no Triton runs."""
+    (any strides) if given. The CPU path of `flash.jit_attention` (and of `torch_op.run` where no Triton
+    is installed)."""
     import torch
 
     arrays = [t.detach().float().numpy() for t in (q, k, v)]
@@ -100,7 +101,7 @@ def reference_attention_torch(q, k, v, scale: float, out=None, bias=None, softca
 
 def add_q_bias(q, q_bias):
     """q + q_bias (H*D values, a Q conv's bias) as a new (B, H, S, D) tensor; q when None.
-    Shared by both `flash_attention`s (with and without Triton) for every path but the Hopper
+    Shared by `flash.jit_attention` and `torch_op.run`'s no-Triton path for every path but the Hopper
     kernel, which adds the bias to its resident Q tile instead."""
     if q_bias is None:
         return q

@@ -129,8 +129,8 @@ def _combinations(trtp, q, k, v, attrs: FlashAttentionAttrs, bias: bool) -> list
 
 
 def _node(q, k, v, attrs: FlashAttentionAttrs, dtype: str, bias: bool) -> Node:
-    """What the plan needs of a node, from its TensorDescs (0 where a size is dynamic: the K/V heads then
-    count as grouped, so nothing that needs equal head counts is offered)."""
+    """What the plan needs of a node, from its TensorDescs (0 where a size is dynamic: K/V heads counted
+    grouped where either head count is dynamic and the other is not)."""
     (_, heads, seq_q, _), (_, kv_heads, seq_kv, _) = (
         static_logical_shape(t, layout, attrs.num_heads) for t, layout in ((q, attrs.q_layout), (k, attrs.k_layout)))
     return Node(_arch(), dtype, static_head_dim(q, attrs.q_layout, attrs.num_heads),
@@ -248,13 +248,6 @@ def _static_dims(desc) -> tuple:
 def static_logical_shape(desc, layout: str, num_heads: int) -> tuple:
     """(B, heads, S, D) of a TensorDesc; 0 for a size that depends on a dynamic dim."""
     return logical_shape(_static_dims(desc), layout, num_heads)
-
-
-def hopper_problem(q, k, v, attrs: FlashAttentionAttrs, dtype: str) -> str | None:
-    """Why the Hopper AOT kernel cannot serve this node (`plan.hopper_problem`); None when it can."""
-    from .plan import hopper_problem as problem
-
-    return problem(_node(q, k, v, attrs, dtype, False))
 
 
 def static_head_dim(desc, layout: str, num_heads: int) -> int:

@@ -68,3 +68,35 @@ def test_torch_export_keeps_it_as_one_node():
     text = str(program.graph)
     assert text.count("convattn.flash_attention") == 1, text
     assert (program.module()(q, k, v).double() - float64_attention(q, k, v, 8**-0.5)).abs().max() <= 1e-5
+
+
+def test_eager_calls_skip_the_dispatcher_and_meta_tensors_take_the_op(monkeypatch):
+    """A module's call with a Parameter (ConvMHAttn's Q bias) is eager: no dispatcher; meta tensors (shape
+    propagation) go through the op's fake. Mutation: `type(t) is not torch.Tensor` (every model call
+    dispatched)."""
+    from convattn.plugins import torch_op
+
+    q, k, v, q_bias, _ = _problem(3)
+    called = []
+    real = torch_op.run
+    monkeypatch.setattr("convattn.plugins.run", lambda *a: called.append(a) or real(*a))
+    flash_attention(q, k, v, q_bias=torch.nn.Parameter(q_bias))
+    assert len(called) == 1
+    out = flash_attention(*(t.to("meta") for t in (q, k, v)))
+    assert out.device.type == "meta" and out.shape == (2, 2, 20, 8) and len(called) == 1
+
+
+def test_the_tf32_switch_is_read_only_for_fp32_and_through_the_api_the_user_set():
+    """torch 2.13 refuses to read `allow_tf32` once `fp32_precision` is set: fp16 calls never read it, and
+    fp32 calls read the newer setting."""
+    from convattn.plugins.plan import default_tf32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        q, k, v, _, _ = _problem(4)
+        flash_attention(q.half(), k.half(), v.half())
+        assert default_tf32(torch.float32) and not default_tf32(torch.float16)
+    finally:
+        matmul.fp32_precision = before

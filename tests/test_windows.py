@@ -98,8 +98,8 @@ def test_the_jit_path_takes_it_for_short_sequences_only():
     from convattn.plugins.plan import pick_config
 
     cpu = torch.device("cpu")
-    assert pick_config(cpu, torch.float16, 32, 49, (1536, 49, 32)).windows == 4
-    assert pick_config(cpu, torch.float16, 32, 49).windows is None  # no problem given: the AOT artifacts' kernel
+    assert pick_config(cpu, torch.float16, 32, 49, (512, 3, 49, 32, 1)).windows == 4
+    assert pick_config(cpu, torch.float16, 32, 49).windows is None  # no problem given: `_attn_fwd`'s tuned config
 
 
 def test_a_windows_config_serves_only_what_it_can():
@@ -121,3 +121,31 @@ def test_the_main_kernel_takes_a_one_row_bias_too():
     bias = (torch.randn(2, 1, 1, 80, generator=g) * 3).to(DEVICE)
     out = flash_attention(q, k, v, bias=bias)
     assert (out.double() - float64_attention(q, k, v, 16**-0.5, bias)).abs().max() <= 1e-5
+
+
+def test_no_more_samples_a_program_than_share_one_bias_slice():
+    """Swin's shifted-window masks on one image: every window has its own mask (bias batch = windows), so a
+    program takes one sample (4 would recompute the last 3 times). Mutation: `shared` ignored."""
+    assert windows_config(64 * 24, 49, 49, 32, 2, shared=1).windows == 1
+    assert windows_config(64 * 24, 49, 49, 32, 2, shared=2).windows == 2
+    assert windows_config(64 * 24, 49, 49, 32, 2, shared=8).windows == 4
+    from convattn.plugins.plan import pick_config
+
+    cpu = torch.device("cpu")
+    assert pick_config(cpu, torch.float16, 32, 49, (64, 24, 49, 32, 64)).windows == 1  # 64 windows, 64 masks
+    assert pick_config(cpu, torch.float16, 32, 49, (512, 3, 49, 32, 64)).windows == 4  # 8 images
+
+
+def test_a_biased_short_sequence_grid_needs_the_bias_batch():
+    """Its programs per head depend on the bias's batch (`window_stride`): no silent default of 1, which
+    would launch too few programs (samples never written)."""
+    from convattn.plugins.aot import AotArtifact
+
+    art = AotArtifact(kernel_name="_attn_windows", ptx="", cubin=b"", shared_mem=0, num_warps=4, threads_per_block=128,
+                      config=KernelConfig(64, 64, 4, 2, windows=4), arch="sm_90", layouts=("BHSD",) * 4, head_dim=32,
+                      head_dim_v=32, num_heads=3, dtype="fp16", scale=0.1, scalar_arg_names=[], ptx_isa="8.7",
+                      min_driver="570", triton_version="3.6.0", hidden_params_removed=2, bias=True)
+    with pytest.raises(PluginError, match="needs the bias's batch"):
+        art.grid(8, 3, 49)
+    assert art.grid(8, 3, 49, bias_batch=8) == (1, 8 * 3, 1)  # one sample a program: 8 masks for 8 samples
+    assert art.grid(8, 3, 49, bias_batch=1) == (1, 2 * 3, 1)
