@@ -21,39 +21,40 @@ def test_a_dropped_row_is_reported_missing():
     assert missing(ids[1:]) == [ids[0]]
 
 
-def test_the_runner_measures_a_row_against_float64():
-    """The runner's plumbing on the CPU (the JIT path in Triton's interpreter, einsum): every path's
-    sampled rows against float64. Mutation: the reference without the 1/sqrt(D) scale (every path off)."""
+
+def _interpreted():
     import os
 
     import pytest
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the kernel in Triton's CPU interpreter")
-    from convattn.benchmarks.matrix import Row
+
+
+def _measured(row, tol):
+    """The runner's result for `row` on the CPU (the JIT path in Triton's interpreter, einsum): every path
+    within `tol` of float64 on its sampled rows."""
     from convattn.benchmarks.run_matrix import measure_row
 
-    result = measure_row(Row("attention", "fp32", 16, 40, 2, 2), runs=1)
+    result = measure_row(row, runs=1)
     assert set(result["paths"]) == {"jit", "jit-tf32", "einsum"}
     for name, path in result["paths"].items():
         assert "error" not in path, (name, path)
-        assert path["max_err"] <= 1e-5 and path["ms"] > 0, (name, path)
+        assert path["max_err"] <= tol and path["ms"] > 0, (name, path)
+
+
+def test_the_runner_measures_a_row_against_float64():
+    """Mutation: the reference without the 1/sqrt(D) scale (every path off)."""
+    _interpreted()
+    from convattn.benchmarks.matrix import Row
+
+    _measured(Row("attention", "fp32", 16, 40, 2, 2), 1e-5)
 
 
 def test_the_runner_measures_a_block_row_against_float64():
-    """The block rows' plumbing (the JIT block, einsum) against the float64 block at 128 pixels. Mutation:
-    `block_reference` without the output conv's bias."""
-    import os
-
-    import pytest
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the kernel in Triton's CPU interpreter")
+    """The block rows against the float64 block at 128 pixels. Mutation: `block_reference` without the
+    output conv's bias."""
+    _interpreted()
     from convattn.benchmarks.matrix import Row
-    from convattn.benchmarks.run_matrix import measure_row
 
-    result = measure_row(Row("block", "fp32", 8, 144, 2, 2), runs=1)
-    assert set(result["paths"]) == {"jit", "jit-tf32", "einsum"}
-    for name, path in result["paths"].items():
-        assert "error" not in path, (name, path)
-        assert path["max_err"] <= 1e-4, (name, path)
+    _measured(Row("block", "fp32", 8, 144, 2, 2), 1e-4)
