@@ -121,5 +121,11 @@ def test_flash_attention_without_triton_runs_the_reference_on_cpu(monkeypatch):
     q_biased = q + bias.view(1, 2, 1, 8)
     expected = torch.softmax(q_biased @ k.transpose(-1, -2) / 8**0.5, -1) @ v
     torch.testing.assert_close(flash_attention(q, k, v, q_bias=bias), expected, atol=1e-5, rtol=0)
+    # A GPU tensor needs the kernel: the operator's implementation says what to install (meta stands for a
+    # device that is not the CPU; the public call sends meta tensors to the op's fake, which computes nothing).
+    from convattn.plugins.torch_op import run
+
+    meta = [t.to("meta") for t in (q, k, v)]
     with pytest.raises(ImportError, match="convattn\\[gpu\\]"):
-        flash_attention(q.to("meta"), k.to("meta"), v.to("meta"))
+        run(*meta, torch.empty(1, 2, 5, 8, device="meta"), 8**-0.5, None, None, 0.0, False)
+    assert flash_attention(*meta).shape == (1, 2, 5, 8)
