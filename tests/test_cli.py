@@ -286,6 +286,9 @@ def test_ctrl_c_exits_130_at_every_stage(tmp_path, stage, extra):
 
 ABORT_SCRIPT = """
 import os, signal, sys
+# Ctrl-C as Python starts it, even where this test's runner was started in the background of a shell
+# without job control (which starts its children with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 from onnx import TensorProto, helper
 import convattn.plugins.reference as reference
