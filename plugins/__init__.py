@@ -5,8 +5,7 @@ operator). Heavy or optional dependencies (onnxruntime-extensions, triton, tenso
 lazily by the modules that need them.
 """
 
-from .op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs
-from .plan import default_tf32
+from .op import DOMAIN, LAYOUTS, OP_TYPE, FlashAttentionAttrs, default_tf32
 from .torch_op import flash_attention_op, run  # registers convattn::flash_attention
 
 __all__ = ["DOMAIN", "LAYOUTS", "OP_TYPE", "FlashAttentionAttrs", "flash_attention"]

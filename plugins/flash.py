@@ -10,8 +10,8 @@ import triton
 
 from ..errors import PluginError
 from .kernel import KernelConfig, _attn_fwd, _attn_windows, block_dim, qk_scale, unit_flags
-from .op import attention_output_shape, bias_dims
-from .plan import Plan, default_tf32, jit_plan
+from .op import attention_output_shape, bias_dims, default_tf32
+from .plan import Plan, jit_plan
 from .reference import add_q_bias
 
 

@@ -326,6 +326,21 @@ def attention_output_shape(q, k, v) -> tuple:
     return (*q.shape[:3], v.shape[3])
 
 
+def default_tf32(dtype) -> bool:
+    """TF32 products for fp32 inputs where PyTorch allows them for its own matmuls (off by default: exact
+    fp32); read only for fp32, through the API the user set (`fp32_precision` or the older `allow_tf32`,
+    which torch 2.13 refuses to read once the newer one is set)."""
+    import torch
+
+    if dtype != torch.float32:
+        return False
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
+
+
 def bias_dims(bias_shape, batch, heads, seq_q, seq_kv) -> tuple:
     """(Bb, Hb, Sqb): the bias's batch, head and query-row sizes, which the kernels take as int32
     extras and broadcast from (see the module's docstring). Checked where the sizes are ints; TensorRT's

@@ -97,21 +97,6 @@ def pick_config(device, dtype, head_dim: int, seq_kv: int, problem: tuple | None
     return recorded_config(arch, dtype_name(dtype), head_dim, seq_kv) or default_config(head_dim, dtype.itemsize, smem=smem)
 
 
-def default_tf32(dtype) -> bool:
-    """TF32 products for fp32 inputs where PyTorch allows them for its own matmuls (off by default: exact
-    fp32); read only for fp32, through the API the user set (`fp32_precision` or the older `allow_tf32`,
-    which torch 2.13 refuses to read once the newer one is set)."""
-    import torch
-
-    if dtype != torch.float32:
-        return False
-    matmul = torch.backends.cuda.matmul
-    try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:
-        return getattr(matmul, "fp32_precision", "ieee") == "tf32"
-
-
 # ------------------------------------------------------------------ the JIT path
 
 

@@ -129,3 +129,24 @@ def test_flash_attention_without_triton_runs_the_reference_on_cpu(monkeypatch):
     with pytest.raises(ImportError, match="convattn\\[gpu\\]"):
         run(*meta, torch.empty(1, 2, 5, 8, device="meta"), 8**-0.5, None, None, 0.0, False)
     assert flash_attention(*meta).shape == (1, 2, 5, 8)
+
+
+def test_the_package_imports_and_runs_where_triton_is_not_installed():
+    """Triton is optional (the `gpu` extra): `import convattn.plugins` and a CPU `flash_attention` work in a
+    process where `import triton` fails, on the reference. Mutation: the package importing `plan` (which
+    imports the Triton kernel module) at import time."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["triton"] = None  # `import triton` fails: not installed
+import torch
+from convattn.plugins import flash_attention
+q, k, v = (torch.randn(1, 2, s, 8) for s in (5, 7, 7))
+want = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+assert (flash_attention(q, k, v) - want).abs().max() < 1e-5
+assert "triton" not in [m for m in sys.modules if sys.modules[m] is not None]
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-800:]

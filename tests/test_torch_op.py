@@ -89,7 +89,7 @@ def test_eager_calls_skip_the_dispatcher_and_meta_tensors_take_the_op(monkeypatc
 def test_the_tf32_switch_is_read_only_for_fp32_and_through_the_api_the_user_set():
     """torch 2.13 refuses to read `allow_tf32` once `fp32_precision` is set: fp16 calls never read it, and
     fp32 calls read the newer setting."""
-    from convattn.plugins.plan import default_tf32
+    from convattn.plugins.op import default_tf32
 
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
