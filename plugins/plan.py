@@ -82,13 +82,11 @@ def pick_config(device, dtype, head_dim: int, seq_kv: int, problem: tuple | None
     """The Triton kernels' config for a torch device and dtype: the recorded (tuned) one, else the default.
     With `problem` (batch, heads, S_q, head_dim_v, the bias's batch or 1): the short-sequence kernel's where
     it serves (`windows_config`)."""
-    import torch
-
-    from .device import device_arch
+    from .device import device_arch, device_sms
 
     arch, smem = device_arch(device) if device.type == "cuda" else ("cpu", SMEM_LIMIT)
     if problem is not None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        sms = device_sms(device) if device.type == "cuda" else 132
         batch, heads, seq_q, head_dim_v, bias_batch = problem
         short = windows_config(batch * heads, seq_q, seq_kv, head_dim, dtype.itemsize, sms, head_dim_v,
                                shared=batch // bias_batch)
