@@ -90,8 +90,7 @@ def attention_paths(row: Row, q_map, k_map, v_map):
             kept = {}
 
             def fa4():
-                o = _fa4()(*bshd, softmax_scale=row.head_dim ** -0.5, causal=False)
-                kept["o"] = o[0] if isinstance(o, tuple) else o
+                kept["o"] = fa4_attention(*bshd)
             paths["flash-attn-4"] = (fa4, lambda: kept["o"][0, :REF_ROWS].transpose(0, 1))
     kept_e = {}
 
@@ -149,6 +148,12 @@ def _engine_artifacts(row: Row, tf32: bool):
 _FA4 = []
 
 
+def fa4_attention(q, k, v):
+    """flash-attn-4 on (B, S, H, D) tensors, as `matrix.PEERS` calls it: the output (B, S, H, D)."""
+    o = _fa4()(q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=False)
+    return o[0] if isinstance(o, tuple) else o  # (out, lse) in some releases
+
+
 def _fa4():
     """flash-attn-4's `flash_attn_func`, or None where it is not installed (`peer_wheels.sh`)."""
     if not _FA4:
@@ -190,8 +195,7 @@ def block_paths(row: Row, m, x):
                 b, c, hh, ww = x.shape
                 qkv = [conv(x).view(b, row.heads, row.head_dim, hh * ww).permute(0, 3, 1, 2).contiguous()
                        for conv in (m.q_conv, m.k_conv, m.v_conv)]  # (B, S, H, D), the layout it reads
-                o = _fa4()(*qkv, softmax_scale=row.head_dim ** -0.5, causal=False)
-                o = o[0] if isinstance(o, tuple) else o
+                o = fa4_attention(*qkv)
                 return m.out_conv(o.permute(0, 2, 3, 1).reshape(b, c, hh, ww))
             paths["flash-attn-4"] = (keep(fa4_block), sampled)
     paths["einsum"] = (keep(block_fn("einsum", m, x)), sampled)
