@@ -112,11 +112,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def _package_imports() -> dict:
     """module -> the package modules it imports (relative imports, at any depth of the file: lazy ones too)."""
     mods = {}
-    for p in ROOT.rglob("*.py"):
-        rel = p.relative_to(ROOT)
-        if rel.parts[0] in ("tests", "benchmarks") or rel.parts[0].startswith(".") or "egg-info" in rel.parts[0]:
-            continue
-        mods[".".join(rel.with_suffix("").parts).removesuffix(".__init__").removesuffix("__init__")] = p
+
+    def walk(folder):  # the package's own tree: subfolders that are packages (not a venv or build folder inside)
+        for p in folder.glob("*.py"):
+            rel = p.relative_to(ROOT)
+            mods[".".join(rel.with_suffix("").parts).removesuffix(".__init__").removesuffix("__init__")] = p
+        for sub in folder.iterdir():
+            if sub.is_dir() and (sub / "__init__.py").exists() and sub.name not in ("tests", "benchmarks"):
+                walk(sub)
+    walk(ROOT)
     graph = {m: set() for m in mods}
     for m, p in mods.items():
         package = m.split(".") if p.name == "__init__.py" else m.split(".")[:-1]
